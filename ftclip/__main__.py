@@ -1,0 +1,3 @@
+from ftclip.cli import app
+
+app(prog_name="ftclip")

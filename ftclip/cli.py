@@ -1,0 +1,121 @@
+"""The command line: the only place that turns ftclip's errors into messages and exit codes
+(0 ok, 2 bad input, 130 interrupted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ftclip.errors import FtclipError, Problem, RecipeError
+from ftclip.recipe import Recipe, load_recipe
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fine-tune LLMs (LoRA, QLoRA, full) from YAML recipes, with a fast and visible gradient clip.",
+)
+console = Console()
+error_console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _fail(error: FtclipError) -> None:
+    error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _quiet_libraries() -> None:
+    # transformers' per-file progress bars and advisories would drown ftclip's own progress view.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _filesystem_problems(recipe: Recipe, path: Path) -> list[Problem]:
+    """Checks that look at disk but load no weights: data files parse, model folders and ids make sense."""
+    from ftclip.data import check_datasets
+    from ftclip.modeling import check_model_source
+    from ftclip.recipe import key_line
+
+    found = check_datasets(recipe, path) + check_model_source(recipe, path)
+    return [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
+
+
+@app.command()
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
+) -> None:
+    """Check recipes without loading weights: schema, combinations, data files, model paths. Exit 2 if any is invalid."""
+    results = []
+    for path in recipes:
+        try:
+            recipe = load_recipe(path)
+            problems = _filesystem_problems(recipe, path)
+            warnings = ["trust_remote_code: true runs code shipped with the model"] if recipe.trust_remote_code else []
+        except RecipeError as error:
+            problems, warnings = error.problems, []
+        results.append({"file": str(path), "valid": not problems, "problems": problems, "warnings": warnings})
+    if as_json:
+        payload = [
+            {**r, "problems": [{"line": p.line, "key": p.key, "message": p.message} for p in r["problems"]]}
+            for r in results
+        ]
+        print(json.dumps(payload, indent=2))
+    else:
+        for result in results:
+            if result["valid"]:
+                console.print(f"[green]ok[/]      {result['file']}", highlight=False)
+            else:
+                console.print(f"[red]invalid[/] {result['file']}", highlight=False)
+                for problem in result["problems"]:
+                    console.print(f"  {problem}", highlight=False, soft_wrap=True)
+            for warning in result["warnings"]:
+                console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+    if not all(result["valid"] for result in results):
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+@app.command()
+def train(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe to run.")],
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override max_steps.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option(help="Override output_dir.")] = None,
+) -> None:
+    """Load the model, LoRA/QLoRA and data, then train with live progress and save the result."""
+    try:
+        recipe = load_recipe(recipe_path)
+        overrides = {k: v for k, v in {"max_steps": max_steps, "output_dir": output_dir}.items() if v is not None}
+        if overrides:
+            recipe = recipe.model_copy(update=overrides)
+        problems = _filesystem_problems(recipe, recipe_path)
+        if problems:
+            raise RecipeError(problems)
+        _quiet_libraries()
+        from ftclip.train import train as run_training
+
+        result = run_training(recipe, recipe_path, console)
+    except FtclipError as error:
+        _fail(error)
+    except KeyboardInterrupt:
+        error_console.print("[yellow]interrupted[/]: nothing was saved for this run (earlier outputs are intact)")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    console.print(f"[green]done[/]: {result.artifact}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema (point your editor's YAML plugin at it)."""
+    print(json.dumps(Recipe.model_json_schema(), indent=2))
+
+

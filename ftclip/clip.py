@@ -1,0 +1,249 @@
+"""The clip engine: every gradient-clipping decision in ftclip lives here.
+
+Two layers:
+- torch-compatible functions, `clip_grad_norm_` and `clip_grad_value_`, for any parameters;
+- `GradientClipper`, the training loop's clip step, over `FlatGrads`: one contiguous gradient buffer per
+  (device, dtype) with every `param.grad` a view into it. The norm is then one read pass per buffer, and
+  the scale is either one multiply per buffer or, for torch's fused Adam/AdamW/SGD, no pass at all: the
+  optimizer's own kernel applies it through `grad_scale` and skips a non-finite step through `found_inf`
+  (the hooks GradScaler uses).
+
+Nothing here reads a value back to the host during a step: norms and coefficients stay device tensors
+until the loop logs them. The one exception is named where it happens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ftclip.recipe import GradientClipping
+
+# Added to the norm before dividing, as torch does, so a zero gradient gives a finite coefficient.
+EPS = 1e-6
+# Norms are reduced per row of this many values and the row results summed in float64: one flat fp32
+# reduction over tens of millions of values drifts by ~1e-3 on the CPU; per-row partials stay exact to ~1e-9.
+ROW_SIZE = 4096
+
+
+def _group_by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
+    groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    return groups
+
+
+def _combine(partial_norms: list[Tensor], norm_type: float) -> Tensor:
+    """Global norm from per-group norms, as if all values were one vector; float32 on the first device."""
+    if not partial_norms:
+        return torch.zeros((), dtype=torch.float32)
+    device = partial_norms[0].device
+    stacked = torch.stack([norm.reshape(()).to(device) for norm in partial_norms])
+    return torch.linalg.vector_norm(stacked, norm_type).to(torch.float32)
+
+
+def total_norm(grads: list[Tensor], norm_type: float = 2.0) -> Tensor:
+    """Norm of a list of gradients via `torch._foreach_norm` per (device, dtype), accumulated in fp32.
+
+    Unlike torch's, the result is float32 whatever the gradients' dtype: a bf16 norm has 3 significant
+    digits, and fp16 gradients whose norm passes 65,504 would give inf and zero every gradient.
+    """
+    norm_type = float(norm_type)
+    per_group = [
+        torch.linalg.vector_norm(torch.stack(torch._foreach_norm(group, norm_type, dtype=torch.float32)), norm_type)
+        for group in _group_by_device_and_dtype(grads).values()
+    ]
+    return _combine(per_group, norm_type)
+
+
+def clip_coefficient(norm: Tensor, max_norm: float) -> Tensor:
+    """min(1, max_norm / (norm + 1e-6)), computed on the norm's device."""
+    return torch.clamp(max_norm / (norm + EPS), max=1.0)
+
+
+def _scale_(grads: list[Tensor], coefficient: Tensor) -> None:
+    for (device, dtype), group in _group_by_device_and_dtype(grads).items():
+        # Cast to the gradients' dtype: a mismatch sends the foreach multiply down a per-tensor slow path.
+        torch._foreach_mul_(group, coefficient.to(device=device, dtype=dtype))
+
+
+def _as_list(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    return [parameters] if isinstance(parameters, Tensor) else list(parameters)
+
+
+@torch.no_grad()
+def clip_grad_norm_(
+    parameters: Tensor | Iterable[Tensor],
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+) -> Tensor:
+    """Drop-in for `torch.nn.utils.clip_grad_norm_`: scales gradients in place so their global norm is
+    at most `max_norm`, and returns the norm measured *before* clipping (float32, on the device)."""
+    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    norm = total_norm(grads, norm_type)
+    if error_if_nonfinite and not torch.isfinite(norm):  # a host read, as in torch, only when asked for
+        raise RuntimeError(
+            f"The total norm of order {float(norm_type)} for gradients from `parameters` is non-finite, "
+            "so it cannot be clipped. Set error_if_nonfinite=False to scale by it anyway."
+        )
+    if grads:
+        _scale_(grads, clip_coefficient(norm, max_norm))
+    return norm
+
+
+@torch.no_grad()
+def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float) -> None:
+    """Drop-in for `torch.nn.utils.clip_grad_value_`: clamps every gradient element to ±clip_value."""
+    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    for group in _group_by_device_and_dtype(grads).values():
+        torch._foreach_clamp_min_(group, -clip_value)
+        torch._foreach_clamp_max_(group, clip_value)
+
+
+class FlatGrads:
+    """One contiguous, zero-padded gradient buffer per (device, dtype) of the trainable parameters, with
+    each `param.grad` a view into it. Autograd accumulates into existing gradients in place, so the views
+    survive backward and gradient accumulation; `zero_()` clears the buffers and never sets grads to None.
+    """
+
+    def __init__(self, parameters: Iterable[Tensor], row_size: int = ROW_SIZE):
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.row_size = row_size
+        self.buffers: list[Tensor] = []
+        self._views: list[tuple[Tensor, int]] = []  # (param, data_ptr of its view), to check views are still ours
+        for (device, dtype), params in _group_by_device_and_dtype(self.parameters).items():
+            numel = sum(p.numel() for p in params)
+            buffer = torch.zeros(math.ceil(max(numel, 1) / row_size) * row_size, device=device, dtype=dtype)
+            offset = 0
+            for param in params:
+                param.grad = buffer[offset : offset + param.numel()].view_as(param)
+                self._views.append((param, param.grad.data_ptr()))
+                offset += param.numel()
+            self.buffers.append(buffer)
+
+    def intact(self) -> bool:
+        """False when something replaced a grad (e.g. `optimizer.zero_grad(set_to_none=True)`)."""
+        return all(param.grad is not None and param.grad.data_ptr() == pointer for param, pointer in self._views)
+
+    def zero_(self) -> None:
+        for buffer in self.buffers:
+            buffer.zero_()
+
+    def norm(self, norm_type: float = 2.0) -> Tensor:
+        """Global norm in one read pass per buffer, float32; the padding is zero and changes nothing."""
+        return _combine([self._buffer_norm(buffer, float(norm_type)) for buffer in self.buffers], float(norm_type))
+
+    def _buffer_norm(self, buffer: Tensor, norm_type: float) -> Tensor:
+        if math.isinf(norm_type):
+            # One pass for both extremes; abs() first would be a second pass (and a copy).
+            low, high = torch.aminmax(buffer)
+            return torch.maximum(high.abs(), low.abs()).to(torch.float32)
+        rows = buffer.view(-1, self.row_size)
+        # Half-precision rows are reduced with fp32 accumulation *and* fp32 results: fp16 row norms overflow.
+        upcast = torch.float32 if buffer.dtype in (torch.float16, torch.bfloat16) else None
+        row_norms = torch.linalg.vector_norm(rows, norm_type, dim=1, dtype=upcast)
+        exact = torch.float64 if buffer.device.type in ("cpu", "cuda") else torch.float32
+        return torch.linalg.vector_norm(row_norms.to(exact), norm_type)
+
+    def scale_(self, coefficient: Tensor) -> None:
+        for buffer in self.buffers:
+            buffer.mul_(coefficient.to(device=buffer.device, dtype=buffer.dtype))
+
+    def clamp_(self, max_value: float) -> None:
+        for buffer in self.buffers:
+            buffer.clamp_(-max_value, max_value)
+
+
+def optimizer_applies_grad_scale(optimizer: torch.optim.Optimizer | None) -> bool:
+    """True for torch's fused Adam/AdamW/SGD, whose kernels divide grads by `optimizer.grad_scale` and
+    skip the update (step counts included) when `optimizer.found_inf` is 1."""
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
+        return False
+    return all(group.get("fused") for group in optimizer.param_groups)
+
+
+@dataclass
+class ClipOutcome:
+    """What one clip step did, as device tensors; read back only when the loop logs."""
+
+    pre_clip_norm: Tensor  # float32
+    clip_coef: Tensor  # float32; 1.0 when nothing was scaled
+    nonfinite: Tensor  # float32 0/1, GradScaler's found_inf convention
+
+    @property
+    def post_clip_norm(self) -> Tensor:
+        return self.pre_clip_norm * self.clip_coef
+
+
+class GradientClipper:
+    """The clip step of the training loop: measure, decide and scale without a host sync.
+
+    Usage per optimizer step: backward (× accumulation) → `outcome = clipper.clip()` →
+    `clipper.optimizer_step(outcome)` → scheduler → `clipper.zero_grad()`.
+    """
+
+    def __init__(
+        self,
+        config: GradientClipping,
+        parameters: Iterable[Tensor],
+        optimizer: torch.optim.Optimizer | None = None,
+        flat: bool = True,
+    ):
+        self.config = config
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.optimizer = optimizer
+        self.flat_grads = FlatGrads(self.parameters) if flat else None
+        self.folds_into_optimizer = optimizer_applies_grad_scale(optimizer)
+        self.skipped_steps = 0  # counted on the host only when the loop logs (see note_skipped)
+
+    def _flat_intact(self) -> bool:
+        return self.flat_grads is not None and self.flat_grads.intact()
+
+    @torch.no_grad()
+    def clip(self) -> ClipOutcome:
+        config = self.config
+        flat = self._flat_intact()  # once per step: falls back to the foreach path if grads were replaced
+        if flat:
+            norm = self.flat_grads.norm(config.norm_type)
+        else:
+            norm = total_norm([p.grad for p in self.parameters if p.grad is not None], config.norm_type)
+        nonfinite = (~torch.isfinite(norm)).to(torch.float32)
+        coefficient = torch.ones_like(norm)
+        if config.mode == "norm":
+            coefficient = clip_coefficient(norm, config.max_norm)
+            if self.folds_into_optimizer:
+                self.optimizer.grad_scale = coefficient.reciprocal()  # the kernel divides by it
+            elif flat:
+                self.flat_grads.scale_(coefficient)
+            else:
+                _scale_([p.grad for p in self.parameters if p.grad is not None], coefficient)
+        elif config.mode == "value":
+            if flat:
+                self.flat_grads.clamp_(config.max_value)
+            else:
+                clip_grad_value_(self.parameters, config.max_value)
+        if self.folds_into_optimizer:
+            self.optimizer.found_inf = nonfinite if config.skip_nonfinite else None
+        return ClipOutcome(norm, coefficient, nonfinite)
+
+    def optimizer_step(self, outcome: ClipOutcome) -> None:
+        """Step the optimizer unless the gradient was non-finite (and skipping is on)."""
+        if self.folds_into_optimizer or not self.config.skip_nonfinite:
+            self.optimizer.step()  # a fused kernel skips on found_inf by itself
+            return
+        # Optimizers without a found_inf hook (foreach AdamW, bitsandbytes 8-bit) need the host to decide:
+        # the one read-back in the step, and only on this path.
+        if not bool(outcome.nonfinite):
+            self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        if self._flat_intact():
+            self.flat_grads.zero_()
+        else:
+            for param in self.parameters:
+                param.grad = None

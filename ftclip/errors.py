@@ -1,0 +1,44 @@
+"""ftclip's own exception types. Library code raises these with a message for a person;
+only cli.py turns them into text and exit codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class FtclipError(Exception):
+    """An error the user can fix (bad recipe, missing file, impossible combination)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe, located as precisely as the YAML allows."""
+
+    file: str
+    key: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class RecipeError(FtclipError):
+    """A recipe is invalid; carries every problem found, not just the first."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class DataError(FtclipError):
+    """A dataset file is missing, unreadable or holds a malformed record."""
+
+
+class ModelError(FtclipError):
+    """The model or tokenizer cannot be loaded as the recipe asks."""
+
+
+class OutputError(FtclipError):
+    """The output directory cannot be written."""

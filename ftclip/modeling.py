@@ -1,0 +1,142 @@
+"""Model and tokenizer: resolved from a local folder or a hub id, loaded through transformers'
+`from_pretrained`, quantized through `BitsAndBytesConfig` and adapted with peft LoRA."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ftclip.errors import ModelError
+from ftclip.recipe import Recipe, resolve_input_path
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+def model_source(value: str, recipe_path: str | Path | None) -> str:
+    """A local folder (relative to the recipe) when one exists or the value looks like a path; else a hub id."""
+    local = resolve_input_path(value, recipe_path)
+    if local.exists() or value.startswith((".", "/", "~")) or not HUB_ID.match(value):
+        return str(local)
+    return value
+
+
+def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[str, str]]:
+    """For `validate`: a local model folder has a config that fits the recipe; a hub id is well-formed.
+    Nothing is downloaded and no weights are read."""
+    problems = []
+    for key in ("base_model", "tokenizer"):
+        value = getattr(recipe, key)
+        if value is None:
+            continue
+        source = model_source(value, recipe_path)
+        if source == value:
+            continue  # a hub id: well-formed by HUB_ID, and not fetched at validate time
+        folder = Path(source)
+        if not folder.is_dir():
+            problems.append((key, f"{value!r} is neither a local folder ({folder} does not exist) nor a hub id like org/name"))
+        elif key == "base_model":
+            problems += _check_config(folder, recipe)
+    return problems
+
+
+def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return [("base_model", f"{folder} has no config.json; is it a saved transformers model?")]
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        return [("base_model", f"{config_path}: unreadable: {error}")]
+    limit = config.get("max_position_embeddings")
+    if isinstance(limit, int) and recipe.sequence_len > limit:
+        return [("sequence_len", f"{recipe.sequence_len} is longer than the model's max_position_embeddings ({limit})")]
+    return []
+
+
+def pick_device(recipe: Recipe) -> torch.device:
+    if recipe.device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device: cuda, but no CUDA device is available")
+    if recipe.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(recipe.device)
+
+
+def weight_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    precision = recipe.precision
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def load_tokenizer(recipe: Recipe, recipe_path: str | Path | None):
+    from transformers import AutoTokenizer
+
+    source = model_source(recipe.tokenizer or recipe.base_model, recipe_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load the tokenizer from {source}: {error}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any id works; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def _quantization_config(recipe: Recipe, dtype: torch.dtype):
+    if not recipe.quantized:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if recipe.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=recipe.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
+def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device):
+    """The model ready to train: on the device, quantized and LoRA-wrapped as the recipe says."""
+    from transformers import AutoModelForCausalLM
+
+    source = model_source(recipe.base_model, recipe_path)
+    dtype = weight_dtype(recipe, device)
+    quantization = _quantization_config(recipe, dtype)
+    options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code}
+    if quantization is not None:
+        options.update(quantization_config=quantization, device_map={"": device})
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    except (OSError, ValueError, ImportError) as error:
+        raise ModelError(f"cannot load the model from {source}: {error}") from None
+    if quantization is None:
+        model.to(device)
+    model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
+    if recipe.gradient_checkpointing and quantization is None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.adapter is None:
+        return model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if quantization is not None:
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=recipe.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    lora = LoraConfig(
+        r=recipe.lora_r,
+        lora_alpha=recipe.lora_alpha,
+        lora_dropout=recipe.lora_dropout,
+        target_modules=recipe.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # e.g. target modules that do not exist in this architecture
+        raise ModelError(f"lora_target_modules: {error}") from None

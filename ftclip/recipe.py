@@ -1,0 +1,403 @@
+"""The recipe: one typed pydantic model, loaded from YAML with `safe_load`, validated completely
+before anything heavy loads. Errors name the file, the line, the key path and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
+
+from ftclip.errors import Problem, RecipeError
+
+OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd")
+SCHEDULERS = ("constant", "linear", "cosine")
+DATASET_TYPES = ("alpaca", "completion", "chat")
+
+
+class DatasetSpec(BaseModel):
+    """One local dataset file and the format of its records."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="A local .jsonl or .json file, relative to the recipe's folder.")
+    type: Literal["alpaca", "completion", "chat"] = Field(
+        description="alpaca: {instruction, input?, output}; completion: {text}; "
+        "chat: {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}."
+    )
+
+
+def _parse_norm_type(value: Any) -> float:
+    if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", ".inf"):
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"norm_type must be 1, 2 or inf, not {value!r}")
+    if float(value) not in (1.0, 2.0, math.inf):
+        raise ValueError(f"norm_type must be 1, 2 or inf, not {value!r}")
+    return float(value)
+
+
+class GradientClipping(BaseModel):
+    """How the gradient is clipped between backward and the optimizer step."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["norm", "value", "off"] = Field(
+        "norm",
+        description="norm: rescale the whole gradient when its global norm exceeds max_norm; "
+        "value: cap each element at ±max_value; off: no clipping (the norm is still measured and logged).",
+    )
+    max_norm: float = Field(1.0, gt=0, description="Threshold on the global gradient norm (mode: norm).")
+    norm_type: float = Field(2.0, description="Which p-norm: 1, 2 or inf.")
+    max_value: float | None = Field(None, gt=0, description="Element cap for mode: value (required there).")
+    skip_nonfinite: bool = Field(
+        True,
+        description="Skip the optimizer step when the gradient norm is inf or nan "
+        "(weights and optimizer state stay unchanged); the skip is counted and reported.",
+    )
+
+    @field_validator("norm_type", mode="before")
+    @classmethod
+    def _norm_type(cls, value: Any) -> float:
+        return _parse_norm_type(value)
+
+    @field_serializer("norm_type")
+    def _dump_norm_type(self, value: float) -> float | str:
+        return "inf" if math.isinf(value) else value
+
+    @model_validator(mode="after")
+    def _value_mode_needs_max_value(self) -> GradientClipping:
+        if self.mode == "value" and self.max_value is None:
+            raise ValueError("mode: value needs max_value (the element cap, e.g. 1.0)")
+        return self
+
+
+def _clipping_from_shorthand(value: Any) -> Any:
+    """A bare number is a norm threshold (Axolotl/HF style); false, 0 and 'off' mean no clipping."""
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+        return {"mode": "off"}
+    if isinstance(value, bool):
+        return {"mode": "norm"}
+    if isinstance(value, (int, float)):
+        return {"mode": "off"} if value == 0 else {"mode": "norm", "max_norm": value}
+    return value
+
+
+class Recipe(BaseModel):
+    """A fine-tuning run. Key names follow Axolotl's where Axolotl has one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Model
+    base_model: str = Field(description="Local model folder (relative to the recipe) or a hub id like org/name.")
+    tokenizer: str | None = Field(None, description="Tokenizer folder or hub id; default: base_model's.")
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless set.")
+
+    # Adapter
+    adapter: Literal["lora", "qlora"] | None = Field(
+        None, description="lora, qlora (LoRA on a 4-bit base), or absent for full fine-tuning."
+    )
+    lora_r: int = Field(8, gt=0, description="LoRA rank.")
+    lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    lora_target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear."
+    )
+    lora_target_linear: bool | None = Field(
+        None, description="Axolotl's spelling: true means lora_target_modules: all-linear."
+    )
+    load_in_4bit: bool = Field(False, description="Quantize the base to 4 bits with bitsandbytes (QLoRA).")
+    load_in_8bit: bool = Field(False, description="Quantize the base to 8 bits with bitsandbytes.")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
+    bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+
+    # Data
+    datasets: list[DatasetSpec] = Field(min_length=1, description="Training data files.")
+    val_set_size: float = Field(
+        0.0, ge=0, description="Held-out share (0 < x < 1) or number of examples (x >= 1) for eval loss."
+    )
+    sequence_len: int = Field(512, gt=0, description="Longest tokenized example; longer ones are truncated.")
+    train_on_inputs: bool = Field(False, description="Also train on prompts / user turns (default: mask them).")
+
+    # Schedule
+    micro_batch_size: int = Field(1, gt=0, description="Examples per forward/backward pass.")
+    gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
+    num_epochs: float = Field(1.0, gt=0, description="Passes over the training data.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (overrides epochs).")
+
+    # Optimizer
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = Field(
+        "adamw_torch_fused",
+        description="adamw_torch_fused folds the clip into its own pass; adamw_8bit is bitsandbytes'.",
+    )
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR decay after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    gradient_clipping: GradientClipping = Field(
+        default_factory=GradientClipping,
+        description="A number (norm threshold), false/off, or {mode, max_norm, norm_type, max_value}. "
+        "Alias: max_grad_norm. Default: norm clipping at 1.0.",
+    )
+
+    # Precision and memory
+    bf16: bool | Literal["auto"] = Field(False, description="bfloat16 weights; auto = when the GPU supports it.")
+    fp16: bool = Field(False, description="float16 weights (adapters train in fp32).")
+    fp32: bool = Field(False, description="float32 weights (the default when neither bf16 nor fp16 is set).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+
+    # Run
+    seed: int = Field(42, description="Seeds data order, the validation split and initialization.")
+    output_dir: str = Field("./outputs/ftclip-run", description="Where metrics and the adapter go (relative to cwd).")
+    logging_steps: int = Field(1, gt=0, description="Log (and read the grad norm back) every N optimizer steps.")
+    save_steps: int | None = Field(None, gt=0, description="Reserved for checkpointing; the final artifact is always saved.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _target_modules(cls, value: Any) -> Any:
+        if value == "all-linear" or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError("must be a list of module names (e.g. [q_proj, v_proj]) or all-linear")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _aliases(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "max_grad_norm" in data:
+            if "gradient_clipping" in data:
+                raise ValueError(
+                    "gradient_clipping and max_grad_norm (its Hugging Face alias) are both given; keep one"
+                )
+            data["gradient_clipping"] = data.pop("max_grad_norm")
+        if "gradient_clipping" in data:
+            data["gradient_clipping"] = _clipping_from_shorthand(data["gradient_clipping"])
+        return data
+
+    @property
+    def precision(self) -> Literal["bf16", "fp16", "fp32", "auto"]:
+        if self.fp16:
+            return "fp16"
+        if self.bf16 == "auto":
+            return "auto"
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        return "all-linear" if self.lora_target_linear else self.lora_target_modules
+
+    @property
+    def quantized(self) -> bool:
+        return self.load_in_4bit or self.load_in_8bit or self.adapter == "qlora"
+
+
+def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Settings that are each valid but make no sense together, all reported at once."""
+    problems = []
+    if recipe.fp16 and recipe.bf16 is not False:
+        problems.append(("fp16", "fp16 and bf16 are both set; choose one precision"))
+    if recipe.fp32 and (recipe.fp16 or recipe.bf16 is not False):
+        problems.append(("fp32", "fp32 is set together with bf16/fp16; choose one precision"))
+    if recipe.load_in_4bit and recipe.load_in_8bit:
+        problems.append(("load_in_8bit", "load_in_4bit and load_in_8bit are both set; choose one"))
+    if recipe.adapter == "qlora" and recipe.load_in_8bit:
+        problems.append(("adapter", "qlora means a 4-bit base; use adapter: lora with load_in_8bit"))
+    if (recipe.load_in_4bit or recipe.load_in_8bit) and recipe.adapter is None:
+        problems.append(
+            ("adapter", "a quantized base cannot be fully fine-tuned; set adapter: lora or adapter: qlora")
+        )
+    if recipe.lora_target_linear is False and recipe.lora_target_modules == "all-linear":
+        problems.append(("lora_target_linear", "false, but lora_target_modules is all-linear; set lora_target_modules"))
+    if isinstance(recipe.lora_target_modules, list) and not recipe.lora_target_modules:
+        problems.append(("lora_target_modules", "empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear"))
+    if recipe.val_set_size >= 1 and recipe.val_set_size != int(recipe.val_set_size):
+        problems.append(("val_set_size", "a count (>= 1) must be a whole number; a share must be below 1"))
+    if recipe.warmup_steps and recipe.max_steps and recipe.warmup_steps >= recipe.max_steps:
+        problems.append(("warmup_steps", f"{recipe.warmup_steps} >= max_steps {recipe.max_steps}; the LR never peaks"))
+    return problems
+
+
+# ---------------------------------------------------------------- loading from YAML
+
+
+def _key_lines(node: yaml.Node, path: tuple = (), lines: dict | None = None, dupes: list | None = None):
+    """Map each key path in a composed YAML document to its line number, noting duplicate keys."""
+    lines = {} if lines is None else lines
+    dupes = [] if dupes is None else dupes
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key in seen:
+                dupes.append((path + (key,), key_node.start_mark.line + 1))
+            seen.add(key)
+            lines[path + (key,)] = key_node.start_mark.line + 1
+            _key_lines(value_node, path + (key,), lines, dupes)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines[path + (index,)] = item.start_mark.line + 1
+            _key_lines(item, path + (index,), lines, dupes)
+    return lines, dupes
+
+
+# Names other tools use for the same setting, so a ported recipe gets a pointed suggestion.
+_OTHER_TOOLS_NAMES = {
+    "lr": "learning_rate", "epochs": "num_epochs", "batch_size": "micro_batch_size",
+    "per_device_train_batch_size": "micro_batch_size", "model": "base_model", "model_name_or_path": "base_model",
+    "grad_clip": "gradient_clipping", "clip_grad_norm": "gradient_clipping", "lr_scheduler_type": "lr_scheduler",
+    "max_seq_length": "sequence_len", "seq_len": "sequence_len", "optim": "optimizer",
+}
+
+_NESTED_MODELS: dict[str, type[BaseModel]] = {"datasets": DatasetSpec, "gradient_clipping": GradientClipping}
+_ALIASES = {"gradient_clipping": "max_grad_norm"}
+
+
+def _model_at(loc: tuple) -> type[BaseModel]:
+    return _NESTED_MODELS.get(loc[0], Recipe) if len(loc) > 1 else Recipe
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    keys = list(model.model_fields)
+    return keys + ["max_grad_norm"] if model is Recipe else keys
+
+
+_UNION_TAGS = {"bool", "int", "float", "str", "list", "dict", "none"}
+
+
+def _clean_loc(loc: tuple, lines: dict) -> tuple:
+    """Drop pydantic's union-member tags (e.g. 'list[str]', 'bool') that are not recipe keys."""
+    cleaned: list = []
+    for part in loc:
+        in_yaml = tuple(cleaned) + (part,) in lines
+        is_key = isinstance(part, int) or (part.isidentifier() and part not in _UNION_TAGS)
+        if in_yaml or is_key:
+            cleaned.append(part)
+    return tuple(cleaned)
+
+
+def _line_of(loc: tuple, lines: dict) -> int | None:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+        if end == 1 and loc[0] in _ALIASES and (_ALIASES[loc[0]],) in lines:
+            return lines[(_ALIASES[loc[0]],)]
+    return None
+
+
+def _describe(error: dict) -> str:
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        loc = error["loc"]
+        allowed = _allowed_keys(_model_at(loc))
+        close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+        if not close and _model_at(loc) is Recipe and loc[-1] in _OTHER_TOOLS_NAMES:
+            close = [_OTHER_TOOLS_NAMES[loc[-1]]]
+        hint = f"; did you mean '{close[0]}'?" if close else f"; allowed keys: {', '.join(allowed)}"
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required key is missing"
+    message = message.removeprefix("Value error, ")
+    shown = error.get("input")
+    if "input" in error and not isinstance(shown, dict) and repr(shown) not in message:
+        message += f" (got {error['input']!r})"
+    return message
+
+
+def problems_from_validation(error: ValidationError, file: str, lines: dict) -> list[Problem]:
+    problems = []
+    for item in error.errors():
+        loc = _clean_loc(tuple(item["loc"]), lines)
+        key = ".".join(str(part) for part in loc) or "recipe"
+        if not loc and "max_grad_norm" in item["msg"]:
+            key, loc = "max_grad_norm", ("max_grad_norm",)
+        problems.append(Problem(file, key, _describe(item), _line_of(loc, lines)))
+    return problems
+
+
+def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
+    """Parse and validate recipe text; raise RecipeError listing every problem found."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        reason = getattr(error, "problem", None) or str(error)
+        if isinstance(error, yaml.constructor.ConstructorError):
+            reason += " (recipes are read with yaml.safe_load: no Python tags)"
+        raise RecipeError([Problem(file, "", f"malformed YAML: {reason}", line)]) from None
+    if data is None:
+        raise RecipeError([Problem(file, "", "the recipe is empty; it needs at least base_model and datasets")])
+    if not isinstance(data, dict):
+        raise RecipeError([Problem(file, "", f"the recipe must be a mapping of keys, not a {type(data).__name__}", 1)])
+    lines, duplicates = _key_lines(node)
+    problems = [
+        Problem(file, ".".join(map(str, path)), "key given twice; YAML would silently keep the last", line)
+        for path, line in duplicates
+    ]
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as error:
+        raise RecipeError(problems + problems_from_validation(error, file, lines)) from None
+    problems += [Problem(file, key, message, _line_of((key,), lines)) for key, message in combination_problems(recipe)]
+    if problems:
+        raise RecipeError(problems)
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError([Problem(str(path), "", "no such recipe file")]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError([Problem(str(path), "", f"cannot read the recipe: {error}")]) from None
+    return parse_recipe(text, str(path))
+
+
+def key_line(path: str | Path, key: str) -> int | None:
+    """The line of a dotted key path (e.g. 'datasets.0.path') in a recipe file, for error messages."""
+    try:
+        lines, _ = _key_lines(yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader))
+    except (OSError, yaml.YAMLError):
+        return None
+    loc = tuple(int(part) if part.isdigit() else part for part in key.split("."))
+    return _line_of(loc, lines)
+
+
+def resolve_input_path(value: str, recipe_path: str | Path | None) -> Path:
+    """Input paths (data, local models) are relative to the recipe's folder, so recipes work from any cwd."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or recipe_path is None:
+        return candidate
+    return Path(recipe_path).resolve().parent / candidate
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def keys_markdown() -> str:
+    """The README's table of recipe keys, made from the same model as validation and the JSON Schema."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def add(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            if field.is_required():
+                default = "required"
+            elif field.default_factory is not None:
+                default = "see below"
+            else:
+                default = f"`{field.default}`" if field.default is not None else "—"
+            rows.append(f"| `{prefix}{name}` | {default} | {field.description} |")
+
+    add(Recipe, "")
+    add(DatasetSpec, "datasets[].")
+    add(GradientClipping, "gradient_clipping.")
+    return "\n".join(rows)
