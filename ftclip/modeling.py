@@ -15,11 +15,12 @@ from ftclip.recipe import Recipe, resolve_input_path
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def model_source(value: str, recipe_path: str | Path | None) -> str:
-    """A local folder (relative to the recipe) when one exists or the value looks like a path; else a hub id."""
+def model_source(value: str, recipe_path: str | Path | None) -> Path | str:
+    """A local folder (a Path, relative to the recipe) when one exists or the value looks like a path;
+    else a hub id (a str)."""
     local = resolve_input_path(value, recipe_path)
     if local.exists() or value.startswith((".", "/", "~")) or not HUB_ID.match(value):
-        return str(local)
+        return local
     return value
 
 
@@ -31,10 +32,9 @@ def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[st
         value = getattr(recipe, key)
         if value is None:
             continue
-        source = model_source(value, recipe_path)
-        if source == value:
+        folder = model_source(value, recipe_path)
+        if isinstance(folder, str):
             continue  # a hub id: well-formed by HUB_ID, and not fetched at validate time
-        folder = Path(source)
         if not folder.is_dir():
             problems.append((key, f"{value!r} is neither a local folder ({folder} does not exist) nor a hub id like org/name"))
         elif key == "base_model":
