@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,6 +35,8 @@ def _fail(error: FtclipError) -> None:
 def _quiet_libraries() -> None:
     # transformers' per-file progress bars and advisories would drown ftclip's own progress view.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # peft calls a transformers method that transformers 5 deprecated; the advice is for peft, not users.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

@@ -343,7 +343,8 @@ def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as error:
-        raise RecipeError(problems + problems_from_validation(error, file, lines)) from None
+        found = problems + problems_from_validation(error, file, lines)
+        raise RecipeError(sorted(found, key=lambda p: p.line or 0)) from None
     problems += [Problem(file, key, message, _line_of((key,), lines)) for key, message in combination_problems(recipe)]
     if problems:
         raise RecipeError(problems)

@@ -1,0 +1,26 @@
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+
+.PHONY: install test bench lint quickstart validate assets
+
+install:
+	$(PIP) install -q -e '.[dev]'
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) bench/clip_bench.py
+
+lint: install
+	$(PYTHON) -m ruff check ftclip tests bench
+
+quickstart: install
+	ftclip train recipes/quickstart.yaml
+
+validate: install
+	ftclip validate recipes/*.yaml
+
+# Rebuild the quickstart's tiny model, tokenizer and data (deterministic; committed to the repo).
+assets: install
+	$(PYTHON) recipes/quickstart/build.py
