@@ -7,7 +7,7 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -91,8 +91,8 @@ def validate(
 @app.command()
 def train(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe to run.")],
-    max_steps: Annotated[Optional[int], typer.Option(min=1, help="Override max_steps.")] = None,
-    output_dir: Annotated[Optional[str], typer.Option(help="Override output_dir.")] = None,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="Override max_steps.")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="Override output_dir.")] = None,
 ) -> None:
     """Load the model, LoRA/QLoRA and data, then train with live progress and save the result."""
     try:

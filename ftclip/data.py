@@ -238,7 +238,7 @@ def load_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer) -> 
     order = list(range(len(examples)))
     random.Random(recipe.seed).shuffle(order)
     size = recipe.val_set_size
-    val_count = int(size) if size >= 1 else int(round(size * len(examples)))
+    val_count = int(size) if size >= 1 else round(size * len(examples))
     if val_count >= len(examples):
         raise DataError(f"val_set_size {size} leaves no training examples (there are {len(examples)})")
     val = [examples[i] for i in sorted(order[:val_count])]

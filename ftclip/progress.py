@@ -9,8 +9,16 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from typing_extensions import Self
 
 
 def _number(value: float, digits: int = 4) -> str:
@@ -59,7 +67,7 @@ class TrainingView:
             "train", total=total_steps, loss="-", grad_norm="-", clipped="", lr="-", tokens_per_s="-"
         )
 
-    def __enter__(self) -> TrainingView:
+    def __enter__(self) -> Self:
         self.progress.__enter__()
         return self
 

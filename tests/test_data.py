@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import ALPACA, QUICKSTART_MODEL, write_jsonl
 from transformers import AutoTokenizer
 
-from conftest import ALPACA, QUICKSTART_MODEL, write_jsonl
 from ftclip.data import IGNORE_INDEX, collate, load_dataset_records, load_examples, tokenize_record
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec, Recipe
@@ -25,7 +25,7 @@ def test_alpaca_masks_the_prompt(tokenizer):
     assert example.input_ids[0] == tokenizer.bos_token_id
     assert example.input_ids[-1] == tokenizer.eos_token_id
     assert decode_trained(tokenizer, example).strip() == "cold</s>"
-    prompt_length = example.labels.index(next(l for l in example.labels if l != IGNORE_INDEX))
+    prompt_length = example.labels.index(next(label for label in example.labels if label != IGNORE_INDEX))
     assert "### Response:" in tokenizer.decode(example.input_ids[:prompt_length])
     assert all(label == IGNORE_INDEX for label in example.labels[:prompt_length])
 
