@@ -64,10 +64,10 @@ def validate(
         try:
             recipe = load_recipe(path)
             problems = _filesystem_problems(recipe, path)
-            warnings = ["trust_remote_code: true runs code shipped with the model"] if recipe.trust_remote_code else []
+            notices = ["trust_remote_code: true runs code shipped with the model"] if recipe.trust_remote_code else []
         except RecipeError as error:
-            problems, warnings = error.problems, []
-        results.append({"file": str(path), "valid": not problems, "problems": problems, "warnings": warnings})
+            problems, notices = error.problems, []
+        results.append({"file": str(path), "valid": not problems, "problems": problems, "warnings": notices})
     if as_json:
         payload = [
             {**r, "problems": [{"line": p.line, "key": p.key, "message": p.message} for p in r["problems"]]}
@@ -82,8 +82,8 @@ def validate(
                 console.print(f"[red]invalid[/] {result['file']}", highlight=False)
                 for problem in result["problems"]:
                     console.print(f"  {problem}", highlight=False, soft_wrap=True)
-            for warning in result["warnings"]:
-                console.print(f"  [yellow]warning:[/] {warning}", highlight=False)
+            for notice in result["warnings"]:
+                console.print(f"  [yellow]warning:[/] {notice}", highlight=False)
     if not all(result["valid"] for result in results):
         raise typer.Exit(EXIT_BAD_INPUT)
 

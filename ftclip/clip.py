@@ -207,7 +207,6 @@ class GradientClipper:
         self.optimizer = optimizer
         self.flat_grads = FlatGrads(self.parameters) if flat else None
         self.folds_into_optimizer = optimizer_applies_grad_scale(optimizer)
-        self.skipped_steps = 0  # counted on the host only when the loop logs (see note_skipped)
 
     def _flat_intact(self) -> bool:
         return self.flat_grads is not None and self.flat_grads.intact()

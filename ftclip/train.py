@@ -228,14 +228,13 @@ def _count_clipped(records: list[dict]) -> int:
 
 
 def _summary(result: TrainResult, recipe: Recipe) -> dict[str, Any]:
-    norms = sorted(r["grad_norm_max"] for r in result.records)
     summary = {
         "optimizer steps": result.steps,
         "loss (first → last logged)": f"{result.first_loss:.4f} → {result.last_loss:.4f}",
         "eval loss": f"{result.eval_loss:.4f}" if result.eval_loss is not None else "— (val_set_size: 0)",
         "clipped steps": f"{result.clipped_steps} of {result.steps} ({result.clipped_steps / result.steps:.0%})",
         "skipped (non-finite) steps": result.skipped_steps,
-        "largest pre-clip grad norm": norms[-1],
+        "largest pre-clip grad norm": max(r["grad_norm_max"] for r in result.records),
         "clip": f"{recipe.gradient_clipping.mode}, max_norm {recipe.gradient_clipping.max_norm}",
         "metrics": str(result.output_dir / METRICS_FILE),
         "saved": str(result.artifact),
