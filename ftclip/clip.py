@@ -33,6 +33,10 @@ ROW_SIZE = 4096
 HALF_CHUNK_SIZE = 65536
 
 
+def _chunks_half_on_cpu(dtype: torch.dtype, device: torch.device) -> bool:
+    return dtype in (torch.float16, torch.bfloat16) and device.type == "cpu"
+
+
 def _group_by_device_and_dtype(tensors: Iterable[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[Tensor]]:
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
@@ -121,7 +125,7 @@ class FlatGrads:
         self._views: list[tuple[Tensor, int]] = []  # (param, data_ptr of its view), to check views are still ours
         for (device, dtype), params in _group_by_device_and_dtype(self.parameters).items():
             numel = sum(p.numel() for p in params)
-            pad_to = HALF_CHUNK_SIZE if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu" else row_size
+            pad_to = HALF_CHUNK_SIZE if _chunks_half_on_cpu(dtype, device) else row_size
             buffer = torch.zeros(math.ceil(max(numel, 1) / pad_to) * pad_to, device=device, dtype=dtype)
             offset = 0
             for param in params:
@@ -149,7 +153,7 @@ class FlatGrads:
             return torch.maximum(high.abs(), low.abs()).to(torch.float32)
         half = buffer.dtype in (torch.float16, torch.bfloat16)
         # Half-precision values are reduced with fp32 accumulation *and* fp32 results: fp16 row norms overflow.
-        if half and buffer.device.type == "cpu" and buffer.numel() % HALF_CHUNK_SIZE == 0:
+        if _chunks_half_on_cpu(buffer.dtype, buffer.device):  # padded to whole chunks in __init__
             chunks = list(buffer.view(-1, HALF_CHUNK_SIZE).unbind(0))
             row_norms = torch.stack(torch._foreach_norm(chunks, norm_type, dtype=torch.float32))
         else:

@@ -18,7 +18,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from typing_extensions import Self
 
 
 def _number(value: float, digits: int = 4) -> str:
@@ -67,7 +66,7 @@ class TrainingView:
             "train", total=total_steps, loss="-", grad_norm="-", clipped="", lr="-", tokens_per_s="-"
         )
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> TrainingView:
         self.progress.__enter__()
         return self
 

@@ -82,6 +82,10 @@ def count_steps(recipe: Recipe, train_examples: int) -> int:
     return max(1, math.ceil(recipe.num_epochs * micro_batches_per_epoch / recipe.gradient_accumulation_steps))
 
 
+def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: tensor.to(device) for name, tensor in batch.items()}
+
+
 def forward_backward(model, group: list[list[Example]], pad_id: int, device: torch.device) -> torch.Tensor:
     """Accumulate gradients over the micro-batches of one optimizer step. Each micro-batch's summed token
     loss is divided by the token count of the *whole* group, so accumulation gives the same gradient (and
@@ -89,7 +93,7 @@ def forward_backward(model, group: list[list[Example]], pad_id: int, device: tor
     trained_tokens = sum(example.trained_tokens for batch in group for example in batch)
     step_loss = torch.zeros((), device=device)
     for batch in group:
-        inputs = {name: tensor.to(device) for name, tensor in collate(batch, pad_id).items()}
+        inputs = _on_device(collate(batch, pad_id), device)
         loss = model(**inputs, num_items_in_batch=trained_tokens).loss
         loss.backward()
         step_loss += loss.detach()
@@ -103,14 +107,15 @@ def evaluate(model, examples: list[Example], recipe: Recipe, pad_id: int, device
     for start in range(0, len(examples), recipe.micro_batch_size):
         batch = examples[start : start + recipe.micro_batch_size]
         tokens = sum(example.trained_tokens for example in batch)
-        inputs = {name: tensor.to(device) for name, tensor in collate(batch, pad_id).items()}
+        inputs = _on_device(collate(batch, pad_id), device)
         total_loss += model(**inputs, num_items_in_batch=tokens).loss * tokens
         total_tokens += tokens
     model.train()
     return float(total_loss) / max(total_tokens, 1)
 
 
-def _log_record(step: int, total: int, epoch: int, window: _Window, lr: float, skipped: int, config) -> dict:
+def _log_record(step: int, total: int, epoch: int, window: _Window, lr: float, totals: dict, config) -> dict:
+    """One metrics line; `totals` holds the run's clipped/skipped step counts before this window."""
     values = window.read_back()
     norms, coefs = values["norm"], values["coef"]
     clipped = [c < 1.0 for c in coefs]
@@ -128,8 +133,9 @@ def _log_record(step: int, total: int, epoch: int, window: _Window, lr: float, s
         "clip_coef": coefs[-1],
         "clipped": clipped[-1],
         "clip_rate": sum(clipped) / len(clipped),
+        "clipped_steps": totals["clipped_steps"] + sum(clipped),
         "clip_threshold": config.max_norm if config.mode == "norm" else None,
-        "skipped_steps": skipped + int(sum(values["nonfinite"])),
+        "skipped_steps": totals["skipped_steps"] + int(sum(values["nonfinite"])),
         "lr": lr,
         "tokens_per_s": window.tokens / elapsed if elapsed > 0 else 0.0,
     }
@@ -167,7 +173,8 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
     batches = micro_batch_stream(train_examples, recipe)
     metrics = MetricsLog(output_dir / METRICS_FILE)
     records: list[dict[str, Any]] = []
-    window, skipped, epoch = _Window(), 0, 0
+    window, epoch = _Window(), 0
+    totals = {"clipped_steps": 0, "skipped_steps": 0}
     model.train()
     try:
         with TrainingView(console, total_steps) as view:
@@ -189,11 +196,12 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
                 view.advance()
                 if step % recipe.logging_steps == 0 or step == total_steps:
                     lr = scheduler.get_last_lr()[0]
-                    record = _log_record(step, total_steps, epoch, window, lr, skipped, recipe.gradient_clipping)
-                    if record["skipped_steps"] > skipped:
-                        view.warn(f"non-finite gradient norm: skipped {record['skipped_steps'] - skipped} step(s) "
+                    record = _log_record(step, total_steps, epoch, window, lr, totals, recipe.gradient_clipping)
+                    newly_skipped = record["skipped_steps"] - totals["skipped_steps"]
+                    if newly_skipped:
+                        view.warn(f"non-finite gradient norm: skipped {newly_skipped} step(s) "
                                   f"up to step {step}; weights and optimizer state left unchanged")
-                    skipped = record["skipped_steps"]
+                    totals = {name: record[name] for name in totals}
                     metrics.write(record)
                     records.append(record)
                     view.logged(record)
@@ -210,21 +218,12 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
         first_loss=records[0]["loss"],
         last_loss=records[-1]["loss"],
         eval_loss=eval_loss,
-        clipped_steps=_count_clipped(records),
-        skipped_steps=skipped,
+        clipped_steps=totals["clipped_steps"],
+        skipped_steps=totals["skipped_steps"],
         records=records,
     )
     console.print(summary_table(_summary(result, recipe)))
     return result
-
-
-def _count_clipped(records: list[dict]) -> int:
-    # Each record holds its window's clip rate; windows are logging_steps long except maybe the last.
-    total, previous = 0, 0
-    for record in records:
-        total += round(record["clip_rate"] * (record["step"] - previous))
-        previous = record["step"]
-    return total
 
 
 def _summary(result: TrainResult, recipe: Recipe) -> dict[str, Any]:

@@ -25,6 +25,7 @@ def test_lora_run_lowers_loss_and_writes_adapter_and_metrics(make_recipe, tiny_m
     assert result.last_loss < result.first_loss - 0.25  # a random 2-layer model: ~7.0 -> ~6.5 in 12 steps
     lines = [json.loads(line) for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert [line["step"] for line in lines] == [2, 4, 6, 8, 10, 12]
+    assert result.clipped_steps == lines[-1]["clipped_steps"] == round(sum(line["clip_rate"] * 2 for line in lines))
     for line in lines:
         assert {"step", "loss", "grad_norm", "clip_coef", "lr", "post_clip_norm", "clip_rate"} <= set(line)
         assert line["grad_norm_min"] <= line["grad_norm"] <= line["grad_norm_max"]
