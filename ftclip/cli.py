@@ -1,5 +1,5 @@
 """The command line: the only place that turns ftclip's errors into messages and exit codes
-(0 ok, 2 bad input, 130 interrupted)."""
+(0 ok, 1 run stopped because it diverged, 2 bad input, 130/143 stopped by SIGINT/SIGTERM)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ftclip.errors import FtclipError, Problem, RecipeError
+from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped
 from ftclip.recipe import Recipe, load_recipe
 
 app = typer.Typer(
@@ -93,8 +93,14 @@ def train(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe to run.")],
     max_steps: Annotated[int | None, typer.Option(min=1, help="Override max_steps.")] = None,
     output_dir: Annotated[str | None, typer.Option(help="Override output_dir.")] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Resume from this checkpoint folder (default: output_dir's latest).")
+    ] = None,
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if output_dir has checkpoints.")] = False,
 ) -> None:
-    """Load the model, LoRA/QLoRA and data, then train with live progress and save the result."""
+    """Load the model, LoRA/QLoRA and data, then train with live progress and save the result.
+
+    Continues automatically from the latest complete checkpoint in output_dir when there is one."""
     try:
         recipe = load_recipe(recipe_path)
         overrides = {k: v for k, v in {"max_steps": max_steps, "output_dir": output_dir}.items() if v is not None}
@@ -106,13 +112,62 @@ def train(
         _quiet_libraries()
         from ftclip.train import train as run_training
 
-        result = run_training(recipe, recipe_path, console)
+        if resume and no_resume:
+            raise FtclipError("--resume and --no-resume contradict each other; pass one")
+        result = run_training(recipe, recipe_path, console, resume=False if no_resume else resume)
     except FtclipError as error:
         _fail(error)
+    except RunStopped as stopped:
+        error_console.print(f"[yellow]stopped[/]: {stopped}", highlight=False)
+        raise typer.Exit(stopped.exit_code)
     except KeyboardInterrupt:
-        error_console.print("[yellow]interrupted[/]: nothing was saved for this run (earlier outputs are intact)")
+        error_console.print("[yellow]interrupted[/]: stopped without saving; the last checkpoint and earlier "
+                            "outputs are intact")
         raise typer.Exit(EXIT_INTERRUPTED)
     console.print(f"[green]done[/]: {result.artifact}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run's output_dir (holds metrics.jsonl).")],
+    plot: Annotated[bool, typer.Option(help="Write RUN_DIR/report.png (needs matplotlib: pip install 'ftclip[report]').")] = True,
+) -> None:
+    """Summarize what clipping did in a run (norm percentiles, clip rate, spikes, skipped steps) and suggest a threshold."""
+    from rich.table import Table
+
+    from ftclip.report import PLOT_FILE, analyze, read_history, sparkline, write_plot
+
+    try:
+        history = read_history(run_dir)
+        result = analyze(history)
+    except FtclipError as error:
+        _fail(error)
+    table = Table(title=f"ftclip report: {run_dir}", show_header=False)
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    table.add_row("optimizer steps", str(result.steps))
+    table.add_row("loss (first → last step)", f"{result.loss_first:.4g} → {result.loss_last:.4g}")
+    table.add_row("pre-clip norm", "  ".join(f"{k} {v:.4g}" for k, v in result.percentiles.items()))
+    if result.thresholds:
+        low, high = result.thresholds
+        table.add_row("threshold used", f"{low:.4g}" if low == high else f"{low:.4g} … {high:.4g} (adaptive)")
+    table.add_row("clipped steps", f"{result.clipped_steps} of {result.steps} ({result.clipped_steps / result.steps:.0%})")
+    table.add_row("skipped (non-finite)", str(result.skipped_steps))
+    table.add_row("spikes", ", ".join(
+        f"step {s.step} (×{s.norm / s.median_norm:.0f}{', loss jump' if s.loss_jump else ''})" for s in result.spikes
+    ) or "none")
+    table.add_row("[bold green]suggested max_norm[/]", f"[bold green]{result.suggested:g}[/]")
+    console.print(table)
+    for line in result.reasoning:
+        console.print(f"  • {line}", highlight=False)
+    console.print(f"grad norm (log): {sparkline([s.norm for s in history.steps])}", highlight=False)
+    if plot:
+        written = write_plot(history, result, Path(run_dir) / PLOT_FILE)
+        if written:
+            console.print(f"plot: {written}")
+        else:
+            console.print("no plot: matplotlib is not installed (pip install 'ftclip[report]'); the sparkline above "
+                          "is the terminal version")
 
 
 @app.command()

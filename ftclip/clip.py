@@ -179,6 +179,116 @@ def optimizer_applies_grad_scale(optimizer: torch.optim.Optimizer | None) -> boo
     return all(group.get("fused") for group in optimizer.param_groups)
 
 
+# ---------------------------------------------------------------- thresholds: fixed and adaptive
+#
+# Each threshold is called once per step with that step's pre-clip norm (a device tensor) and returns the
+# threshold to clip it against (a float32 device tensor). State lives in device tensors and the step count
+# on the host (known without asking the device), so no threshold ever syncs.
+
+
+class FixedThreshold:
+    """mode: norm — the recipe's max_norm, every step."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def __call__(self, norm: Tensor) -> Tensor:
+        return torch.full((), self.max_norm, dtype=torch.float32, device=norm.device)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+class PercentileThreshold:
+    """mode: auto — AutoClip (Seetharaman et al., 2020, "AutoClip: Adaptive Gradient Clipping for Source
+    Separation Networks"): append this step's norm to the history, clip at the history's p-th percentile
+    (linear interpolation, numpy's default). The history is a ring of the last `history_size` finite norms
+    (the paper keeps all of them; a ring bounds memory and lets the threshold follow a drifting run).
+    During `warmup_steps` the history fills but the fixed max_norm clips."""
+
+    def __init__(self, max_norm: float, percentile: float, history_size: int, warmup_steps: int):
+        self.max_norm, self.quantile = max_norm, percentile / 100.0
+        self.history_size, self.warmup_steps = history_size, warmup_steps
+        self.history: Tensor | None = None  # nan = empty slot or a non-finite step; nanquantile skips both
+        self.steps = 0
+
+    def __call__(self, norm: Tensor) -> Tensor:
+        if self.history is None:
+            self.history = torch.full((self.history_size,), math.nan, dtype=torch.float32, device=norm.device)
+        norm = norm.to(torch.float32)
+        self.history[self.steps % self.history_size] = torch.where(torch.isfinite(norm), norm, math.nan)
+        self.steps += 1
+        fixed = torch.full((), self.max_norm, dtype=torch.float32, device=norm.device)
+        if self.steps <= self.warmup_steps:
+            return fixed
+        threshold = torch.nanquantile(self.history, self.quantile)
+        return torch.where(torch.isfinite(threshold), threshold, fixed)  # every norm so far non-finite
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.steps = state["history"], state["steps"]
+
+
+class ZScoreThreshold:
+    """mode: zscore — ZClip (Kumar et al., 2025, "ZClip: Adaptive Spike Mitigation for LLM Pre-Training"):
+    an EMA of the norm's mean μ and variance σ²; a norm above μ + z·σ is clipped to exactly that, and the
+    EMA is fed the clipped norm, so a spike does not inflate the statistics that judge the next one.
+    Warm-up clips at the fixed max_norm and initializes μ, σ² as the mean and variance of its finite norms."""
+
+    def __init__(self, max_norm: float, z_threshold: float, ema_decay: float, warmup_steps: int):
+        self.max_norm, self.z, self.decay, self.warmup_steps = max_norm, z_threshold, ema_decay, warmup_steps
+        self.sums: Tensor | None = None  # warm-up: count, sum, sum of squares of the finite norms
+        self.mean: Tensor | None = None
+        self.var: Tensor | None = None
+        self.steps = 0
+
+    def __call__(self, norm: Tensor) -> Tensor:
+        norm = norm.to(torch.float32)
+        finite = torch.isfinite(norm)
+        fixed = torch.full((), self.max_norm, dtype=torch.float32, device=norm.device)
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            if self.sums is None:
+                self.sums = torch.zeros(3, dtype=torch.float64, device=norm.device)
+            value = torch.where(finite, norm, 0.0).to(torch.float64)
+            self.sums += torch.stack([finite.to(torch.float64), value, value * value])
+            if self.steps == self.warmup_steps:
+                count, total, squares = self.sums.clamp(min=0).unbind()
+                count = count.clamp(min=1)
+                self.mean = (total / count).to(torch.float32)
+                self.var = (squares / count - (total / count) ** 2).clamp(min=0).to(torch.float32)
+            return fixed
+        threshold = self.mean + self.z * self.var.sqrt()
+        clipped = torch.minimum(norm, threshold)
+        mean = self.decay * self.mean + (1 - self.decay) * clipped
+        var = self.decay * self.var + (1 - self.decay) * (clipped - mean) ** 2
+        self.mean = torch.where(finite, mean, self.mean)  # a non-finite step leaves the statistics alone
+        self.var = torch.where(finite, var, self.var)
+        return threshold
+
+    def state_dict(self) -> dict:
+        return {"sums": self.sums, "mean": self.mean, "var": self.var, "steps": self.steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums, self.mean, self.var, self.steps = state["sums"], state["mean"], state["var"], state["steps"]
+
+
+def build_threshold(config: GradientClipping):
+    """The threshold policy for a norm-clipping mode; None for value and off."""
+    if config.mode == "norm":
+        return FixedThreshold(config.max_norm)
+    if config.mode == "auto":
+        return PercentileThreshold(config.max_norm, config.percentile, config.history_size, config.warmup_steps)
+    if config.mode == "zscore":
+        return ZScoreThreshold(config.max_norm, config.z_threshold, config.ema_decay, config.warmup_steps)
+    return None
+
+
 @dataclass
 class ClipOutcome:
     """What one clip step did, as device tensors; read back only when the loop logs."""
@@ -186,6 +296,7 @@ class ClipOutcome:
     pre_clip_norm: Tensor  # float32
     clip_coef: Tensor  # float32; 1.0 when nothing was scaled
     nonfinite: Tensor  # float32 0/1, GradScaler's found_inf convention
+    threshold: Tensor  # float32 norm threshold this step; nan in value and off modes
 
     @property
     def post_clip_norm(self) -> Tensor:
@@ -211,6 +322,7 @@ class GradientClipper:
         self.optimizer = optimizer
         self.flat_grads = FlatGrads(self.parameters) if flat else None
         self.folds_into_optimizer = optimizer_applies_grad_scale(optimizer)
+        self.threshold = build_threshold(config)
 
     def _flat_intact(self) -> bool:
         return self.flat_grads is not None and self.flat_grads.intact()
@@ -225,8 +337,10 @@ class GradientClipper:
             norm = total_norm([p.grad for p in self.parameters if p.grad is not None], config.norm_type)
         nonfinite = (~torch.isfinite(norm)).to(torch.float32)
         coefficient = torch.ones_like(norm)
-        if config.mode == "norm":
-            coefficient = clip_coefficient(norm, config.max_norm)
+        threshold = torch.full_like(norm, math.nan)
+        if self.threshold is not None:
+            threshold = self.threshold(norm)
+            coefficient = clip_coefficient(norm, threshold)
             if self.folds_into_optimizer:
                 self.optimizer.grad_scale = coefficient.reciprocal()  # the kernel divides by it
             elif flat:
@@ -240,7 +354,7 @@ class GradientClipper:
                 clip_grad_value_(self.parameters, config.max_value)
         if self.folds_into_optimizer:
             self.optimizer.found_inf = nonfinite if config.skip_nonfinite else None
-        return ClipOutcome(norm, coefficient, nonfinite)
+        return ClipOutcome(norm, coefficient, nonfinite, threshold)
 
     def optimizer_step(self, outcome: ClipOutcome) -> None:
         """Step the optimizer unless the gradient was non-finite (and skipping is on)."""
@@ -258,3 +372,11 @@ class GradientClipper:
         else:
             for param in self.parameters:
                 param.grad = None
+
+    def state_dict(self) -> dict:
+        """The adaptive threshold's statistics, for checkpoints (fixed modes have none)."""
+        return {"threshold": self.threshold.state_dict() if self.threshold is not None else {}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.threshold is not None:
+            self.threshold.load_state_dict(state["threshold"])

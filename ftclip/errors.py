@@ -42,3 +42,17 @@ class ModelError(FtclipError):
 
 class OutputError(FtclipError):
     """The output directory cannot be written."""
+
+
+class ResumeError(FtclipError):
+    """A checkpoint exists but cannot continue this recipe (the run-changing settings differ)."""
+
+
+class RunStopped(Exception):
+    """Training stopped early after saving a checkpoint: a signal (exit 130/143) or too many non-finite
+    steps in a row (exit 1). Not an FtclipError: the input was fine."""
+
+    def __init__(self, message: str, exit_code: int, checkpoint=None):
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.checkpoint = checkpoint

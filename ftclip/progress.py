@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -26,27 +27,68 @@ def _number(value: float, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-class MetricsLog:
-    """Append-only JSON lines, flushed per record so a crash keeps everything logged so far."""
+def _json_line(record: dict[str, Any]) -> str:
+    # json writes non-finite floats as NaN/Infinity; keep the line parseable by strict readers too.
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
 
-    def __init__(self, path: Path):
+    return json.dumps(clean(record)) + "\n"
+
+
+class MetricsLog:
+    """Append-only JSON lines, flushed per record so a crash keeps everything logged so far. A resumed run
+    starts from the lines up to its checkpoint (`keep`), written to a temp file and renamed into place."""
+
+    def __init__(self, path: Path, keep: list[dict[str, Any]] | None = None):
         self.path = path
-        self._file = open(path, "w", encoding="utf-8")
+        staging = path.with_name(f".{path.name}.tmp")
+        staging.write_text("".join(_json_line(record) for record in keep or []), encoding="utf-8")
+        os.replace(staging, path)
+        self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        # json writes non-finite floats as NaN/Infinity; keep the line parseable by strict readers too.
-        clean = {k: (str(v) if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
+        self._file.write(_json_line(record))
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
 
 
+class TensorBoardLog:
+    """The metrics' scalars under the same names, when the optional `tensorboard` package is installed."""
+
+    def __init__(self, folder: Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # the optional extra is not installed: metrics.jsonl alone
+            self.writer = None
+            return
+        self.writer = SummaryWriter(log_dir=str(folder))
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for name, value in record.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+                self.writer.add_scalar(name, value, record["step"])
+            elif isinstance(value, bool):
+                self.writer.add_scalar(name, float(value), record["step"])
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
 class TrainingView:
     """Live progress: step/total, loss, pre-clip grad norm, whether it clipped, lr, tokens/s, ETA."""
 
-    def __init__(self, console: Console, total_steps: int):
+    def __init__(self, console: Console, total_steps: int, completed: int = 0):
         self.console = console
         self.progress = Progress(
             TextColumn("[bold]train"),
@@ -63,7 +105,7 @@ class TrainingView:
             transient=False,
         )
         self.task = self.progress.add_task(
-            "train", total=total_steps, loss="-", grad_norm="-", clipped="", lr="-", tokens_per_s="-"
+            "train", total=total_steps, completed=completed, loss="-", grad_norm="-", clipped="", lr="-", tokens_per_s="-"
         )
 
     def __enter__(self) -> TrainingView:
@@ -90,13 +132,18 @@ class TrainingView:
             f"step {record['step']:>5}/{record['total_steps']}  loss {_number(record['loss'])}  "
             f"grad-norm pre-clip {_number(record['grad_norm'])} "
             f"(min {_number(record['grad_norm_min'])} max {_number(record['grad_norm_max'])})  "
-            f"post-clip {_number(record['post_clip_norm'])}  clip-rate {record['clip_rate']:.0%}  "
-            f"lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s",
+            f"post-clip {_number(record['post_clip_norm'])}  "
+            + (f"threshold {_number(record['clip_threshold'])}  " if record.get("clip_threshold") is not None else "")
+            + f"clip-rate {record['clip_rate']:.0%}  "
+            + (f"skipped {record['skipped_steps']}  " if record["skipped_steps"] else "")
+            + f"lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
+            + (f"  eval-loss {_number(record['eval_loss'])}" if "eval_loss" in record else ""),
             highlight=False,
         )
 
-    def warn(self, message: str) -> None:
-        self.progress.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+    def warn(self, message: str, loud: bool = False) -> None:
+        label = "[bold red]WARNING:[/]" if loud else "[yellow]warning:[/]"
+        self.progress.console.print(f"{label} {message}", highlight=False)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

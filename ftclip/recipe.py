@@ -53,14 +53,27 @@ class GradientClipping(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    mode: Literal["norm", "value", "off"] = Field(
+    mode: Literal["norm", "value", "off", "auto", "zscore"] = Field(
         "norm",
         description="norm: rescale the whole gradient when its global norm exceeds max_norm; "
-        "value: cap each element at ±max_value; off: no clipping (the norm is still measured and logged).",
+        "value: cap each element at ±max_value; off: no clipping (the norm is still measured and logged); "
+        "auto: threshold = percentile of the recent norm history (AutoClip); "
+        "zscore: threshold = EMA mean + z_threshold × EMA std of the norm (ZClip).",
     )
-    max_norm: float = Field(1.0, gt=0, description="Threshold on the global gradient norm (mode: norm).")
+    max_norm: float = Field(
+        1.0, gt=0, description="Threshold on the global gradient norm (mode: norm; auto/zscore during their warm-up)."
+    )
     norm_type: float = Field(2.0, description="Which p-norm: 1, 2 or inf.")
     max_value: float | None = Field(None, gt=0, description="Element cap for mode: value (required there).")
+    percentile: float = Field(
+        90.0, gt=0, le=100, description="mode: auto: the percentile of the norm history used as the threshold."
+    )
+    history_size: int = Field(1000, gt=0, description="mode: auto: how many recent steps' norms the percentile sees.")
+    z_threshold: float = Field(2.5, gt=0, description="mode: zscore: clip norms more than this many EMA stds above the mean.")
+    ema_decay: float = Field(0.97, gt=0, lt=1, description="mode: zscore: EMA decay of the norm mean and variance.")
+    warmup_steps: int = Field(
+        25, ge=1, description="mode: auto/zscore: steps that clip at the fixed max_norm while the norm statistics fill."
+    )
     skip_nonfinite: bool = Field(
         True,
         description="Skip the optimizer step when the gradient norm is inf or nan "
@@ -161,7 +174,18 @@ class Recipe(BaseModel):
     seed: int = Field(42, description="Seeds data order, the validation split and initialization.")
     output_dir: str = Field("./outputs/ftclip-run", description="Where metrics and the adapter go (relative to cwd).")
     logging_steps: int = Field(1, gt=0, description="Log (and read the grad norm back) every N optimizer steps.")
-    save_steps: int | None = Field(None, gt=0, description="Reserved for checkpointing; the final artifact is always saved.")
+    eval_steps: int | None = Field(
+        None, gt=0, description="Eval loss on the held-out set every N optimizer steps (and at the end); needs val_set_size."
+    )
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint every N optimizer steps to output_dir/checkpoints/step-N (resumable)."
+    )
+    save_total_limit: int | None = Field(
+        3, gt=0, description="Keep only the newest N checkpoints (null keeps all)."
+    )
+    max_skipped_steps: int = Field(
+        10, gt=0, description="Abort (with a checkpoint) after this many non-finite steps in a row."
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
 
     @field_validator("lora_target_modules", mode="before")
@@ -225,6 +249,8 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("lora_target_modules", "empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear"))
     if recipe.val_set_size >= 1 and recipe.val_set_size != int(recipe.val_set_size):
         problems.append(("val_set_size", "a count (>= 1) must be a whole number; a share must be below 1"))
+    if recipe.eval_steps and not recipe.val_set_size:
+        problems.append(("eval_steps", "needs a held-out set: set val_set_size (e.g. 0.05)"))
     if recipe.warmup_steps and recipe.max_steps and recipe.warmup_steps >= recipe.max_steps:
         problems.append(("warmup_steps", f"{recipe.warmup_steps} >= max_steps {recipe.max_steps}; the LR never peaks"))
     return problems

@@ -2,11 +2,13 @@
 
 Setup builds components in dependency order: output folder (fail before anything heavy) → tokenizer →
 data (the step count depends on it) → model → optimizer → scheduler (needs the step count) → clipper
-(owns the gradient buffers of the trainable parameters the optimizer holds).
+(owns the gradient buffers of the trainable parameters the optimizer holds) → resume (needs all of them).
+Logging, evaluation and checkpoints are driven by optimizer steps, never by micro-batches.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -15,16 +17,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 
-from ftclip.checkpoint import prepare_output_dir, save_artifact
+from ftclip.checkpoint import (
+    TrainingState,
+    latest_checkpoint,
+    load_checkpoint,
+    prepare_output_dir,
+    recipe_differences,
+    remove_partial_checkpoints,
+    restore_rng_states,
+    rng_states,
+    save_artifact,
+    save_checkpoint,
+)
 from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data import Example, collate, load_examples, micro_batches
-from ftclip.errors import DataError
+from ftclip.errors import DataError, ResumeError, RunStopped
+from ftclip.interrupt import StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device
+from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler
-from ftclip.progress import MetricsLog, TrainingView, summary_table
+from ftclip.progress import MetricsLog, TensorBoardLog, TrainingView, summary_table
 from ftclip.recipe import Recipe
 
 METRICS_FILE = "metrics.jsonl"
@@ -41,38 +57,47 @@ class TrainResult:
     clipped_steps: int
     skipped_steps: int
     records: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from: Path | None = None
 
 
 @dataclass
 class _Window:
     """Per-step device tensors since the last log, read back to the host in one go."""
 
+    first_step: int
     losses: list[torch.Tensor] = field(default_factory=list)
     outcomes: list[ClipOutcome] = field(default_factory=list)
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def read_back(self) -> dict[str, list[float]]:
+    def read_back(self) -> list[StepStats]:
         stacked = torch.stack(
             [torch.stack(self.losses).float()]
-            + [torch.stack([getattr(o, name) for o in self.outcomes]) for name in ("pre_clip_norm", "clip_coef", "nonfinite")]
+            + [torch.stack([getattr(o, name).float() for o in self.outcomes])
+               for name in ("pre_clip_norm", "clip_coef", "threshold", "nonfinite")]
         )
-        losses, norms, coefs, nonfinite = stacked.tolist()  # the one host sync per logging window
-        return {"loss": losses, "norm": norms, "coef": coefs, "nonfinite": nonfinite}
+        losses, norms, coefs, thresholds, nonfinite = stacked.tolist()  # the one host sync per logging window
+        return [
+            StepStats(self.first_step + i, losses[i], norms[i], coefs[i], thresholds[i], bool(nonfinite[i]))
+            for i in range(len(losses))
+        ]
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def micro_batch_stream(examples: list[Example], recipe: Recipe) -> Iterator[tuple[int, list[Example]]]:
-    """(epoch, micro-batch) forever, reshuffled each epoch; the loop stops it by counting optimizer steps."""
-    epoch = 0
+def micro_batch_stream(examples: list[Example], recipe: Recipe, epoch: int = 0, skip: int = 0
+                       ) -> Iterator[tuple[int, int, list[Example]]]:
+    """(epoch, micro-batches consumed in that epoch, micro-batch) forever, reshuffled each epoch, starting
+    `skip` micro-batches into `epoch` (a resumed run); the loop stops it by counting optimizer steps."""
     while True:
-        for batch in micro_batches(examples, recipe.micro_batch_size, recipe.seed, epoch):
-            yield epoch, batch
-        epoch += 1
+        for index, batch in enumerate(micro_batches(examples, recipe.micro_batch_size, recipe.seed, epoch)):
+            if index >= skip:
+                yield epoch, index + 1, batch
+        epoch, skip = epoch + 1, 0
 
 
 def count_steps(recipe: Recipe, train_examples: int) -> int:
@@ -114,36 +139,95 @@ def evaluate(model, examples: list[Example], recipe: Recipe, pad_id: int, device
     return float(total_loss) / max(total_tokens, 1)
 
 
-def _log_record(step: int, total: int, epoch: int, window: _Window, lr: float, totals: dict, config) -> dict:
-    """One metrics line; `totals` holds the run's clipped/skipped step counts before this window."""
-    values = window.read_back()
-    norms, coefs = values["norm"], values["coef"]
-    clipped = [c < 1.0 for c in coefs]
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _log_record(step: int, total: int, epoch: int, window: _Window, steps: list[StepStats], lr: float,
+                counters: dict[str, int]) -> dict:
+    """One metrics line for the window; `counters` are the run's clipped/skipped totals including it."""
+    norms = [s.norm for s in steps]
+    clipped = [s.clipped for s in steps]
+    last = steps[-1]
     elapsed = time.perf_counter() - window.started
     return {
         "step": step,
         "total_steps": total,
         "epoch": epoch,
-        "loss": sum(values["loss"]) / len(values["loss"]),
-        "grad_norm": norms[-1],  # pre-clip, the last step of the window
+        "loss": sum(s.loss for s in steps) / len(steps),
+        "grad_norm": last.norm,  # pre-clip, the last step of the window
         "grad_norm_min": min(norms),
         "grad_norm_mean": sum(norms) / len(norms),
         "grad_norm_max": max(norms),
-        "post_clip_norm": norms[-1] * coefs[-1],
-        "clip_coef": coefs[-1],
-        "clipped": clipped[-1],
+        "post_clip_norm": last.norm * last.coef,
+        "clip_coef": last.coef,
+        "clipped": last.clipped,
         "clip_rate": sum(clipped) / len(clipped),
-        "clipped_steps": totals["clipped_steps"] + sum(clipped),
-        "clip_threshold": config.max_norm if config.mode == "norm" else None,
-        "skipped_steps": totals["skipped_steps"] + int(sum(values["nonfinite"])),
+        "clipped_steps": counters["clipped_steps"],
+        "clip_threshold": _finite_or_none(last.threshold),
+        "skipped_steps": counters["skipped_steps"],
         "lr": lr,
         "tokens_per_s": window.tokens / elapsed if elapsed > 0 else 0.0,
+        # Every step of the window, so `ftclip report` sees each norm whatever logging_steps is.
+        "per_step": {
+            "step": [s.step for s in steps],
+            "loss": [s.loss for s in steps],
+            "grad_norm": norms,
+            "clip_coef": [s.coef for s in steps],
+            "threshold": [_finite_or_none(s.threshold) for s in steps],
+        },
     }
 
 
-def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | None = None) -> TrainResult:
+def _earlier_records(path: Path, up_to_step: int) -> list[dict[str, Any]]:
+    """The metrics lines a resumed run keeps: those at or before its checkpoint."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut short by a kill
+        if record.get("step", math.inf) > up_to_step:
+            break
+        records.append(record)
+    return records
+
+
+def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Path | None, console: Console) -> Path | None:
+    removed = remove_partial_checkpoints(output_dir)
+    if removed:
+        console.print(f"removed {len(removed)} partial checkpoint folder(s) left by an interrupted save")
+    if resume is False:
+        return None
+    if resume in (None, True):
+        checkpoint = latest_checkpoint(output_dir)
+    else:
+        checkpoint = Path(resume)
+        from ftclip.checkpoint import is_complete
+
+        if not is_complete(checkpoint):
+            raise ResumeError(f"--resume {checkpoint}: not a complete ftclip checkpoint (no trainer_state files)")
+    if checkpoint is not None:
+        differences = recipe_differences(checkpoint, recipe)
+        if differences:
+            raise ResumeError(
+                f"cannot resume from {checkpoint}: the recipe changed in settings that change the run:\n  "
+                + "\n  ".join(differences)
+                + "\nRestore them, use another output_dir, or pass --no-resume to start over (the old "
+                "checkpoints are then replaced as the new run saves its own)."
+            )
+    return checkpoint
+
+
+def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | None = None,
+          resume: bool | str | Path | None = None) -> TrainResult:
+    """Run the recipe. resume: None/True = continue from output_dir's latest checkpoint if any,
+    False = start over, a path = that checkpoint."""
     console = console or Console()
     output_dir = prepare_output_dir(recipe.output_dir)
+    checkpoint = _find_resume_point(recipe, output_dir, resume, console)
     seed_everything(recipe.seed)
     device = pick_device(recipe)
 
@@ -162,26 +246,51 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     clipper = GradientClipper(recipe.gradient_clipping, trainable, optimizer)
+    clip = recipe.gradient_clipping
     console.print(
-        f"clip: {recipe.gradient_clipping.mode} (max_norm {recipe.gradient_clipping.max_norm}, "
-        f"norm_type {recipe.gradient_clipping.norm_type}); {sum(p.numel() for p in trainable):,} trainable values "
-        f"in {len(clipper.flat_grads.buffers)} flat buffer(s); scale "
-        + ("folded into the fused optimizer step" if clipper.folds_into_optimizer else "applied by one multiply per buffer")
+        f"clip: {clip.mode} (max_norm {clip.max_norm}, norm_type {clip.norm_type}); "
+        f"{sum(p.numel() for p in trainable):,} trainable values in {len(clipper.flat_grads.buffers)} flat buffer(s); "
+        + ("scale folded into the fused optimizer step" if clipper.folds_into_optimizer
+           else "scale applied by one multiply per buffer")
     )
 
+    state = TrainingState(step=0, epoch=0, batch_in_epoch=0, counters={"clipped_steps": 0, "skipped_steps": 0}, tensors={})
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, recipe)
+        optimizer.load_state_dict(state.tensors["optimizer"])
+        scheduler.load_state_dict(state.tensors["scheduler"])
+        clipper.load_state_dict(state.tensors["clipper"])
+        restore_rng_states(state.tensors["rng"])
+        console.print(f"[bold]resumed[/] from {checkpoint} (step {state.step} of {total_steps}); "
+                      "pass --no-resume to start over")
+
     pad_id = tokenizer.pad_token_id
-    batches = micro_batch_stream(train_examples, recipe)
-    metrics = MetricsLog(output_dir / METRICS_FILE)
-    records: list[dict[str, Any]] = []
-    window, epoch = _Window(), 0
-    totals = {"clipped_steps": 0, "skipped_steps": 0}
+    batches = micro_batch_stream(train_examples, recipe, state.epoch, state.batch_in_epoch)
+    records = _earlier_records(output_dir / METRICS_FILE, state.step) if checkpoint else []
+    metrics = MetricsLog(output_dir / METRICS_FILE, keep=records)
+    tensorboard = TensorBoardLog(output_dir / "tensorboard")
+    monitor = ClipMonitor(clip.mode)
+    counters = dict(state.counters)
+    eval_loss = None
+    epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
+    window = _Window(first_step=state.step + 1)
+
+    def checkpoint_now(step: int) -> Path:
+        tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "clipper": clipper.state_dict(), "rng": rng_states()}
+        return save_checkpoint(model, recipe, TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors),
+                               output_dir)
+
     model.train()
     try:
-        with TrainingView(console, total_steps) as view:
-            for step in range(1, total_steps + 1):
+        with TrainingView(console, total_steps, completed=state.step) as view, StopRequests(
+            lambda sig: view.warn(f"{sig.name} received: finishing this step and saving a checkpoint "
+                                  "(press Ctrl-C again to stop without saving)")
+        ) as stop:
+            for step in range(state.step + 1, total_steps + 1):
                 group = []
                 for _ in range(recipe.gradient_accumulation_steps):
-                    epoch, batch = next(batches)
+                    epoch, batch_in_epoch, batch = next(batches)
                     group.append(batch)
                 step_loss = forward_backward(model, group, pad_id, device)
 
@@ -194,48 +303,77 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
                 window.outcomes.append(outcome)
                 window.tokens += sum(len(e.input_ids) for batch in group for e in batch)
                 view.advance()
-                if step % recipe.logging_steps == 0 or step == total_steps:
-                    lr = scheduler.get_last_lr()[0]
-                    record = _log_record(step, total_steps, epoch, window, lr, totals, recipe.gradient_clipping)
-                    newly_skipped = record["skipped_steps"] - totals["skipped_steps"]
-                    if newly_skipped:
-                        view.warn(f"non-finite gradient norm: skipped {newly_skipped} step(s) "
-                                  f"up to step {step}; weights and optimizer state left unchanged")
-                    totals = {name: record[name] for name in totals}
+                saving = bool(recipe.save_steps and step % recipe.save_steps == 0)
+                if step % recipe.logging_steps == 0 or step == total_steps or saving or stop.received:
+                    steps = window.read_back()
+                    counters["clipped_steps"] += sum(s.clipped for s in steps)
+                    counters["skipped_steps"] += sum(s.nonfinite for s in steps)
+                    record = _log_record(step, total_steps, epoch, window, steps, scheduler.get_last_lr()[0], counters)
+                    spikes_before = len(monitor.spike_log)
+                    for notice in monitor.observe(steps) + (monitor.finish(step) if step == total_steps else []):
+                        view.warn(notice.message, loud=notice.loud)
+                    record["spike_steps"] = [spike.step for spike in monitor.spike_log[spikes_before:]]
+                    if val_examples and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
+                        record["eval_loss"] = eval_loss = evaluate(model, val_examples, recipe, pad_id, device)
                     metrics.write(record)
+                    tensorboard.write(record)
                     records.append(record)
                     view.logged(record)
-                    window = _Window()
+                    window = _Window(first_step=step + 1)
+                    if monitor.consecutive_skips >= recipe.max_skipped_steps:
+                        saved = checkpoint_now(step)
+                        raise RunStopped(
+                            f"{monitor.consecutive_skips} optimizer steps in a row had a non-finite gradient "
+                            f"(max_skipped_steps: {recipe.max_skipped_steps}); the run is diverging. Checkpoint "
+                            f"{saved} holds the last finite weights. Lower learning_rate or max_norm, check the "
+                            "data, or use bf16 instead of fp16, then resume.", exit_code=1, checkpoint=saved)
+                if saving:
+                    checkpoint_now(step)
+                if stop.received:
+                    saved = checkpoint_now(step) if not saving else latest_checkpoint(output_dir)
+                    raise RunStopped(
+                        f"stopped by {stop.received.name} after step {step}; checkpoint {saved}. "
+                        "Run the same `ftclip train` command to resume.", exit_code=stop.exit_code, checkpoint=saved)
     finally:
         metrics.close()
+        tensorboard.close()
 
-    eval_loss = evaluate(model, val_examples, recipe, pad_id, device) if val_examples else None
+    if val_examples and eval_loss is None:  # resumed from a checkpoint taken at the very last step
+        eval_loss = evaluate(model, val_examples, recipe, pad_id, device)
     artifact = save_artifact(model, tokenizer, recipe, output_dir / ("adapter" if recipe.adapter else "model"))
     result = TrainResult(
         output_dir=output_dir,
         artifact=artifact,
         steps=total_steps,
-        first_loss=records[0]["loss"],
-        last_loss=records[-1]["loss"],
+        first_loss=records[0]["loss"] if records else math.nan,
+        last_loss=records[-1]["loss"] if records else math.nan,
         eval_loss=eval_loss,
-        clipped_steps=totals["clipped_steps"],
-        skipped_steps=totals["skipped_steps"],
+        clipped_steps=counters["clipped_steps"],
+        skipped_steps=counters["skipped_steps"],
         records=records,
+        resumed_from=checkpoint,
     )
-    console.print(summary_table(_summary(result, recipe)))
+    console.print(summary_table(_summary(result, recipe, monitor)))
     return result
 
 
-def _summary(result: TrainResult, recipe: Recipe) -> dict[str, Any]:
+def _summary(result: TrainResult, recipe: Recipe, monitor: ClipMonitor) -> dict[str, Any]:
+    clip = recipe.gradient_clipping
+    threshold = {"norm": f"max_norm {clip.max_norm}", "value": f"max_value {clip.max_value}", "off": "no threshold",
+                 "auto": f"p{clip.percentile:g} of the last {clip.history_size} norms",
+                 "zscore": f"EMA mean + {clip.z_threshold:g} std"}[clip.mode]
     summary = {
         "optimizer steps": result.steps,
         "loss (first → last logged)": f"{result.first_loss:.4f} → {result.last_loss:.4f}",
         "eval loss": f"{result.eval_loss:.4f}" if result.eval_loss is not None else "— (val_set_size: 0)",
         "clipped steps": f"{result.clipped_steps} of {result.steps} ({result.clipped_steps / result.steps:.0%})",
         "skipped (non-finite) steps": result.skipped_steps,
-        "largest pre-clip grad norm": max(r["grad_norm_max"] for r in result.records),
-        "clip": f"{recipe.gradient_clipping.mode}, max_norm {recipe.gradient_clipping.max_norm}",
+        "gradient spikes": len(monitor.spike_log),
+        "largest pre-clip grad norm": max((r["grad_norm_max"] for r in result.records), default=math.nan),
+        "clip": f"{clip.mode}, {threshold}",
         "metrics": str(result.output_dir / METRICS_FILE),
         "saved": str(result.artifact),
     }
+    if result.resumed_from:
+        summary["resumed from"] = str(result.resumed_from)
     return summary

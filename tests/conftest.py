@@ -65,29 +65,34 @@ def alpaca_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "alpaca.jsonl", ALPACA)
 
 
+def write_recipe(folder: Path, model_dir: Path, data_file: Path, name: str = "recipe.yaml", **overrides) -> Path:
+    """A recipe for the tiny model (overrides merged in), written to folder/name."""
+    recipe = {
+        "base_model": str(model_dir),
+        "adapter": "lora",
+        "lora_r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "datasets": [{"path": str(data_file), "type": "alpaca"}],
+        "sequence_len": 128,
+        "micro_batch_size": 4,
+        "max_steps": 6,
+        "learning_rate": 3e-3,
+        "lr_scheduler": "constant",
+        "output_dir": str(folder / "out"),
+        "logging_steps": 1,
+    }
+    recipe.update(overrides)
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
 @pytest.fixture
 def make_recipe(tmp_path, tiny_model_dir, alpaca_file):
     """Write a recipe for the tiny model (overrides merged in) and return its path."""
 
     def make(name: str = "recipe.yaml", **overrides) -> Path:
-        recipe = {
-            "base_model": str(tiny_model_dir),
-            "adapter": "lora",
-            "lora_r": 8,
-            "lora_alpha": 16,
-            "lora_dropout": 0.0,
-            "datasets": [{"path": str(alpaca_file), "type": "alpaca"}],
-            "sequence_len": 128,
-            "micro_batch_size": 4,
-            "max_steps": 6,
-            "learning_rate": 3e-3,
-            "lr_scheduler": "constant",
-            "output_dir": str(tmp_path / "out"),
-            "logging_steps": 1,
-        }
-        recipe.update(overrides)
-        path = tmp_path / name
-        path.write_text(yaml.safe_dump(recipe))
-        return path
+        return write_recipe(tmp_path, tiny_model_dir, alpaca_file, name, **overrides)
 
     return make

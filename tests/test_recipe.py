@@ -75,7 +75,7 @@ BAD = [
     ("micro_batch_size: 0\n", 5, "micro_batch_size", "greater than 0"),
     ("optimizer: adam\n", 5, "optimizer", "'adamw_torch', 'adamw_torch_fused', 'adamw_8bit' or 'sgd'"),
     ("lr_scheduler: step\n", 5, "lr_scheduler", "'constant', 'linear' or 'cosine'"),
-    ("gradient_clipping: {mode: clamp}\n", 5, "gradient_clipping.mode", "'norm', 'value' or 'off'"),
+    ("gradient_clipping: {mode: clamp}\n", 5, "gradient_clipping.mode", "'norm', 'value', 'off', 'auto' or 'zscore'"),
     ("gradient_clipping: {mode: value}\n", 5, "gradient_clipping", "needs max_value"),
     ("gradient_clipping: {norm_type: 3}\n", 5, "gradient_clipping.norm_type", "1, 2 or inf"),
     ("gradient_clipping: {max_norm: -1}\n", 5, "gradient_clipping.max_norm", "greater than 0"),
