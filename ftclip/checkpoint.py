@@ -31,7 +31,8 @@ LATEST = "latest"
 STATE_TENSORS = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
 # Recipe keys that do not change what the run computes; everything else must match to resume.
-RESUME_IGNORES = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "max_skipped_steps", "eval_steps"}
+RESUME_IGNORES = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "max_skipped_steps", "eval_steps",
+                  "dataset_cache_dir"}
 
 RECIPE_FILE = "ftclip_recipe.yaml"
 

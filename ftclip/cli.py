@@ -53,6 +53,19 @@ def _filesystem_problems(recipe: Recipe, path: Path) -> list[Problem]:
     return [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
 
 
+def _notices(recipe: Recipe) -> list[str]:
+    """Valid, but worth a word: settings that run foreign code, or that this machine cannot run."""
+    import torch
+
+    from ftclip.optim import optimizer_device_problem
+
+    notices = ["trust_remote_code: true runs code shipped with the model"] if recipe.trust_remote_code else []
+    problem = optimizer_device_problem(recipe, torch.cuda.is_available())
+    if problem:  # device: cpu is an error already; auto/cuda may be meant for another machine
+        notices.append(f"optimizer: {problem} — `ftclip train` will refuse it here")
+    return notices
+
+
 @app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
@@ -64,7 +77,7 @@ def validate(
         try:
             recipe = load_recipe(path)
             problems = _filesystem_problems(recipe, path)
-            notices = ["trust_remote_code: true runs code shipped with the model"] if recipe.trust_remote_code else []
+            notices = _notices(recipe)
         except RecipeError as error:
             problems, notices = error.problems, []
         results.append({"file": str(path), "valid": not problems, "problems": problems, "warnings": notices})
@@ -168,6 +181,56 @@ def report(
         else:
             console.print("no plot: matplotlib is not installed (pip install 'ftclip[report]'); the sparkline above "
                           "is the terminal version")
+
+
+@app.command()
+def preprocess(recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose data to tokenize.")]) -> None:
+    """Tokenize the recipe's datasets into the on-disk cache (the step `train` then skips), and show the numbers."""
+    try:
+        recipe = load_recipe(recipe_path)
+        problems = _filesystem_problems(recipe, recipe_path)
+        if problems:
+            raise RecipeError(problems)
+        _quiet_libraries()
+        from ftclip.batching import pack_examples
+        from ftclip.data import split_examples
+        from ftclip.data_cache import cached_examples
+        from ftclip.modeling import load_tokenizer
+        from ftclip.progress import tokenizing_progress
+
+        tokenizer = load_tokenizer(recipe, recipe_path)
+        outcome = {}
+        examples = cached_examples(recipe, recipe_path, tokenizer, tokenizing_progress(console),
+                                   report=lambda path, hit: outcome.update(path=path, hit=hit))
+        train_examples, val_examples = split_examples(examples, recipe)
+    except FtclipError as error:
+        _fail(error)
+    tokens = sum(len(e.input_ids) for e in examples)
+    trained = sum(e.trained_tokens for e in examples)
+    console.print(f"{len(examples)} examples ({len(train_examples)} train, {len(val_examples)} held out), "
+                  f"{tokens:,} tokens of which {trained:,} trained on; longest {max(len(e.input_ids) for e in examples)} "
+                  f"of sequence_len {recipe.sequence_len}", highlight=False)
+    if recipe.sample_packing:
+        rows, stats = pack_examples(train_examples, recipe.sequence_len)
+        console.print(f"packing: {stats.examples} examples in {stats.rows} rows, efficiency {stats.efficiency:.0%}")
+    console.print(("cache hit" if outcome["hit"] else "cached") + f": {outcome['path']}", highlight=False)
+
+
+@app.command()
+def merge(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A LoRA run's output_dir (or an adapter folder).")],
+    output: Annotated[Path | None, typer.Option(help="Where to save the merged model (default: RUN_DIR/merged).")] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+) -> None:
+    """Merge the LoRA adapter into its base model and save a model that loads with plain transformers."""
+    _quiet_libraries()
+    from ftclip.merge import merge_adapter
+
+    try:
+        saved = merge_adapter(run_dir, output, base_model)
+    except FtclipError as error:
+        _fail(error)
+    console.print(f"[green]merged[/]: {saved}  (AutoModelForCausalLM.from_pretrained({str(saved)!r}))", highlight=False)
 
 
 @app.command()

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec, Recipe, resolve_input_path
@@ -40,6 +37,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 class Example:
     input_ids: list[int]
     labels: list[int]
+    segments: list[int] | None = None  # lengths of the examples packed into this row (sample_packing)
 
     @property
     def trained_tokens(self) -> int:
@@ -51,9 +49,11 @@ class Example:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Records of a .jsonl or .json file (a list, or an object with a "data" list)."""
+    """Records of a .jsonl, .json (a list, or an object with a "data" list) or .parquet file."""
     if not path.is_file():
         raise DataError(f"{path}: no such dataset file")
+    if path.suffix == ".parquet":
+        return _read_parquet(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -76,7 +76,18 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         if not isinstance(records, list):
             raise DataError(f'{path}: expected a JSON list of records (or {{"data": [...]}})')
         return records
-    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .json")
+    raise DataError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl, .json or .parquet")
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    try:
+        import pyarrow.parquet as parquet
+    except ImportError:
+        raise DataError(f"{path}: reading .parquet needs pyarrow: pip install 'ftclip[parquet]'") from None
+    try:
+        return parquet.read_table(path).to_pylist()
+    except Exception as error:  # pyarrow raises its own ArrowInvalid/OSError family for damaged files
+        raise DataError(f"{path}: not a readable parquet file: {error}") from None
 
 
 def _is_text(value: Any) -> bool:
@@ -222,11 +233,13 @@ def _tokenize_chat(builder: _Builder, messages: list[dict], tokenizer) -> None:
     builder.add_text(_render(tokenizer, messages)[len(rendered):], trained=False)
 
 
-def load_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer) -> tuple[list[Example], list[Example]]:
-    """Tokenize every dataset and split off the validation set, deterministically by seed."""
+def tokenize_datasets(recipe: Recipe, recipe_path: str | Path | None, tokenizer, progress=None) -> list[Example]:
+    """Every record of every dataset, tokenized and masked; `progress(records)` wraps the record iterator
+    (the CLI passes a rich progress bar)."""
     examples = []
     for spec in recipe.datasets:
-        for record in load_dataset_records(spec, recipe_path):
+        records = load_dataset_records(spec, recipe_path)
+        for record in progress(records, spec.path) if progress else records:
             try:
                 example = tokenize_record(record, spec.type, tokenizer, recipe.sequence_len, recipe.train_on_inputs)
             except DataError as error:
@@ -235,6 +248,11 @@ def load_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer) -> 
                 examples.append(example)
     if not examples:
         raise DataError("no example has a trained token left after truncation; raise sequence_len")
+    return examples
+
+
+def split_examples(examples: list[Example], recipe: Recipe) -> tuple[list[Example], list[Example]]:
+    """Hold out val_set_size examples, chosen by seed (the same recipe always holds out the same ones)."""
     order = list(range(len(examples)))
     random.Random(recipe.seed).shuffle(order)
     size = recipe.val_set_size
@@ -246,30 +264,13 @@ def load_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer) -> 
     return train, val
 
 
-# ---------------------------------------------------------------- batching
+def load_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer, progress=None, use_cache: bool = True
+                  ) -> tuple[list[Example], list[Example]]:
+    """Tokenized train and validation examples, from the on-disk cache when the inputs are unchanged."""
+    from ftclip.data_cache import cached_examples
 
-
-def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(count))
-    random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def micro_batches(examples: list[Example], micro_batch_size: int, seed: int, epoch: int) -> Iterator[list[Example]]:
-    order = epoch_order(len(examples), seed, epoch)
-    for start in range(0, len(order), micro_batch_size):
-        yield [examples[i] for i in order[start : start + micro_batch_size]]
-
-
-def collate(batch: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; padding is masked out of attention and loss."""
-    length = max(len(example.input_ids) for example in batch)
-    input_ids = torch.full((len(batch), length), pad_token_id, dtype=torch.long)
-    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, example in enumerate(batch):
-        n = len(example.input_ids)
-        input_ids[row, :n] = torch.tensor(example.input_ids)
-        labels[row, :n] = torch.tensor(example.labels)
-        attention_mask[row, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    if use_cache:
+        examples = cached_examples(recipe, recipe_path, tokenizer, progress)
+    else:
+        examples = tokenize_datasets(recipe, recipe_path, tokenizer, progress)
+    return split_examples(examples, recipe)

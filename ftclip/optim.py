@@ -23,8 +23,28 @@ def build_optimizer(recipe: Recipe, parameters: list[torch.nn.Parameter]) -> tor
     try:
         import bitsandbytes as bnb
     except ImportError as error:
-        raise ModelError(f"optimizer: adamw_8bit needs bitsandbytes ({error})") from None
-    return bnb.optim.AdamW8bit(parameters, lr=lr, weight_decay=decay)
+        raise ModelError(f"optimizer: {recipe.optimizer} needs bitsandbytes ({error})") from None
+    optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+                  "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
+    return optimizers[recipe.optimizer](parameters, lr=lr, weight_decay=decay)
+
+
+PAGED_NEEDS_CUDA = (
+    "{name} pages optimizer state between GPU and CPU memory through CUDA unified memory, so it needs a CUDA "
+    "device ({why}); use adamw_8bit (the same 8-bit AdamW, unpaged) or run on a GPU"
+)
+
+
+def optimizer_device_problem(recipe: Recipe, cuda_available: bool) -> str | None:
+    """Why the recipe's optimizer cannot run on the device it will get, or None. bitsandbytes itself only
+    warns and silently drops the paging on the CPU; a recipe asking for paging should hear that it is moot."""
+    if not recipe.optimizer.startswith("paged_"):
+        return None
+    if recipe.device == "cpu":
+        return PAGED_NEEDS_CUDA.format(name=recipe.optimizer, why="the recipe sets device: cpu")
+    if not cuda_available:
+        return PAGED_NEEDS_CUDA.format(name=recipe.optimizer, why="this machine has none")
+    return None
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):

@@ -31,7 +31,7 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="A local .jsonl or .json file, relative to the recipe's folder.")
+    path: str = Field(description="A local .jsonl, .json or .parquet file, relative to the recipe's folder.")
     type: Literal["alpaca", "completion", "chat"] = Field(
         description="alpaca: {instruction, input?, output}; completion: {text}; "
         "chat: {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}."
@@ -142,6 +142,12 @@ class Recipe(BaseModel):
     )
     sequence_len: int = Field(512, gt=0, description="Longest tokenized example; longer ones are truncated.")
     train_on_inputs: bool = Field(False, description="Also train on prompts / user turns (default: mask them).")
+    sample_packing: bool = Field(
+        False, description="Pack several examples into each sequence_len row (no attention across them)."
+    )
+    dataset_cache_dir: str | None = Field(
+        None, description="Where tokenized data is cached (relative to cwd); default ~/.cache/ftclip/tokenized."
+    )
 
     # Schedule
     micro_batch_size: int = Field(1, gt=0, description="Examples per forward/backward pass.")
@@ -151,9 +157,12 @@ class Recipe(BaseModel):
 
     # Optimizer
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"] = Field(
-        "adamw_torch_fused",
-        description="adamw_torch_fused folds the clip into its own pass; adamw_8bit is bitsandbytes'.",
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = (
+        Field(
+            "adamw_torch_fused",
+            description="adamw_torch_fused folds the clip into its own pass; adamw_8bit and paged_adamw_8bit/32bit "
+            "are bitsandbytes' (paged ones need CUDA).",
+        )
     )
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR decay after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
@@ -249,6 +258,9 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("lora_target_modules", "empty list; name modules (e.g. [q_proj, v_proj]) or use all-linear"))
     if recipe.val_set_size >= 1 and recipe.val_set_size != int(recipe.val_set_size):
         problems.append(("val_set_size", "a count (>= 1) must be a whole number; a share must be below 1"))
+    if recipe.optimizer.startswith("paged_") and recipe.device == "cpu":
+        problems.append(("optimizer", f"{recipe.optimizer} needs CUDA (it pages state through unified memory), "
+                                      "but device is cpu; use adamw_8bit"))
     if recipe.eval_steps and not recipe.val_set_size:
         problems.append(("eval_steps", "needs a held-out set: set val_set_size (e.g. 0.05)"))
     if recipe.warmup_steps and recipe.max_steps and recipe.warmup_steps >= recipe.max_steps:

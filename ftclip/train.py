@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
+from ftclip.batching import collate, micro_batches, pack_examples
 from ftclip.checkpoint import (
     TrainingState,
     latest_checkpoint,
@@ -34,13 +35,13 @@ from ftclip.checkpoint import (
     save_checkpoint,
 )
 from ftclip.clip import ClipOutcome, GradientClipper
-from ftclip.data import Example, collate, load_examples, micro_batches
-from ftclip.errors import DataError, ResumeError, RunStopped
+from ftclip.data import Example, load_examples
+from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device
 from ftclip.monitor import ClipMonitor, StepStats
-from ftclip.optim import build_optimizer, build_scheduler
-from ftclip.progress import MetricsLog, TensorBoardLog, TrainingView, summary_table
+from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
+from ftclip.progress import MetricsLog, TensorBoardLog, TrainingView, summary_table, tokenizing_progress
 from ftclip.recipe import Recipe
 
 METRICS_FILE = "metrics.jsonl"
@@ -107,8 +108,8 @@ def count_steps(recipe: Recipe, train_examples: int) -> int:
     return max(1, math.ceil(recipe.num_epochs * micro_batches_per_epoch / recipe.gradient_accumulation_steps))
 
 
-def _on_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: tensor.to(device) for name, tensor in batch.items()}
+def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
 
 
 def forward_backward(model, group: list[list[Example]], pad_id: int, device: torch.device) -> torch.Tensor:
@@ -230,13 +231,22 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
     checkpoint = _find_resume_point(recipe, output_dir, resume, console)
     seed_everything(recipe.seed)
     device = pick_device(recipe)
+    problem = optimizer_device_problem(recipe, torch.cuda.is_available())
+    if problem:
+        raise ModelError(f"optimizer: {problem}")
 
     tokenizer = load_tokenizer(recipe, recipe_path)
-    train_examples, val_examples = load_examples(recipe, recipe_path, tokenizer)
+    train_examples, val_examples = load_examples(recipe, recipe_path, tokenizer, tokenizing_progress(console))
+    example_count = len(train_examples)
+    if recipe.sample_packing:
+        train_examples, packing = pack_examples(train_examples, recipe.sequence_len)
+        console.print(f"packing: {packing.examples} examples in {packing.rows} rows of {recipe.sequence_len} tokens, "
+                      f"{packing.efficiency:.0%} of the slots hold real tokens")
     total_steps = count_steps(recipe, len(train_examples))
     console.print(
-        f"[bold]ftclip[/] {len(train_examples)} training examples, {len(val_examples)} held out; "
-        f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps} on {device}"
+        f"[bold]ftclip[/] {example_count} training examples, {len(val_examples)} held out; "
+        f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps} "
+        f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
     )
 
     model = load_model(recipe, recipe_path, device)

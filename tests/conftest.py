@@ -81,6 +81,7 @@ def write_recipe(folder: Path, model_dir: Path, data_file: Path, name: str = "re
         "lr_scheduler": "constant",
         "output_dir": str(folder / "out"),
         "logging_steps": 1,
+        "dataset_cache_dir": str(folder / "token-cache"),
     }
     recipe.update(overrides)
     path = folder / name

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
 from ftclip.cli import app
@@ -85,3 +86,27 @@ def test_quickstart_through_a_real_subprocess(tmp_path):
     assert "ftclip run summary" in completed.stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # logging_steps 10: only the last step
+
+
+def test_paged_optimizer_on_cpu_is_refused_at_validate_and_train(make_recipe, tmp_path):
+    cpu = make_recipe("cpu.yaml", optimizer="paged_adamw_8bit", device="cpu")
+    checked = CliRunner().invoke(app, ["validate", str(cpu)])
+    assert checked.exit_code == 2 and "paged_adamw_8bit needs CUDA" in checked.output
+    auto = make_recipe("auto.yaml", optimizer="paged_adamw_32bit")
+    checked = CliRunner().invoke(app, ["validate", str(auto)])
+    if torch.cuda.is_available():
+        assert checked.exit_code == 0 and "warning" not in checked.output
+        return
+    assert checked.exit_code == 0 and "paged_adamw_32bit pages optimizer state" in checked.output
+    trained = CliRunner().invoke(app, ["train", str(auto)])
+    assert trained.exit_code == 2 and "this machine has none" in trained.output
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+def test_preprocess_caches_then_hits(make_recipe):
+    path = make_recipe(sample_packing=True)
+    first = CliRunner().invoke(app, ["preprocess", str(path)])
+    assert first.exit_code == 0, first.output
+    assert "8 examples" in first.output and "packing: 8 examples in" in first.output and "cached:" in first.output
+    second = CliRunner().invoke(app, ["preprocess", str(path)])
+    assert "cache hit:" in second.output

@@ -6,7 +6,8 @@ import pytest
 from conftest import ALPACA, QUICKSTART_MODEL, write_jsonl
 from transformers import AutoTokenizer
 
-from ftclip.data import IGNORE_INDEX, collate, load_dataset_records, load_examples, tokenize_record
+from ftclip.batching import collate
+from ftclip.data import IGNORE_INDEX, load_dataset_records, load_examples, tokenize_record
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec, Recipe
 
@@ -104,7 +105,7 @@ def test_missing_file_and_wrong_suffix(tmp_path):
     with pytest.raises(DataError, match="no such dataset file"):
         load_dataset_records(DatasetSpec(path=str(tmp_path / "nope.jsonl"), type="alpaca"), None)
     (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="use .jsonl or .json"):
+    with pytest.raises(DataError, match="use .jsonl, .json or .parquet"):
         load_dataset_records(DatasetSpec(path=str(tmp_path / "data.csv"), type="alpaca"), None)
 
 
@@ -118,7 +119,8 @@ def test_json_list_file(tmp_path):
 
 def test_validation_split_is_deterministic_by_seed(tmp_path, tokenizer, alpaca_file):
     def split(seed):
-        recipe = Recipe(base_model="x", datasets=[{"path": str(alpaca_file), "type": "alpaca"}], val_set_size=0.25, seed=seed)
+        recipe = Recipe(base_model="x", datasets=[{"path": str(alpaca_file), "type": "alpaca"}], val_set_size=0.25, seed=seed,
+                        dataset_cache_dir=str(tmp_path / "cache"))
         return load_examples(recipe, None, tokenizer)
 
     train, val = split(1)
@@ -137,3 +139,44 @@ def test_collate_pads_right_and_masks_padding(tokenizer):
         assert batch["attention_mask"][row].sum().item() == n
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
         assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
+
+
+# ---------------------------------------------------------------- parquet and the tokenization cache
+
+
+def test_parquet_reads_like_jsonl_and_names_bad_records(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+
+    path = tmp_path / "data.parquet"
+    parquet.write_table(pyarrow.Table.from_pylist([{"input": "", **r} for r in ALPACA]), path)
+    records = load_dataset_records(DatasetSpec(path=str(path), type="alpaca"), None)
+    assert [r["instruction"] for r in records] == [r["instruction"] for r in ALPACA]
+    parquet.write_table(pyarrow.Table.from_pylist([{"text": "fine"}, {"text": None}]), path)
+    with pytest.raises(DataError, match=r"data.parquet: record 2: "):
+        load_dataset_records(DatasetSpec(path=str(path), type="completion"), None)
+
+
+def test_tokenization_is_cached_and_keyed_by_what_decides_it(tmp_path, tokenizer, alpaca_file):
+    from ftclip.data_cache import cache_path, cached_examples
+
+    def recipe(**changes):
+        fields = dict(base_model="x", datasets=[{"path": str(alpaca_file), "type": "alpaca"}],
+                      dataset_cache_dir=str(tmp_path / "cache"))
+        return Recipe(**{**fields, **changes})
+
+    seen = []
+    first = cached_examples(recipe(), None, tokenizer, report=lambda path, hit: seen.append(hit))
+    again = cached_examples(recipe(learning_rate=1e-5, seed=7), None, tokenizer, report=lambda p, hit: seen.append(hit))
+    assert seen == [False, True] and again == first
+    assert cache_path(recipe(sequence_len=64), None, tokenizer) != cache_path(recipe(), None, tokenizer)
+    assert cache_path(recipe(train_on_inputs=True), None, tokenizer) != cache_path(recipe(), None, tokenizer)
+    write_jsonl(alpaca_file, ALPACA[:-1])
+    assert not cache_path(recipe(), None, tokenizer).exists()  # new data bytes, new key
+    # A damaged cache file is a miss, not an error.
+    path = cache_path(recipe(), None, tokenizer)
+    cached_examples(recipe(), None, tokenizer)
+    path.write_bytes(b"not a torch file")
+    seen.clear()
+    assert cached_examples(recipe(), None, tokenizer, report=lambda p, hit: seen.append(hit)) == first[:-1]
+    assert seen == [False]

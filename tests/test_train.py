@@ -114,3 +114,16 @@ def test_rerun_replaces_the_artifact_whole(make_recipe):
     second = run(path).artifact
     assert first == second and (second / "adapter_model.safetensors").is_file()
     assert not list(second.parent.glob(".adapter*"))
+
+
+def test_tensorboard_scalars_use_the_metrics_names(make_recipe):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run(make_recipe(max_steps=4, logging_steps=2))
+    events = EventAccumulator(str(result.output_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "grad_norm", "grad_norm_max", "post_clip_norm", "clip_coef", "clip_rate", "lr", "skipped_steps"} <= tags
+    assert [e.step for e in events.Scalars("grad_norm")] == [2, 4]
+    assert events.Scalars("grad_norm")[-1].value == pytest.approx(result.records[-1]["grad_norm"], rel=1e-6)
