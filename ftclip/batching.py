@@ -61,8 +61,11 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_batches(examples: list[Example], micro_batch_size: int, seed: int, epoch: int) -> Iterator[list[Example]]:
+def micro_batches(examples: list[Example], micro_batch_size: int, seed: int, epoch: int, world_size: int = 1
+                  ) -> Iterator[list[Example]]:
     order = epoch_order(len(examples), seed, epoch)
+    if len(order) % world_size:  # as DistributedSampler: repeat from the start so every rank has a share
+        order += order[: world_size - len(order) % world_size]
     for start in range(0, len(order), micro_batch_size):
         yield [examples[i] for i in order[start : start + micro_batch_size]]
 

@@ -92,11 +92,12 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     _fsync_dir(final.parent)
 
 
-def save_artifact(model, tokenizer, recipe: Recipe, destination: Path) -> Path:
-    """The trained adapter (peft) or full model, its tokenizer and the resolved recipe, as safetensors."""
+def save_artifact(model, tokenizer, recipe: Recipe, destination: Path, state_dict=None) -> Path:
+    """The trained adapter (peft) or full model, its tokenizer and the resolved recipe, as safetensors.
+    `state_dict`: the full weights when the model itself is sharded (FSDP)."""
     try:
         with atomic_directory(destination) as staging:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
             tokenizer.save_pretrained(staging)
             (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
     except OSError as error:
@@ -116,6 +117,7 @@ class TrainingState:
     batch_in_epoch: int  # micro-batches of `epoch` already consumed
     counters: dict[str, int]  # clipped_steps, skipped_steps
     tensors: dict[str, Any]  # optimizer, scheduler, clipper, rng
+    world_size: int = 1  # the data order depends on it, so a resume must use the same
 
 
 def rng_states() -> dict[str, Any]:
@@ -213,7 +215,7 @@ def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Pat
             (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
             torch.save(state.tensors, staging / STATE_TENSORS)
             readable = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                        "sampler_seed": recipe.seed, **state.counters}
+                        "sampler_seed": recipe.seed, "world_size": state.world_size, **state.counters}
             (staging / STATE_JSON).write_text(json.dumps(readable, indent=2))
         _write_atomically(root / LATEST, destination.name)
     except OSError as error:
@@ -253,7 +255,8 @@ def load_checkpoint(checkpoint: Path, model, recipe: Recipe) -> TrainingState:
     readable = json.loads((checkpoint / STATE_JSON).read_text())
     tensors = torch.load(checkpoint / STATE_TENSORS, map_location="cpu", weights_only=True)
     counters = {name: readable[name] for name in ("clipped_steps", "skipped_steps")}
-    return TrainingState(readable["step"], readable["epoch"], readable["batch_in_epoch"], counters, tensors)
+    return TrainingState(readable["step"], readable["epoch"], readable["batch_in_epoch"], counters, tensors,
+                         readable.get("world_size", 1))
 
 
 def recipe_differences(checkpoint: Path, recipe: Recipe) -> list[str]:

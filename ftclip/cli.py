@@ -101,6 +101,22 @@ def validate(
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _exec_torchrun(nproc: int) -> None:
+    """Replace this process with torchrun running the same command in N processes (torch's launcher)."""
+    import sys
+
+    arguments = sys.argv[1:]
+    for index, value in enumerate(arguments):  # drop --nproc N / --nproc=N so the workers don't re-launch
+        if value == "--nproc":
+            del arguments[index:index + 2]
+            break
+        if value.startswith("--nproc="):
+            del arguments[index]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "ftclip", *arguments]
+    os.execv(sys.executable, command)
+
+
 @app.command()
 def train(
     recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe to run.")],
@@ -110,10 +126,16 @@ def train(
         Path | None, typer.Option(help="Resume from this checkpoint folder (default: output_dir's latest).")
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if output_dir has checkpoints.")] = False,
+    nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun.")] = None,
 ) -> None:
     """Load the model, LoRA/QLoRA and data, then train with live progress and save the result.
 
-    Continues automatically from the latest complete checkpoint in output_dir when there is one."""
+    Continues automatically from the latest complete checkpoint in output_dir when there is one.
+    Several processes: torchrun --nproc_per_node N -m ftclip train RECIPE, or --nproc N."""
+    if nproc and nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _exec_torchrun(nproc)
+    if int(os.environ.get("RANK", "0")) != 0:
+        console.quiet = True  # rank 0 speaks for the run; errors still reach stderr from every rank
     try:
         recipe = load_recipe(recipe_path)
         overrides = {k: v for k, v in {"max_steps": max_steps, "output_dir": output_dir}.items() if v is not None}

@@ -106,7 +106,10 @@ def clip_grad_norm_(
 @torch.no_grad()
 def clip_grad_value_(parameters: Tensor | Iterable[Tensor], clip_value: float) -> None:
     """Drop-in for `torch.nn.utils.clip_grad_value_`: clamps every gradient element to ±clip_value."""
-    grads = [p.grad for p in _as_list(parameters) if p.grad is not None]
+    _clamp_([p.grad for p in _as_list(parameters) if p.grad is not None], clip_value)
+
+
+def _clamp_(grads: list[Tensor], clip_value: float) -> None:
     for group in _group_by_device_and_dtype(grads).values():
         torch._foreach_clamp_min_(group, -clip_value)
         torch._foreach_clamp_max_(group, clip_value)
@@ -316,13 +319,37 @@ class GradientClipper:
         parameters: Iterable[Tensor],
         optimizer: torch.optim.Optimizer | None = None,
         flat: bool = True,
+        sharded: bool = False,
     ):
+        """sharded: the gradients are FSDP2 DTensor shards. Each rank then reduces its local shards, and one
+        all-reduce of the p-th powers (max for inf) gives the exact global norm, with no gathering of the
+        gradients themselves (torchtitan's approach). FSDP owns those gradient tensors, so no flat buffer;
+        the scale is a multiply on the local shards."""
         self.config = config
         self.parameters = [p for p in parameters if p.requires_grad]
         self.optimizer = optimizer
-        self.flat_grads = FlatGrads(self.parameters) if flat else None
-        self.folds_into_optimizer = optimizer_applies_grad_scale(optimizer)
+        self.sharded = sharded
+        self.flat_grads = FlatGrads(self.parameters) if flat and not sharded else None
+        self.folds_into_optimizer = optimizer_applies_grad_scale(optimizer) and not sharded
         self.threshold = build_threshold(config)
+
+    def _grads(self) -> list[Tensor]:
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        return [g.to_local() if hasattr(g, "to_local") else g for g in grads] if self.sharded else grads
+
+    def _global_norm(self, grads: list[Tensor]) -> Tensor:
+        norm_type = float(self.config.norm_type)
+        local = total_norm(grads, norm_type)
+        if not self.sharded:
+            return local
+        import torch.distributed as dist
+
+        if math.isinf(norm_type):
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)
+            return local
+        powered = local.to(torch.float64) ** norm_type
+        dist.all_reduce(powered, op=dist.ReduceOp.SUM)
+        return (powered ** (1.0 / norm_type)).to(torch.float32)
 
     def _flat_intact(self) -> bool:
         return self.flat_grads is not None and self.flat_grads.intact()
@@ -334,7 +361,7 @@ class GradientClipper:
         if flat:
             norm = self.flat_grads.norm(config.norm_type)
         else:
-            norm = total_norm([p.grad for p in self.parameters if p.grad is not None], config.norm_type)
+            norm = self._global_norm(self._grads())
         nonfinite = (~torch.isfinite(norm)).to(torch.float32)
         coefficient = torch.ones_like(norm)
         threshold = torch.full_like(norm, math.nan)
@@ -346,12 +373,12 @@ class GradientClipper:
             elif flat:
                 self.flat_grads.scale_(coefficient)
             else:
-                _scale_([p.grad for p in self.parameters if p.grad is not None], coefficient)
+                _scale_(self._grads(), coefficient)
         elif config.mode == "value":
             if flat:
                 self.flat_grads.clamp_(config.max_value)
             else:
-                clip_grad_value_(self.parameters, config.max_value)
+                _clamp_(self._grads(), config.max_value)
         if self.folds_into_optimizer:
             self.optimizer.found_inf = nonfinite if config.skip_nonfinite else None
         return ClipOutcome(norm, coefficient, nonfinite, threshold)

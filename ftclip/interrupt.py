@@ -37,4 +37,5 @@ class StopRequests:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES[self.received]
+        # A rank stopping because another rank got the signal exits as a SIGTERM would.
+        return EXIT_CODES.get(self.received, 143)

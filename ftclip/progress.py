@@ -60,6 +60,16 @@ class MetricsLog:
         self._file.close()
 
 
+class NullLog:
+    """What ranks other than 0 write to: nothing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 class TensorBoardLog:
     """The metrics' scalars under the same names, when the optional `tensorboard` package is installed."""
 

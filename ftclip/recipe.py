@@ -107,6 +107,16 @@ def _clipping_from_shorthand(value: Any) -> Any:
     return value
 
 
+class DistributedSettings(BaseModel):
+    """How several processes (launched by torchrun) share the work; ignored in a single process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="ddp: replicate the model, all-reduce gradients; fsdp: FSDP2 fully_shard per decoder layer."
+    )
+
+
 class Recipe(BaseModel):
     """A fine-tuning run. Key names follow Axolotl's where Axolotl has one."""
 
@@ -196,6 +206,10 @@ class Recipe(BaseModel):
         10, gt=0, description="Abort (with a checkpoint) after this many non-finite steps in a row."
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
+    distributed: DistributedSettings = Field(
+        default_factory=DistributedSettings,
+        description="{strategy: ddp | fsdp} for runs under torchrun (WORLD_SIZE > 1); default ddp.",
+    )
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod

@@ -36,12 +36,13 @@ from ftclip.checkpoint import (
 )
 from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data import Example, load_examples
+from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
-from ftclip.progress import MetricsLog, TensorBoardLog, TrainingView, summary_table, tokenizing_progress
+from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table, tokenizing_progress
 from ftclip.recipe import Recipe
 
 METRICS_FILE = "metrics.jsonl"
@@ -71,9 +72,15 @@ class _Window:
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def read_back(self) -> list[StepStats]:
+    def read_back(self, dist: Distributed | None = None) -> list[StepStats]:
+        """The window's per-step values on the host. Under data parallelism each rank's loss covers its own
+        share of the batch (divided by the global token count over the world size), so the step's loss is
+        the mean over ranks; norms and coefficients are global already."""
+        losses = torch.stack(self.losses).float()
+        if dist is not None and dist.enabled:
+            losses = dist.mean(losses)
         stacked = torch.stack(
-            [torch.stack(self.losses).float()]
+            [losses]
             + [torch.stack([getattr(o, name).float() for o in self.outcomes])
                for name in ("pre_clip_norm", "clip_coef", "threshold", "nonfinite")]
         )
@@ -90,21 +97,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batch_stream(examples: list[Example], recipe: Recipe, epoch: int = 0, skip: int = 0
+def micro_batch_stream(examples: list[Example], recipe: Recipe, world_size: int = 1, epoch: int = 0, skip: int = 0
                        ) -> Iterator[tuple[int, int, list[Example]]]:
-    """(epoch, micro-batches consumed in that epoch, micro-batch) forever, reshuffled each epoch, starting
-    `skip` micro-batches into `epoch` (a resumed run); the loop stops it by counting optimizer steps."""
+    """(epoch, global micro-batches consumed in that epoch, global micro-batch) forever, reshuffled each
+    epoch, starting `skip` micro-batches into `epoch` (a resumed run). A global micro-batch holds
+    micro_batch_size examples per rank; the loop stops the stream by counting optimizer steps."""
     while True:
-        for index, batch in enumerate(micro_batches(examples, recipe.micro_batch_size, recipe.seed, epoch)):
+        batches = micro_batches(examples, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size)
+        for index, batch in enumerate(batches):
             if index >= skip:
                 yield epoch, index + 1, batch
         epoch, skip = epoch + 1, 0
 
 
-def count_steps(recipe: Recipe, train_examples: int) -> int:
+def count_steps(recipe: Recipe, train_examples: int, world_size: int = 1) -> int:
     if recipe.max_steps:
         return recipe.max_steps
-    micro_batches_per_epoch = math.ceil(train_examples / recipe.micro_batch_size)
+    padded = math.ceil(train_examples / world_size) * world_size  # every rank gets a share of the last batch
+    micro_batches_per_epoch = math.ceil(padded / (recipe.micro_batch_size * world_size))
     return max(1, math.ceil(recipe.num_epochs * micro_batches_per_epoch / recipe.gradient_accumulation_steps))
 
 
@@ -112,22 +122,31 @@ def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
 
 
-def forward_backward(model, group: list[list[Example]], pad_id: int, device: torch.device) -> torch.Tensor:
+def forward_backward(model, group: list[list[Example]], pad_id: int, device: torch.device,
+                     dist: Distributed | None = None) -> torch.Tensor:
     """Accumulate gradients over the micro-batches of one optimizer step. Each micro-batch's summed token
-    loss is divided by the token count of the *whole* group, so accumulation gives the same gradient (and
-    grad norm) as one big batch: the loss is a mean over tokens, not a mean of micro-batch means."""
+    loss is divided by the token count of the *whole* step (all micro-batches, all ranks), so accumulation
+    and data parallelism give the gradient of one big batch: a mean over tokens, not a mean of means.
+    (DDP and FSDP average gradients over ranks, hence the count divided by the world size.) Gradients are
+    reduced across ranks once, on the last micro-batch."""
+    dist = dist or Distributed()
     trained_tokens = sum(example.trained_tokens for batch in group for example in batch)
+    items = trained_tokens / dist.world_size if dist.enabled else trained_tokens
     step_loss = torch.zeros((), device=device)
-    for batch in group:
-        inputs = _on_device(collate(batch, pad_id), device)
-        loss = model(**inputs, num_items_in_batch=trained_tokens).loss
-        loss.backward()
+    for index, global_batch in enumerate(group):
+        batch = dist.local_slice(global_batch)
+        with dist.gradient_sync(model, sync=index == len(group) - 1):
+            inputs = _on_device(collate(batch, pad_id), device)
+            loss = model(**inputs, num_items_in_batch=items).loss
+            loss.backward()
         step_loss += loss.detach()
     return step_loss
 
 
 @torch.no_grad()
 def evaluate(model, examples: list[Example], recipe: Recipe, pad_id: int, device: torch.device) -> float:
+    """Token-mean loss over the held-out set. Every rank evaluates all of it: FSDP needs each forward on
+    every rank anyway, and the answer is then the same everywhere with no reduction."""
     model.eval()
     total_loss, total_tokens = torch.zeros((), device=device), 0
     for start in range(0, len(examples), recipe.micro_batch_size):
@@ -196,8 +215,9 @@ def _earlier_records(path: Path, up_to_step: int) -> list[dict[str, Any]]:
     return records
 
 
-def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Path | None, console: Console) -> Path | None:
-    removed = remove_partial_checkpoints(output_dir)
+def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Path | None, console: Console,
+                       clean: bool = True) -> Path | None:
+    removed = remove_partial_checkpoints(output_dir) if clean else []
     if removed:
         console.print(f"removed {len(removed)} partial checkpoint folder(s) left by an interrupted save")
     if resume is False:
@@ -222,18 +242,56 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
     return checkpoint
 
 
+def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dist: Distributed):
+    """The model, wrapped for data parallelism, with its trainable parameters (after wrapping: FSDP2
+    replaces them with DTensor shards)."""
+    model = dist.wrap(load_model(recipe, recipe_path, device))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise DataError("the model has no trainable parameters")
+    return model, trainable
+
+
+def _describe_clip(recipe: Recipe, trainable: list, clipper: GradientClipper) -> str:
+    clip = recipe.gradient_clipping
+    values = sum(p.numel() for p in trainable)
+    if clipper.sharded:
+        layout = f"{values:,} trainable values as FSDP shards (global norm: one all-reduce of local powers)"
+    elif clipper.flat_grads is not None:
+        layout = f"{values:,} trainable values in {len(clipper.flat_grads.buffers)} flat buffer(s)"
+    else:
+        layout = f"{values:,} trainable values"
+    scale = ("folded into the fused optimizer step" if clipper.folds_into_optimizer
+             else "applied by one multiply per buffer")
+    return f"clip: {clip.mode} (max_norm {clip.max_norm}, norm_type {clip.norm_type}); {layout}; scale {scale}"
+
+
 def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | None = None,
           resume: bool | str | Path | None = None) -> TrainResult:
     """Run the recipe. resume: None/True = continue from output_dir's latest checkpoint if any,
-    False = start over, a path = that checkpoint."""
-    console = console or Console()
-    output_dir = prepare_output_dir(recipe.output_dir)
-    checkpoint = _find_resume_point(recipe, output_dir, resume, console)
+    False = start over, a path = that checkpoint. Under torchrun every rank calls this; rank 0 alone
+    prints and writes."""
+    dist = Distributed.from_environment(recipe.distributed.strategy)
+    try:
+        return _train(recipe, recipe_path, console or Console(), resume, dist)
+    finally:
+        dist.close()
+
+
+def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distributed) -> TrainResult:
+    if not dist.is_main:
+        console = Console(quiet=True)
+    output_dir = prepare_output_dir(recipe.output_dir) if dist.is_main else Path(recipe.output_dir)
+    dist.barrier()
+    checkpoint = _find_resume_point(recipe, output_dir, resume, console, clean=dist.is_main)
     seed_everything(recipe.seed)
-    device = pick_device(recipe)
+    device = dist.device(pick_device(recipe))
     problem = optimizer_device_problem(recipe, torch.cuda.is_available())
     if problem:
         raise ModelError(f"optimizer: {problem}")
+    if dist.strategy == "fsdp" and dist.enabled and recipe.save_steps:
+        raise ModelError("save_steps with distributed.strategy fsdp: sharded checkpoints are not implemented yet; "
+                         "use strategy: ddp, or leave save_steps out (the final artifact is still saved)")
 
     tokenizer = load_tokenizer(recipe, recipe_path)
     train_examples, val_examples = load_examples(recipe, recipe_path, tokenizer, tokenizing_progress(console))
@@ -242,54 +300,58 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
         train_examples, packing = pack_examples(train_examples, recipe.sequence_len)
         console.print(f"packing: {packing.examples} examples in {packing.rows} rows of {recipe.sequence_len} tokens, "
                       f"{packing.efficiency:.0%} of the slots hold real tokens")
-    total_steps = count_steps(recipe, len(train_examples))
+    total_steps = count_steps(recipe, len(train_examples), dist.world_size)
+    ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
     console.print(
         f"[bold]ftclip[/] {example_count} training examples, {len(val_examples)} held out; "
-        f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps} "
+        f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps}{ranks} "
         f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
     )
 
-    model = load_model(recipe, recipe_path, device)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable:
-        raise DataError("the model has no trainable parameters")
+    model, trainable = _load_trainable_model(recipe, recipe_path, device, dist)
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
-    clipper = GradientClipper(recipe.gradient_clipping, trainable, optimizer)
-    clip = recipe.gradient_clipping
-    console.print(
-        f"clip: {clip.mode} (max_norm {clip.max_norm}, norm_type {clip.norm_type}); "
-        f"{sum(p.numel() for p in trainable):,} trainable values in {len(clipper.flat_grads.buffers)} flat buffer(s); "
-        + ("scale folded into the fused optimizer step" if clipper.folds_into_optimizer
-           else "scale applied by one multiply per buffer")
-    )
+    clipper = GradientClipper(recipe.gradient_clipping, trainable, optimizer, sharded=dist.strategy == "fsdp" and dist.enabled)
+    console.print(_describe_clip(recipe, trainable, clipper))
 
     state = TrainingState(step=0, epoch=0, batch_in_epoch=0, counters={"clipped_steps": 0, "skipped_steps": 0}, tensors={})
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, recipe)
+        state = load_checkpoint(checkpoint, dist.unwrap(model), recipe)
+        if state.world_size != dist.world_size:
+            raise ResumeError(f"{checkpoint} was written by a run of {state.world_size} process(es), this one has "
+                              f"{dist.world_size}; the data order differs, so resume with the same number of processes "
+                              "or pass --no-resume")
         optimizer.load_state_dict(state.tensors["optimizer"])
         scheduler.load_state_dict(state.tensors["scheduler"])
         clipper.load_state_dict(state.tensors["clipper"])
-        restore_rng_states(state.tensors["rng"])
+        rng = state.tensors["rng"]
+        restore_rng_states(rng[dist.rank] if isinstance(rng, list) else rng)
         console.print(f"[bold]resumed[/] from {checkpoint} (step {state.step} of {total_steps}); "
                       "pass --no-resume to start over")
 
     pad_id = tokenizer.pad_token_id
-    batches = micro_batch_stream(train_examples, recipe, state.epoch, state.batch_in_epoch)
+    batches = micro_batch_stream(train_examples, recipe, dist.world_size, state.epoch, state.batch_in_epoch)
     records = _earlier_records(output_dir / METRICS_FILE, state.step) if checkpoint else []
-    metrics = MetricsLog(output_dir / METRICS_FILE, keep=records)
-    tensorboard = TensorBoardLog(output_dir / "tensorboard")
-    monitor = ClipMonitor(clip.mode)
+    metrics = MetricsLog(output_dir / METRICS_FILE, keep=records) if dist.is_main else NullLog()
+    tensorboard = TensorBoardLog(output_dir / "tensorboard") if dist.is_main else NullLog()
+    monitor = ClipMonitor(recipe.gradient_clipping.mode)
     counters = dict(state.counters)
     eval_loss = None
     epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
     window = _Window(first_step=state.step + 1)
 
     def checkpoint_now(step: int) -> Path:
-        tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "clipper": clipper.state_dict(), "rng": rng_states()}
-        return save_checkpoint(model, recipe, TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors),
-                               output_dir)
+        # Every rank's RNG: their dropout streams diverge once their batches differ in shape.
+        rng = gather_objects(rng_states()) if dist.enabled else rng_states()
+        saved = None
+        if dist.is_main:
+            tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                       "clipper": clipper.state_dict(), "rng": rng}
+            saved = save_checkpoint(dist.unwrap(model), recipe,
+                                    TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors, dist.world_size),
+                                    output_dir)
+        dist.barrier()  # no rank moves on (or exits) before the checkpoint is complete
+        return saved or output_dir / "checkpoints" / f"step-{step}"
 
     model.train()
     try:
@@ -302,7 +364,7 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
                 for _ in range(recipe.gradient_accumulation_steps):
                     epoch, batch_in_epoch, batch = next(batches)
                     group.append(batch)
-                step_loss = forward_backward(model, group, pad_id, device)
+                step_loss = forward_backward(model, group, pad_id, device, dist)
 
                 outcome = clipper.clip()
                 clipper.optimizer_step(outcome)
@@ -313,9 +375,10 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
                 window.outcomes.append(outcome)
                 window.tokens += sum(len(e.input_ids) for batch in group for e in batch)
                 view.advance()
+                stopping = dist.any(stop.received is not None)  # all ranks stop at the same step
                 saving = bool(recipe.save_steps and step % recipe.save_steps == 0)
-                if step % recipe.logging_steps == 0 or step == total_steps or saving or stop.received:
-                    steps = window.read_back()
+                if step % recipe.logging_steps == 0 or step == total_steps or saving or stopping:
+                    steps = window.read_back(dist)
                     counters["clipped_steps"] += sum(s.clipped for s in steps)
                     counters["skipped_steps"] += sum(s.nonfinite for s in steps)
                     record = _log_record(step, total_steps, epoch, window, steps, scheduler.get_last_lr()[0], counters)
@@ -330,6 +393,7 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
                     records.append(record)
                     view.logged(record)
                     window = _Window(first_step=step + 1)
+                    # The norm is global, so every rank counts the same skips and aborts together.
                     if monitor.consecutive_skips >= recipe.max_skipped_steps:
                         saved = checkpoint_now(step)
                         raise RunStopped(
@@ -338,11 +402,12 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
                             f"{saved} holds the last finite weights. Lower learning_rate or max_norm, check the "
                             "data, or use bf16 instead of fp16, then resume.", exit_code=1, checkpoint=saved)
                 if saving:
-                    checkpoint_now(step)
-                if stop.received:
-                    saved = checkpoint_now(step) if not saving else latest_checkpoint(output_dir)
+                    saved = checkpoint_now(step)
+                if stopping:
+                    saved = saved if saving else checkpoint_now(step)
+                    name = stop.received.name if stop.received else "a signal to another rank"
                     raise RunStopped(
-                        f"stopped by {stop.received.name} after step {step}; checkpoint {saved}. "
+                        f"stopped by {name} after step {step}; checkpoint {saved}. "
                         "Run the same `ftclip train` command to resume.", exit_code=stop.exit_code, checkpoint=saved)
     finally:
         metrics.close()
@@ -350,7 +415,8 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
 
     if val_examples and eval_loss is None:  # resumed from a checkpoint taken at the very last step
         eval_loss = evaluate(model, val_examples, recipe, pad_id, device)
-    artifact = save_artifact(model, tokenizer, recipe, output_dir / ("adapter" if recipe.adapter else "model"))
+    destination = output_dir / ("adapter" if recipe.adapter else "model")
+    artifact = save_final(model, tokenizer, recipe, destination, dist)
     result = TrainResult(
         output_dir=output_dir,
         artifact=artifact,
@@ -365,6 +431,20 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
     )
     console.print(summary_table(_summary(result, recipe, monitor)))
     return result
+
+
+def save_final(model, tokenizer, recipe: Recipe, destination: Path, dist: Distributed) -> Path:
+    """The trained adapter or model, written by rank 0. Under FSDP every rank first takes part in gathering
+    the full (unsharded) state dict; rank 0 then writes it."""
+    state_dict = None
+    if dist.enabled and dist.strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_main:
+        save_artifact(dist.unwrap(model), tokenizer, recipe, destination, state_dict=state_dict)
+    dist.barrier()
+    return destination
 
 
 def _summary(result: TrainResult, recipe: Recipe, monitor: ClipMonitor) -> dict[str, Any]:

@@ -1,0 +1,141 @@
+"""Running past one process with torch.distributed, as launched by `torchrun` (never a launcher of our own).
+
+One `Distributed` object answers the questions the loop asks: am I rank 0 (the only one that prints and
+writes), which slice of the global micro-batch is mine, how to skip the gradient reduction on all but the
+last micro-batch of a step, and how to wrap the model (DDP, or FSDP2 `fully_shard` per decoder layer).
+With WORLD_SIZE unset or 1 every answer is the single-process one and nothing is initialized.
+
+Data: every rank computes the same seeded epoch order; global micro-batch i is the next
+micro_batch_size × world_size examples of it, and rank r takes the r-th contiguous slice. So a 2-rank run
+sees exactly the batches a 1-rank run with twice the micro_batch_size sees (DistributedSampler's split,
+without the sampler), and every rank knows the step's global token count without asking the others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ftclip.errors import ModelError
+
+
+@dataclass
+class Distributed:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    strategy: str = "none"  # none | ddp | fsdp
+    control_group: object = None  # gloo group for host-side flags (stop requests), whatever the backend
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, strategy: str) -> Distributed:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        if not dist.is_available():
+            raise ModelError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        control = dist.new_group(backend="gloo") if backend != "gloo" else None
+        return cls(world_size, dist.get_rank(), local_rank, strategy, control)
+
+    def device(self, chosen: torch.device) -> torch.device:
+        return torch.device("cuda", self.local_rank) if chosen.type == "cuda" and self.enabled else chosen
+
+    # ------------------------------------------------------------ data
+
+    def local_slice(self, global_batch: list) -> list:
+        """This rank's contiguous part of a global micro-batch (sizes differ by at most one)."""
+        size, extra = divmod(len(global_batch), self.world_size)
+        start = self.rank * size + min(self.rank, extra)
+        return global_batch[start:start + size + (self.rank < extra)]
+
+    # ------------------------------------------------------------ model
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if not self.enabled:
+            return model
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+            if not layers:
+                raise ModelError("strategy: fsdp shards per decoder layer, and this model has no *DecoderLayer modules")
+            for layer in layers:
+                fully_shard(layer)
+            fully_shard(model)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        # gradient_as_bucket_view stays off: DDP then copies the averaged bucket back into each existing
+        # param.grad, which keeps ftclip's flat gradient buffer (param.grad are views into it) intact.
+        device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=False)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model.module if self.strategy == "ddp" and self.enabled else model
+
+    def gradient_sync(self, model: torch.nn.Module, sync: bool):
+        """Context for one micro-batch's backward: reduce gradients only when `sync` (the step's last)."""
+        if not self.enabled or sync:
+            if self.strategy == "fsdp" and self.enabled:
+                model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.strategy == "fsdp":
+            model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return model.no_sync()
+
+    # ------------------------------------------------------------ collectives
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            tensor /= self.world_size
+        return tensor
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank if it is true on any (a signal may reach the ranks at different steps)."""
+        if not self.enabled:
+            return flag
+        value = torch.tensor([int(flag)])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(value.item())
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier(group=self.control_group)
+
+    def close(self) -> None:
+        if self.enabled and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def gather_objects(value):
+    """Every rank's `value`, in rank order, on every rank (small host objects such as RNG states)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
