@@ -30,6 +30,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_TENSORS = "trainer_state.pt"
 STATE_JSON = "trainer_state.json"
+SHARDED = "sharded"  # torch.distributed.checkpoint folder of an FSDP run
 # Recipe keys that do not change what the run computes; everything else must match to resume.
 RESUME_IGNORES = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "max_skipped_steps", "eval_steps",
                   "dataset_cache_dir"}
@@ -228,6 +229,15 @@ def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Pat
     return destination
 
 
+def read_training_state(checkpoint: Path) -> TrainingState:
+    """Step, data position, counters, and the scheduler/clip/RNG (and, unsharded, optimizer) state."""
+    readable = json.loads((checkpoint / STATE_JSON).read_text())
+    tensors = torch.load(checkpoint / STATE_TENSORS, map_location="cpu", weights_only=True)
+    counters = {name: readable[name] for name in ("clipped_steps", "skipped_steps")}
+    return TrainingState(readable["step"], readable["epoch"], readable["batch_in_epoch"], counters, tensors,
+                         readable.get("world_size", 1))
+
+
 def load_checkpoint(checkpoint: Path, model, recipe: Recipe) -> TrainingState:
     """Load the trainable weights into `model` (built exactly as for a fresh run) and return the state."""
     from safetensors.torch import load_file
@@ -252,11 +262,66 @@ def load_checkpoint(checkpoint: Path, model, recipe: Recipe) -> TrainingState:
         model.load_state_dict(loaded, strict=False)
         if missing - tied:
             raise OutputError(f"checkpoint {checkpoint} lacks weights: {sorted(missing - tied)[:3]}")
-    readable = json.loads((checkpoint / STATE_JSON).read_text())
-    tensors = torch.load(checkpoint / STATE_TENSORS, map_location="cpu", weights_only=True)
-    counters = {name: readable[name] for name in ("clipped_steps", "skipped_steps")}
-    return TrainingState(readable["step"], readable["epoch"], readable["batch_in_epoch"], counters, tensors,
-                         readable.get("world_size", 1))
+    return read_training_state(checkpoint)
+
+
+# ---------------------------------------------------------------- sharded (FSDP2) checkpoints
+
+
+def save_sharded_checkpoint(model, optimizer, unwrapped, recipe: Recipe, state: TrainingState, output_dir: Path,
+                            dist) -> Path:
+    """FSDP: every rank writes its own shards of the weights and optimizer state with
+    torch.distributed.checkpoint (nothing is gathered for them); rank 0 adds the rest, and a gathered copy
+    of the trainable weights in the usual adapter/model format so any checkpoint can be used on its own.
+    The staging folder has a fixed name, shared by all ranks, and is renamed by rank 0 when complete."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict
+
+    root = Path(output_dir) / CHECKPOINTS
+    destination = root / f"step-{state.step}"
+    staging = root / f".{destination.name}.tmp-sharded"
+    try:
+        if dist.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        dist.barrier()
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=staging / SHARDED)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.is_main:
+            unwrapped.save_pretrained(staging / ("adapter" if recipe.adapter else "model"), state_dict=full)
+            (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
+            torch.save(state.tensors, staging / STATE_TENSORS)
+            readable = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                        "sampler_seed": recipe.seed, "world_size": state.world_size, "sharded": True, **state.counters}
+            (staging / STATE_JSON).write_text(json.dumps(readable, indent=2))
+            _fsync_tree(staging)
+            if destination.exists():
+                shutil.rmtree(destination)
+            os.rename(staging, destination)
+            _fsync_dir(root)
+            _write_atomically(root / LATEST, destination.name)
+            if recipe.save_total_limit:
+                for old in complete_checkpoints(output_dir)[: -recipe.save_total_limit]:
+                    shutil.rmtree(old, ignore_errors=True)
+    except OSError as error:
+        raise OutputError(f"cannot write checkpoint {destination}: {error.strerror or error}") from None
+    finally:
+        dist.barrier()
+    return destination
+
+
+def load_sharded_checkpoint(checkpoint: Path, model, optimizer) -> TrainingState:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if not (checkpoint / SHARDED).is_dir():
+        raise OutputError(f"{checkpoint} was not written by an FSDP run (no {SHARDED}/); resume it with strategy: ddp")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    wanted = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(wanted, checkpoint_id=checkpoint / SHARDED)
+    set_state_dict(model, optimizer, model_state_dict=wanted["model"], optim_state_dict=wanted["optimizer"])
+    return read_training_state(checkpoint)
 
 
 def recipe_differences(checkpoint: Path, recipe: Recipe) -> list[str]:

@@ -26,13 +26,16 @@ from ftclip.checkpoint import (
     TrainingState,
     latest_checkpoint,
     load_checkpoint,
+    load_sharded_checkpoint,
     prepare_output_dir,
+    read_training_state,
     recipe_differences,
     remove_partial_checkpoints,
     restore_rng_states,
     rng_states,
     save_artifact,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data import Example, load_examples
@@ -289,9 +292,6 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     problem = optimizer_device_problem(recipe, torch.cuda.is_available())
     if problem:
         raise ModelError(f"optimizer: {problem}")
-    if dist.strategy == "fsdp" and dist.enabled and recipe.save_steps:
-        raise ModelError("save_steps with distributed.strategy fsdp: sharded checkpoints are not implemented yet; "
-                         "use strategy: ddp, or leave save_steps out (the final artifact is still saved)")
 
     tokenizer = load_tokenizer(recipe, recipe_path)
     train_examples, val_examples = load_examples(recipe, recipe_path, tokenizer, tokenizing_progress(console))
@@ -311,17 +311,22 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     model, trainable = _load_trainable_model(recipe, recipe_path, device, dist)
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
-    clipper = GradientClipper(recipe.gradient_clipping, trainable, optimizer, sharded=dist.strategy == "fsdp" and dist.enabled)
+    sharded = dist.strategy == "fsdp" and dist.enabled
+    clipper = GradientClipper(recipe.gradient_clipping, trainable, optimizer, sharded=sharded)
     console.print(_describe_clip(recipe, trainable, clipper))
 
     state = TrainingState(step=0, epoch=0, batch_in_epoch=0, counters={"clipped_steps": 0, "skipped_steps": 0}, tensors={})
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, dist.unwrap(model), recipe)
-        if state.world_size != dist.world_size:
-            raise ResumeError(f"{checkpoint} was written by a run of {state.world_size} process(es), this one has "
+        written_by = read_training_state(checkpoint).world_size
+        if written_by != dist.world_size:
+            raise ResumeError(f"{checkpoint} was written by a run of {written_by} process(es), this one has "
                               f"{dist.world_size}; the data order differs, so resume with the same number of processes "
                               "or pass --no-resume")
-        optimizer.load_state_dict(state.tensors["optimizer"])
+        if sharded:
+            state = load_sharded_checkpoint(checkpoint, model, optimizer)
+        else:
+            state = load_checkpoint(checkpoint, dist.unwrap(model), recipe)
+            optimizer.load_state_dict(state.tensors["optimizer"])
         scheduler.load_state_dict(state.tensors["scheduler"])
         clipper.load_state_dict(state.tensors["clipper"])
         rng = state.tensors["rng"]
@@ -343,6 +348,10 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     def checkpoint_now(step: int) -> Path:
         # Every rank's RNG: their dropout streams diverge once their batches differ in shape.
         rng = gather_objects(rng_states()) if dist.enabled else rng_states()
+        if sharded:  # every rank writes its shards
+            tensors = {"scheduler": scheduler.state_dict(), "clipper": clipper.state_dict(), "rng": rng}
+            state = TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors, dist.world_size)
+            return save_sharded_checkpoint(model, optimizer, dist.unwrap(model), recipe, state, output_dir, dist)
         saved = None
         if dist.is_main:
             tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -120,28 +121,32 @@ def test_quickstart_finishes_on_two_ranks_via_nproc(tmp_path):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_ddp_checkpoint_resumes_on_the_same_world_size(single_process, tiny_model_dir):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_checkpoint_resumes_on_the_same_world_size(single_process, tiny_model_dir, strategy):
     from conftest import write_recipe
 
     _, folder, data = single_process
-    common = dict(micro_batch_size=2, distributed={"strategy": "ddp"}, save_steps=1, save_total_limit=None,
+    common = dict(micro_batch_size=2, distributed={"strategy": strategy}, save_steps=1, save_total_limit=None,
                   **{**STEPS, "max_steps": 3, "lora_dropout": 0.1})
-    full = write_recipe(folder, tiny_model_dir, data, name="ddp-full.yaml", output_dir=str(folder / "ddp-full"), **common)
-    assert torchrun("-m", "ftclip", "train", str(full)).returncode == 0
-    cut = write_recipe(folder, tiny_model_dir, data, name="ddp-cut.yaml", output_dir=str(folder / "ddp-cut"), **common)
-    assert torchrun("-m", "ftclip", "train", str(cut)).returncode == 0
-    checkpoints = folder / "ddp-cut" / "checkpoints"
+    full_dir, cut_dir = folder / f"{strategy}-full", folder / f"{strategy}-cut"
+    full = write_recipe(folder, tiny_model_dir, data, name=f"{strategy}-full.yaml", output_dir=str(full_dir), **common)
+    done = torchrun("-m", "ftclip", "train", str(full))
+    assert done.returncode == 0, done.stderr[-3000:]
+    cut = write_recipe(folder, tiny_model_dir, data, name=f"{strategy}-cut.yaml", output_dir=str(cut_dir), **common)
+    shutil.copytree(full_dir, cut_dir)  # the same run, to be cut back and resumed
+    (cut_dir / "adapter" / "adapter_model.safetensors").unlink()
+    checkpoints = cut_dir / "checkpoints"
+    if strategy == "fsdp":  # sharded weights and optimizer state, one file per rank
+        assert len(list((checkpoints / "step-1" / "sharded").glob("*.distcp"))) == 2
     for step in (2, 3):  # roll back to step 1, as if killed there
-        import shutil
-
         shutil.rmtree(checkpoints / f"step-{step}")
     (checkpoints / "latest").write_text("step-1")
     resumed = torchrun("-m", "ftclip", "train", str(cut))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stdout
-    assert per_step(folder / "ddp-cut", "loss") == per_step(folder / "ddp-full", "loss")
-    ours = load_file(folder / "ddp-cut" / "adapter" / "adapter_model.safetensors")
-    theirs = load_file(folder / "ddp-full" / "adapter" / "adapter_model.safetensors")
+    assert per_step(cut_dir, "loss") == per_step(full_dir, "loss")
+    ours = load_file(cut_dir / "adapter" / "adapter_model.safetensors")
+    theirs = load_file(full_dir / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
     one_rank = subprocess.run([sys.executable, "-m", "ftclip", "train", str(cut)], capture_output=True, text=True,
                               timeout=300)
