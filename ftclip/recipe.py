@@ -208,7 +208,7 @@ class Recipe(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available.")
     distributed: DistributedSettings = Field(
         default_factory=DistributedSettings,
-        description="{strategy: ddp | fsdp} for runs under torchrun (WORLD_SIZE > 1); default ddp.",
+        description="{strategy: ddp or fsdp} for runs under torchrun (WORLD_SIZE > 1); default ddp.",
     )
 
     @field_validator("lora_target_modules", mode="before")
@@ -461,4 +461,5 @@ def keys_markdown() -> str:
     add(Recipe, "")
     add(DatasetSpec, "datasets[].")
     add(GradientClipping, "gradient_clipping.")
+    add(DistributedSettings, "distributed.")
     return "\n".join(rows)

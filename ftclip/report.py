@@ -112,14 +112,21 @@ def analyze(history: RunHistory) -> Report:
         low, high = min(thresholds), max(thresholds)
         used = f"{low:.4g}" if math.isclose(low, high) else f"{low:.4g}–{high:.4g}"
         rate = clipped / len(finite)
+        clipped_steps = [s.step for s in finite if s.clipped]
+        settled_rate = sum(s.clipped for s in settled) / len(settled)
         if rate > 0.5:
             verdict = (f"The run's threshold ({used}) clipped {rate:.0%} of steps: too low, it rescales ordinary "
                        "steps rather than outliers.")
-        elif clipped == 0 and percentiles["max"] < 0.5 * low:
-            verdict = (f"The run's threshold ({used}) never clipped; the largest norm was {percentiles['max']:.4g}, so "
-                       "it gave no protection. Lower it if loss spikes appear.")
+        elif clipped == 0:
+            verdict = (f"The run's threshold ({used}) never clipped; the largest norm was {percentiles['max']:.4g}. "
+                       "It cost nothing and guarded against nothing that happened; keep it as a safety net or lower "
+                       "it toward the suggestion if loss spikes appear.")
+        elif rate > 0.2:
+            verdict = (f"The run's threshold ({used}) clipped {rate:.0%} of steps, between steps {clipped_steps[0]} "
+                       f"and {clipped_steps[-1]} ({settled_rate:.0%} after the first tenth of the run): below the "
+                       "typical norm for that stretch, so there it acted on ordinary steps, not just outliers.")
         else:
-            verdict = f"The run's threshold ({used}) clipped {rate:.0%} of steps, a sensible range."
+            verdict = f"The run's threshold ({used}) clipped {rate:.0%} of steps: the outliers, as intended."
         reasoning.append(verdict)
     if spikes:
         jumps = [s for s in spikes if s.loss_jump]

@@ -45,7 +45,7 @@ def test_report_percentiles_spikes_and_suggestion(tmp_path):
     rank = (len(settled) - 1) * 0.9
     expected = settled[int(rank)] + (rank - int(rank)) * (settled[int(rank) + 1] - settled[int(rank)])
     assert report.suggested == float(f"{expected:.2g}")
-    assert any("clipped 50% of steps, a sensible range" in line for line in report.reasoning)
+    assert any("clipped 50% of steps, between steps 21 and 40" in line for line in report.reasoning)
 
 
 def test_report_command_writes_png(tmp_path):
