@@ -194,9 +194,12 @@ class FixedThreshold:
 
     def __init__(self, max_norm: float):
         self.max_norm = max_norm
+        self._value: Tensor | None = None  # made once: per step it would be an allocation and, on CUDA, a fill
 
     def __call__(self, norm: Tensor) -> Tensor:
-        return torch.full((), self.max_norm, dtype=torch.float32, device=norm.device)
+        if self._value is None or self._value.device != norm.device:
+            self._value = torch.full((), self.max_norm, dtype=torch.float32, device=norm.device)
+        return self._value
 
     def state_dict(self) -> dict:
         return {}
