@@ -110,3 +110,11 @@ def test_preprocess_caches_then_hits(make_recipe):
     assert "8 examples" in first.output and "packing: 8 examples in" in first.output and "cached:" in first.output
     second = CliRunner().invoke(app, ["preprocess", str(path)])
     assert "cache hit:" in second.output
+
+
+def test_resume_flags_are_checked(make_recipe, tmp_path):
+    path = make_recipe()
+    bad = runner.invoke(app, ["train", str(path), "--resume", str(tmp_path / "nowhere")])
+    assert bad.exit_code == 2 and "not a complete ftclip checkpoint" in bad.output
+    both = runner.invoke(app, ["train", str(path), "--resume", str(tmp_path), "--no-resume"])
+    assert both.exit_code == 2 and "contradict" in both.output
