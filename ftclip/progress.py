@@ -138,11 +138,13 @@ class TrainingView:
             lr=f"{record['lr']:.2e}",
             tokens_per_s=f"{record['tokens_per_s']:.0f}",
         )
+        clip_state = f"clipped, coef {record['clip_coef']:.3g}" if record["clipped"] else "not clipped"
         self.progress.console.print(
             f"step {record['step']:>5}/{record['total_steps']}  loss {_number(record['loss'])}  "
             f"grad-norm pre-clip {_number(record['grad_norm'])} "
-            f"(min {_number(record['grad_norm_min'])} max {_number(record['grad_norm_max'])})  "
-            f"post-clip {_number(record['post_clip_norm'])}  "
+            f"(window min {_number(record['grad_norm_min'])} mean {_number(record['grad_norm_mean'])} "
+            f"max {_number(record['grad_norm_max'])})  "
+            f"post-clip {_number(record['post_clip_norm'])} ({clip_state})  "
             + (f"threshold {_number(record['clip_threshold'])}  " if record.get("clip_threshold") is not None else "")
             + f"clip-rate {record['clip_rate']:.0%}  "
             + (f"skipped {record['skipped_steps']}  " if record["skipped_steps"] else "")

@@ -127,3 +127,10 @@ def test_tensorboard_scalars_use_the_metrics_names(make_recipe):
     assert {"loss", "grad_norm", "grad_norm_max", "post_clip_norm", "clip_coef", "clip_rate", "lr", "skipped_steps"} <= tags
     assert [e.step for e in events.Scalars("grad_norm")] == [2, 4]
     assert events.Scalars("grad_norm")[-1].value == pytest.approx(result.records[-1]["grad_norm"], rel=1e-6)
+
+
+def test_eval_loss_every_eval_steps(make_recipe):
+    result = run(make_recipe(max_steps=5, eval_steps=2, val_set_size=2))
+    evaluated = {r["step"]: r["eval_loss"] for r in result.records if "eval_loss" in r}
+    assert sorted(evaluated) == [2, 4, 5]  # every 2 steps, and at the end
+    assert result.eval_loss == evaluated[5] and all(0 < loss < 20 for loss in evaluated.values())
