@@ -153,7 +153,8 @@ def train(
     except FtclipError as error:
         _fail(error)
     except RunStopped as stopped:
-        error_console.print(f"[yellow]stopped[/]: {stopped}", highlight=False)
+        if int(os.environ.get("RANK", "0")) == 0:  # the other ranks stopped at the same step; one message
+            error_console.print(f"[yellow]stopped[/]: {stopped}", highlight=False)
         raise typer.Exit(stopped.exit_code)
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/]: stopped without saving; the last checkpoint and earlier "

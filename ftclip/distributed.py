@@ -117,13 +117,14 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def any(self, flag: bool) -> bool:
-        """True on every rank if it is true on any (a signal may reach the ranks at different steps)."""
+    def agree_max(self, value: int) -> int:
+        """The largest of the ranks' values, on every rank: a signal may reach one rank and not the others,
+        and all must stop at the same step (a host-side gloo all-reduce of one integer)."""
         if not self.enabled:
-            return flag
-        value = torch.tensor([int(flag)])
-        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(value.item())
+            return value
+        tensor = torch.tensor([value])
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control_group)
+        return int(tensor.item())
 
     def barrier(self) -> None:
         if self.enabled:

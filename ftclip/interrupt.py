@@ -37,5 +37,4 @@ class StopRequests:
 
     @property
     def exit_code(self) -> int:
-        # A rank stopping because another rank got the signal exits as a SIGTERM would.
-        return EXIT_CODES.get(self.received, 143)
+        return EXIT_CODES[self.received]

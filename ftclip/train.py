@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data import Example, load_examples
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
-from ftclip.interrupt import StopRequests
+from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
@@ -384,7 +385,9 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                 window.outcomes.append(outcome)
                 window.tokens += sum(len(e.input_ids) for batch in group for e in batch)
                 view.advance()
-                stopping = dist.any(stop.received is not None)  # all ranks stop at the same step
+                # All ranks stop at the same step, whichever of them got the signal.
+                stop_signal = dist.agree_max(int(stop.received or 0))
+                stopping = stop_signal > 0
                 saving = bool(recipe.save_steps and step % recipe.save_steps == 0)
                 if step % recipe.logging_steps == 0 or step == total_steps or saving or stopping:
                     steps = window.read_back(dist)
@@ -414,10 +417,11 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                     saved = checkpoint_now(step)
                 if stopping:
                     saved = saved if saving else checkpoint_now(step)
-                    name = stop.received.name if stop.received else "a signal to another rank"
+                    received = signal.Signals(stop_signal)
                     raise RunStopped(
-                        f"stopped by {name} after step {step}; checkpoint {saved}. "
-                        "Run the same `ftclip train` command to resume.", exit_code=stop.exit_code, checkpoint=saved)
+                        f"stopped by {received.name} after step {step}; checkpoint {saved}. "
+                        "Run the same `ftclip train` command to resume.", exit_code=EXIT_CODES[received],
+                        checkpoint=saved)
     finally:
         metrics.close()
         tensorboard.close()

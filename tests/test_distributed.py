@@ -151,3 +151,36 @@ def test_checkpoint_resumes_on_the_same_world_size(single_process, tiny_model_di
     one_rank = subprocess.run([sys.executable, "-m", "ftclip", "train", str(cut)], capture_output=True, text=True,
                               timeout=300)
     assert one_rank.returncode == 2 and "written by a run of 2 process(es)" in one_rank.stderr
+
+
+SIGNAL_ONE_RANK = textwrap.dedent("""
+    import os, signal, sys
+    import ftclip.clip as clip
+    from ftclip.cli import app
+    count = {"n": 0}
+    real = clip.GradientClipper.optimizer_step
+    def hooked(self, outcome):
+        real(self, outcome)
+        count["n"] += 1
+        if count["n"] == 2 and os.environ["RANK"] == "1":  # only rank 1 hears it, as with a stray kill
+            os.kill(os.getpid(), signal.SIGINT)
+    clip.GradientClipper.optimizer_step = hooked
+    app(["train", sys.argv[1]], prog_name="ftclip")
+""")
+
+
+def test_a_signal_to_one_rank_stops_all_ranks_at_the_same_step(single_process, tiny_model_dir, tmp_path):
+    from conftest import write_recipe
+
+    _, folder, data = single_process
+    path = write_recipe(folder, tiny_model_dir, data, name="signal.yaml", micro_batch_size=2,
+                        output_dir=str(folder / "signal"), **{**STEPS, "max_steps": 5})
+    script = tmp_path / "signal_one_rank.py"
+    script.write_text(SIGNAL_ONE_RANK)
+    done = torchrun(str(script), str(path))
+    assert done.returncode != 0  # torchrun reports the workers' exit 130 as a failure of its own
+    assert "exitcode: 130" in done.stderr or "exitcode  : 130" in done.stderr
+    assert done.stderr.count("stopped by SIGINT after step 2") == 1  # rank 0 speaks, naming rank 1's signal
+    checkpoints = folder / "signal" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step-2"
+    assert json.loads((checkpoints / "step-2" / "trainer_state.json").read_text())["world_size"] == 2
