@@ -256,6 +256,26 @@ def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dis
     return model, trainable
 
 
+def _restore(checkpoint: Path, model, optimizer, scheduler, clipper: GradientClipper, recipe: Recipe,
+             dist: Distributed) -> TrainingState:
+    """Put a fresh run's components back where the checkpoint left them; the world size must match."""
+    written_by = read_training_state(checkpoint).world_size
+    if written_by != dist.world_size:
+        raise ResumeError(f"{checkpoint} was written by a run of {written_by} process(es), this one has "
+                          f"{dist.world_size}; the data order differs, so resume with the same number of processes "
+                          "or pass --no-resume")
+    if clipper.sharded:
+        state = load_sharded_checkpoint(checkpoint, model, optimizer)
+    else:
+        state = load_checkpoint(checkpoint, dist.unwrap(model), recipe)
+        optimizer.load_state_dict(state.tensors["optimizer"])
+    scheduler.load_state_dict(state.tensors["scheduler"])
+    clipper.load_state_dict(state.tensors["clipper"])
+    rng = state.tensors["rng"]
+    restore_rng_states(rng[dist.rank] if isinstance(rng, list) else rng)
+    return state
+
+
 def _describe_clip(recipe: Recipe, trainable: list, clipper: GradientClipper) -> str:
     clip = recipe.gradient_clipping
     values = sum(p.numel() for p in trainable)
@@ -318,20 +338,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
 
     state = TrainingState(step=0, epoch=0, batch_in_epoch=0, counters={"clipped_steps": 0, "skipped_steps": 0}, tensors={})
     if checkpoint is not None:
-        written_by = read_training_state(checkpoint).world_size
-        if written_by != dist.world_size:
-            raise ResumeError(f"{checkpoint} was written by a run of {written_by} process(es), this one has "
-                              f"{dist.world_size}; the data order differs, so resume with the same number of processes "
-                              "or pass --no-resume")
-        if sharded:
-            state = load_sharded_checkpoint(checkpoint, model, optimizer)
-        else:
-            state = load_checkpoint(checkpoint, dist.unwrap(model), recipe)
-            optimizer.load_state_dict(state.tensors["optimizer"])
-        scheduler.load_state_dict(state.tensors["scheduler"])
-        clipper.load_state_dict(state.tensors["clipper"])
-        rng = state.tensors["rng"]
-        restore_rng_states(rng[dist.rank] if isinstance(rng, list) else rng)
+        state = _restore(checkpoint, model, optimizer, scheduler, clipper, recipe, dist)
         console.print(f"[bold]resumed[/] from {checkpoint} (step {state.step} of {total_steps}); "
                       "pass --no-resume to start over")
 
@@ -363,6 +370,24 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         dist.barrier()  # no rank moves on (or exits) before the checkpoint is complete
         return saved or output_dir / "checkpoints" / f"step-{step}"
 
+    def log_window(step: int, view: TrainingView) -> dict[str, Any]:
+        """Read the window back (the one host sync), warn, evaluate if due, write one metrics line."""
+        steps = window.read_back(dist)
+        counters["clipped_steps"] += sum(s.clipped for s in steps)
+        counters["skipped_steps"] += sum(s.nonfinite for s in steps)
+        record = _log_record(step, total_steps, epoch, window, steps, scheduler.get_last_lr()[0], counters)
+        spikes_before = len(monitor.spike_log)
+        for notice in monitor.observe(steps) + (monitor.finish(step) if step == total_steps else []):
+            view.warn(notice.message, loud=notice.loud)
+        record["spike_steps"] = [spike.step for spike in monitor.spike_log[spikes_before:]]
+        if val_examples and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
+            record["eval_loss"] = evaluate(model, val_examples, recipe, pad_id, device)
+        metrics.write(record)
+        tensorboard.write(record)
+        records.append(record)
+        view.logged(record)
+        return record
+
     model.train()
     try:
         with TrainingView(console, total_steps, completed=state.step) as view, StopRequests(
@@ -390,20 +415,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                 stopping = stop_signal > 0
                 saving = bool(recipe.save_steps and step % recipe.save_steps == 0)
                 if step % recipe.logging_steps == 0 or step == total_steps or saving or stopping:
-                    steps = window.read_back(dist)
-                    counters["clipped_steps"] += sum(s.clipped for s in steps)
-                    counters["skipped_steps"] += sum(s.nonfinite for s in steps)
-                    record = _log_record(step, total_steps, epoch, window, steps, scheduler.get_last_lr()[0], counters)
-                    spikes_before = len(monitor.spike_log)
-                    for notice in monitor.observe(steps) + (monitor.finish(step) if step == total_steps else []):
-                        view.warn(notice.message, loud=notice.loud)
-                    record["spike_steps"] = [spike.step for spike in monitor.spike_log[spikes_before:]]
-                    if val_examples and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
-                        record["eval_loss"] = eval_loss = evaluate(model, val_examples, recipe, pad_id, device)
-                    metrics.write(record)
-                    tensorboard.write(record)
-                    records.append(record)
-                    view.logged(record)
+                    eval_loss = log_window(step, view).get("eval_loss", eval_loss)
                     window = _Window(first_step=step + 1)
                     # The norm is global, so every rank counts the same skips and aborts together.
                     if monitor.consecutive_skips >= recipe.max_skipped_steps:
