@@ -204,6 +204,21 @@ def trainable_state_dict(model) -> dict[str, torch.Tensor]:
     return {name: param.detach() for name, param in model.named_parameters() if param.requires_grad}
 
 
+def _write_state(folder: Path, recipe: Recipe, state: TrainingState, **readable_extra) -> None:
+    """The recipe and the training state; written last into a checkpoint, so their presence marks it complete."""
+    (folder / RECIPE_FILE).write_text(dump_recipe(recipe))
+    torch.save(state.tensors, folder / STATE_TENSORS)
+    readable = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
+                "sampler_seed": recipe.seed, "world_size": state.world_size, **readable_extra, **state.counters}
+    (folder / STATE_JSON).write_text(json.dumps(readable, indent=2))
+
+
+def _prune(output_dir: Path, recipe: Recipe) -> None:
+    if recipe.save_total_limit:
+        for old in complete_checkpoints(output_dir)[: -recipe.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Path) -> Path:
     """Write checkpoints/step-N atomically, point `latest` at it, then prune beyond save_total_limit.
     A failure (a full disk) removes the partial folder and leaves every earlier checkpoint as it was."""
@@ -213,19 +228,13 @@ def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Pat
         root.mkdir(parents=True, exist_ok=True)
         with atomic_directory(destination) as staging:
             model.save_pretrained(staging / ("adapter" if recipe.adapter else "model"))
-            (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
-            torch.save(state.tensors, staging / STATE_TENSORS)
-            readable = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                        "sampler_seed": recipe.seed, "world_size": state.world_size, **state.counters}
-            (staging / STATE_JSON).write_text(json.dumps(readable, indent=2))
+            _write_state(staging, recipe, state)
         _write_atomically(root / LATEST, destination.name)
     except OSError as error:
         previous = latest_checkpoint(output_dir)
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
         raise OutputError(f"cannot write checkpoint {destination}: {error.strerror or error}{kept}") from None
-    if recipe.save_total_limit:
-        for old in complete_checkpoints(output_dir)[: -recipe.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    _prune(output_dir, recipe)
     return destination
 
 
@@ -290,20 +299,14 @@ def save_sharded_checkpoint(model, optimizer, unwrapped, recipe: Recipe, state: 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if dist.is_main:
             unwrapped.save_pretrained(staging / ("adapter" if recipe.adapter else "model"), state_dict=full)
-            (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
-            torch.save(state.tensors, staging / STATE_TENSORS)
-            readable = {"step": state.step, "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch,
-                        "sampler_seed": recipe.seed, "world_size": state.world_size, "sharded": True, **state.counters}
-            (staging / STATE_JSON).write_text(json.dumps(readable, indent=2))
+            _write_state(staging, recipe, state, sharded=True)
             _fsync_tree(staging)
             if destination.exists():
                 shutil.rmtree(destination)
             os.rename(staging, destination)
             _fsync_dir(root)
             _write_atomically(root / LATEST, destination.name)
-            if recipe.save_total_limit:
-                for old in complete_checkpoints(output_dir)[: -recipe.save_total_limit]:
-                    shutil.rmtree(old, ignore_errors=True)
+            _prune(output_dir, recipe)
     except OSError as error:
         raise OutputError(f"cannot write checkpoint {destination}: {error.strerror or error}") from None
     finally:

@@ -216,10 +216,11 @@ class PercentileThreshold:
     During `warmup_steps` the history fills but the fixed max_norm clips."""
 
     def __init__(self, max_norm: float, percentile: float, history_size: int, warmup_steps: int):
-        self.max_norm, self.quantile = max_norm, percentile / 100.0
+        self.quantile = percentile / 100.0
         self.history_size, self.warmup_steps = history_size, warmup_steps
         self.history: Tensor | None = None  # nan = empty slot or a non-finite step; nanquantile skips both
         self.steps = 0
+        self.fixed = FixedThreshold(max_norm)
 
     def __call__(self, norm: Tensor) -> Tensor:
         if self.history is None:
@@ -227,7 +228,7 @@ class PercentileThreshold:
         norm = norm.to(torch.float32)
         self.history[self.steps % self.history_size] = torch.where(torch.isfinite(norm), norm, math.nan)
         self.steps += 1
-        fixed = torch.full((), self.max_norm, dtype=torch.float32, device=norm.device)
+        fixed = self.fixed(norm)
         if self.steps <= self.warmup_steps:
             return fixed
         threshold = torch.nanquantile(self.history, self.quantile)
@@ -247,16 +248,17 @@ class ZScoreThreshold:
     Warm-up clips at the fixed max_norm and initializes μ, σ² as the mean and variance of its finite norms."""
 
     def __init__(self, max_norm: float, z_threshold: float, ema_decay: float, warmup_steps: int):
-        self.max_norm, self.z, self.decay, self.warmup_steps = max_norm, z_threshold, ema_decay, warmup_steps
+        self.z, self.decay, self.warmup_steps = z_threshold, ema_decay, warmup_steps
         self.sums: Tensor | None = None  # warm-up: count, sum, sum of squares of the finite norms
         self.mean: Tensor | None = None
         self.var: Tensor | None = None
         self.steps = 0
+        self.fixed = FixedThreshold(max_norm)
 
     def __call__(self, norm: Tensor) -> Tensor:
         norm = norm.to(torch.float32)
         finite = torch.isfinite(norm)
-        fixed = torch.full((), self.max_norm, dtype=torch.float32, device=norm.device)
+        fixed = self.fixed(norm)
         self.steps += 1
         if self.steps <= self.warmup_steps:
             if self.sums is None:
@@ -264,7 +266,7 @@ class ZScoreThreshold:
             value = torch.where(finite, norm, 0.0).to(torch.float64)
             self.sums += torch.stack([finite.to(torch.float64), value, value * value])
             if self.steps == self.warmup_steps:
-                count, total, squares = self.sums.clamp(min=0).unbind()
+                count, total, squares = self.sums.unbind()
                 count = count.clamp(min=1)
                 self.mean = (total / count).to(torch.float32)
                 self.var = (squares / count - (total / count) ** 2).clamp(min=0).to(torch.float32)

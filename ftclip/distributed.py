@@ -111,12 +111,6 @@ class Distributed:
             tensor /= self.world_size
         return tensor
 
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            tensor = tensor.clone()
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
-
     def agree_max(self, value: int) -> int:
         """The largest of the ranks' values, on every rank: a signal may reach one rank and not the others,
         and all must stop at the same step (a host-side gloo all-reduce of one integer)."""

@@ -25,6 +25,7 @@ from rich.console import Console
 from ftclip.batching import collate, micro_batches, pack_examples
 from ftclip.checkpoint import (
     TrainingState,
+    is_complete,
     latest_checkpoint,
     load_checkpoint,
     load_sharded_checkpoint,
@@ -230,8 +231,6 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
         checkpoint = latest_checkpoint(output_dir)
     else:
         checkpoint = Path(resume)
-        from ftclip.checkpoint import is_complete
-
         if not is_complete(checkpoint):
             raise ResumeError(f"--resume {checkpoint}: not a complete ftclip checkpoint (no trainer_state files)")
     if checkpoint is not None:
