@@ -190,7 +190,8 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` whole: readers see the old text or the new, never a mix."""
     staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
     with open(staging, "w", encoding="utf-8") as handle:
         handle.write(text)
@@ -229,7 +230,7 @@ def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Pat
         with atomic_directory(destination) as staging:
             model.save_pretrained(staging / ("adapter" if recipe.adapter else "model"))
             _write_state(staging, recipe, state)
-        _write_atomically(root / LATEST, destination.name)
+        write_text_atomically(root / LATEST, destination.name)
     except OSError as error:
         previous = latest_checkpoint(output_dir)
         kept = f"; the previous checkpoint {previous} is intact" if previous else ""
@@ -305,7 +306,7 @@ def save_sharded_checkpoint(model, optimizer, unwrapped, recipe: Recipe, state: 
                 shutil.rmtree(destination)
             os.rename(staging, destination)
             _fsync_dir(root)
-            _write_atomically(root / LATEST, destination.name)
+            write_text_atomically(root / LATEST, destination.name)
             _prune(output_dir, recipe)
     except OSError as error:
         raise OutputError(f"cannot write checkpoint {destination}: {error.strerror or error}") from None

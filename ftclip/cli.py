@@ -101,6 +101,11 @@ def validate(
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _is_rank_zero() -> bool:
+    """True outside torchrun too; torchrun sets RANK for each worker."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _exec_torchrun(nproc: int) -> None:
     """Replace this process with torchrun running the same command in N processes (torch's launcher)."""
     import sys
@@ -134,7 +139,7 @@ def train(
     Several processes: torchrun --nproc_per_node N -m ftclip train RECIPE, or --nproc N."""
     if nproc and nproc > 1 and "LOCAL_RANK" not in os.environ:
         _exec_torchrun(nproc)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not _is_rank_zero():
         console.quiet = True  # rank 0 speaks for the run; errors still reach stderr from every rank
     try:
         recipe = load_recipe(recipe_path)
@@ -153,7 +158,7 @@ def train(
     except FtclipError as error:
         _fail(error)
     except RunStopped as stopped:
-        if int(os.environ.get("RANK", "0")) == 0:  # the other ranks stopped at the same step; one message
+        if _is_rank_zero():  # the other ranks stopped at the same step; one message
             error_console.print(f"[yellow]stopped[/]: {stopped}", highlight=False)
         raise typer.Exit(stopped.exit_code)
     except KeyboardInterrupt:
@@ -234,7 +239,7 @@ def preprocess(recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", hel
                   f"{tokens:,} tokens of which {trained:,} trained on; longest {max(len(e.input_ids) for e in examples)} "
                   f"of sequence_len {recipe.sequence_len}", highlight=False)
     if recipe.sample_packing:
-        rows, stats = pack_examples(train_examples, recipe.sequence_len)
+        _, stats = pack_examples(train_examples, recipe.sequence_len)
         console.print(f"packing: {stats.examples} examples in {stats.rows} rows, efficiency {stats.efficiency:.0%}")
     console.print(("cache hit" if outcome["hit"] else "cached") + f": {outcome['path']}", highlight=False)
 

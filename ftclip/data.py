@@ -264,13 +264,9 @@ def split_examples(examples: list[Example], recipe: Recipe) -> tuple[list[Exampl
     return train, val
 
 
-def load_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer, progress=None, use_cache: bool = True
+def load_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer, progress=None
                   ) -> tuple[list[Example], list[Example]]:
     """Tokenized train and validation examples, from the on-disk cache when the inputs are unchanged."""
     from ftclip.data_cache import cached_examples
 
-    if use_cache:
-        examples = cached_examples(recipe, recipe_path, tokenizer, progress)
-    else:
-        examples = tokenize_datasets(recipe, recipe_path, tokenizer, progress)
-    return split_examples(examples, recipe)
+    return split_examples(cached_examples(recipe, recipe_path, tokenizer, progress), recipe)

@@ -93,14 +93,12 @@ class Distributed:
 
     def gradient_sync(self, model: torch.nn.Module, sync: bool):
         """Context for one micro-batch's backward: reduce gradients only when `sync` (the step's last)."""
-        if not self.enabled or sync:
-            if self.strategy == "fsdp" and self.enabled:
-                model.set_requires_gradient_sync(True)
+        if not self.enabled:
             return contextlib.nullcontext()
         if self.strategy == "fsdp":
-            model.set_requires_gradient_sync(False)
+            model.set_requires_gradient_sync(sync)
             return contextlib.nullcontext()
-        return model.no_sync()
+        return contextlib.nullcontext() if sync else model.no_sync()
 
     # ------------------------------------------------------------ collectives
 

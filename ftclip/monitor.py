@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -61,9 +61,11 @@ class SpikeDetector:
     window: int = 50
     min_history: int = 10
     loss_jump: float = 0.25
-    norms: deque = field(default_factory=lambda: deque(maxlen=50))
-    losses: deque = field(default_factory=lambda: deque(maxlen=50))
     pending: Spike | None = None  # waits one step for the next loss
+
+    def __post_init__(self) -> None:
+        self.norms: deque[float] = deque(maxlen=self.window)
+        self.losses: deque[float] = deque(maxlen=self.window)
 
     def observe(self, stats: StepStats) -> list[Spike]:
         """Feed one step; returns the spikes now complete (a spike completes one step after it happens)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+
+from ftclip.checkpoint import write_text_atomically
 
 
 def _number(value: float, digits: int = 4) -> str:
@@ -47,9 +48,7 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep: list[dict[str, Any]] | None = None):
         self.path = path
-        staging = path.with_name(f".{path.name}.tmp")
-        staging.write_text("".join(_json_line(record) for record in keep or []), encoding="utf-8")
-        os.replace(staging, path)
+        write_text_atomically(path, "".join(_json_line(record) for record in keep or []))
         self._file = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
