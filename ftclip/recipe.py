@@ -27,15 +27,59 @@ DATASET_TYPES = ("alpaca", "completion", "chat")
 
 
 class DatasetSpec(BaseModel):
-    """One local dataset file and the format of its records."""
+    """One dataset: where it is, which split and subset, and the format of its records."""
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="A local .jsonl, .json or .parquet file, relative to the recipe's folder.")
-    type: Literal["alpaca", "completion", "chat"] = Field(
-        description="alpaca: {instruction, input?, output}; completion: {text}; "
-        "chat: {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}."
+    path: str = Field(
+        description="A hub dataset id (org/name, read from the local Hugging Face cache: no download at run time), "
+        "a local .jsonl/.json/.parquet/.csv/.arrow file, or a local folder (a `save_to_disk` dataset or a folder of "
+        "data files); local paths are relative to the recipe's folder."
     )
+    type: Literal["alpaca", "completion", "chat", "chat_template"] = Field(
+        description="alpaca: {instruction, input?, output}; completion: {text}; "
+        "chat (alias chat_template): {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}."
+    )
+    split: str = Field("train", description="Which split to read (a hub dataset or a folder with several splits).")
+    name: str | None = Field(None, description="The dataset configuration (subset) of a hub dataset.")
+    data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
+        None, description="Which files of a hub dataset or folder to read (as `datasets.load_dataset` takes them)."
+    )
+    revision: str | None = Field(
+        None, description="A hub dataset's commit, tag or branch: pin it so a committed recipe reads the same data."
+    )
+    # Chat options, spelled as Axolotl's chat_template dataset type spells them.
+    field_messages: str | None = Field(
+        None, description="chat: the record key holding the turns (default: messages, else conversations)."
+    )
+    message_property_mappings: dict[str, str] | None = Field(
+        None, description="chat: which turn keys hold the role and the content, e.g. {role: from, content: value}."
+    )
+    roles: dict[str, list[str]] | None = Field(
+        None, description="chat: role names in the data for each template role, e.g. {user: [human], assistant: [gpt]}."
+    )
+    roles_to_train: list[str] = Field(
+        default_factory=lambda: ["assistant"], description="chat: the roles whose turns are trained on."
+    )
+    train_on_eos: Literal["turn", "all", "last", "none"] = Field(
+        "turn", description="chat: which end-of-turn markers are trained: after each trained turn, all, the last, none."
+    )
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _chat_template_is_chat(cls, value: Any) -> Any:
+        return "chat" if value == "chat_template" else value  # Axolotl's name for the same record format
+
+
+class SpecialTokens(BaseModel):
+    """Special tokens to set on the tokenizer (added to the vocabulary when missing)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    pad_token: str | None = Field(None, description="Padding token.")
+    eos_token: str | None = Field(None, description="End-of-sequence token.")
+    bos_token: str | None = Field(None, description="Beginning-of-sequence token.")
+    unk_token: str | None = Field(None, description="Unknown-token token.")
 
 
 def _parse_norm_type(value: Any) -> float:
@@ -140,6 +184,9 @@ class Recipe(BaseModel):
     lora_target_linear: bool | None = Field(
         None, description="Axolotl's spelling: true means lora_target_modules: all-linear."
     )
+    lora_modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head])."
+    )
     load_in_4bit: bool = Field(False, description="Quantize the base to 4 bits with bitsandbytes (QLoRA).")
     load_in_8bit: bool = Field(False, description="Quantize the base to 8 bits with bitsandbytes.")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
@@ -158,6 +205,17 @@ class Recipe(BaseModel):
     dataset_cache_dir: str | None = Field(
         None, description="Where tokenized data is cached (relative to cwd); default ~/.cache/ftclip/tokenized."
     )
+    dataset_processes: int | None = Field(
+        None, gt=0, description="Processes that tokenize in parallel; default: the CPU count, at most 8."
+    )
+    chat_template: str = Field(
+        "tokenizer_default",
+        description="chat: the template that renders conversations: tokenizer_default (the tokenizer's own), "
+        "a built-in name, or jinja (then chat_template_jinja).",
+    )
+    chat_template_jinja: str | None = Field(None, description="chat: a literal Jinja chat template.")
+    special_tokens: SpecialTokens | None = Field(None, description="{pad_token, eos_token, bos_token, unk_token} to set.")
+    tokens: list[str] | None = Field(None, description="Tokens to add to the vocabulary (the embeddings are resized).")
 
     # Schedule
     micro_batch_size: int = Field(1, gt=0, description="Examples per forward/backward pass.")
@@ -188,6 +246,15 @@ class Recipe(BaseModel):
     fp16: bool = Field(False, description="float16 weights (adapters train in fp32).")
     fp32: bool = Field(False, description="float32 weights (the default when neither bf16 nor fp16 is set).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "sdpa", description="Attention kernel (transformers' attn_implementation); flash_attention_2 needs flash-attn and CUDA."
+    )
+    chunked_cross_entropy: bool = Field(
+        True, description="Compute the loss over chunks of tokens, never materializing the whole sequence's logits."
+    )
+    liger_fused_linear_cross_entropy: bool = Field(
+        False, description="Liger's fused linear cross-entropy (needs liger-kernel and CUDA)."
+    )
 
     # Run
     seed: int = Field(42, description="Seeds data order, the validation split and initialization.")
@@ -210,6 +277,16 @@ class Recipe(BaseModel):
         default_factory=DistributedSettings,
         description="{strategy: ddp or fsdp} for runs under torchrun (WORLD_SIZE > 1); default ddp.",
     )
+
+    # Trackers (optional extras: pip install 'ftclip[wandb]' / 'ftclip[mlflow]')
+    wandb_project: str | None = Field(None, description="Log to this Weights & Biases project.")
+    wandb_entity: str | None = Field(None, description="W&B team or user.")
+    wandb_name: str | None = Field(None, description="W&B run name.")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(None, description="W&B mode.")
+    wandb_run_id: str | None = Field(None, description="W&B run id: resume that run.")
+    mlflow_tracking_uri: str | None = Field(None, description="Log to this MLflow tracking server or file store.")
+    mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
+    mlflow_run_name: str | None = Field(None, description="MLflow run name.")
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod
@@ -313,7 +390,9 @@ _OTHER_TOOLS_NAMES = {
     "max_seq_length": "sequence_len", "seq_len": "sequence_len", "optim": "optimizer",
 }
 
-_NESTED_MODELS: dict[str, type[BaseModel]] = {"datasets": DatasetSpec, "gradient_clipping": GradientClipping}
+_NESTED_MODELS: dict[str, type[BaseModel]] = {
+    "datasets": DatasetSpec, "gradient_clipping": GradientClipping, "special_tokens": SpecialTokens,
+}
 _ALIASES = {"gradient_clipping": "max_grad_norm"}
 
 
@@ -462,4 +541,5 @@ def keys_markdown() -> str:
     add(DatasetSpec, "datasets[].")
     add(GradientClipping, "gradient_clipping.")
     add(DistributedSettings, "distributed.")
+    add(SpecialTokens, "special_tokens.")
     return "\n".join(rows)
