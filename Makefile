@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test bench lint quickstart validate assets
+.PHONY: install test bench bench-data lint quickstart validate assets
 
 install:
 	$(PIP) install -q -e '.[dev]'
@@ -11,6 +11,10 @@ test: install
 
 bench: install
 	$(PYTHON) bench/clip_bench.py
+
+# Data stage vs plain `datasets` (200k generated records; --records N to change): see bench/RESULTS.md.
+bench-data: install
+	$(PYTHON) bench/data_bench.py
 
 lint: install
 	$(PYTHON) -m ruff check ftclip tests bench

@@ -43,14 +43,16 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _filesystem_problems(recipe: Recipe, path: Path) -> list[Problem]:
-    """Checks that look at disk but load no weights: data files parse, model folders and ids make sense."""
+def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], list[str]]:
+    """Checks that look at disk but load no weights and use no network: local data files parse, model folders
+    and ids make sense. Returns problems and notices (e.g. a hub dataset missing from the local cache)."""
     from ftclip.data import check_datasets
     from ftclip.modeling import check_model_source
     from ftclip.recipe import key_line
 
-    found = check_datasets(recipe, path) + check_model_source(recipe, path)
-    return [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
+    data_problems, notices = check_datasets(recipe, path)
+    found = data_problems + check_model_source(recipe, path)
+    return [Problem(str(path), key, message, key_line(path, key)) for key, message in found], notices
 
 
 def _notices(recipe: Recipe) -> list[str]:
@@ -76,8 +78,8 @@ def validate(
     for path in recipes:
         try:
             recipe = load_recipe(path)
-            problems = _filesystem_problems(recipe, path)
-            notices = _notices(recipe)
+            problems, data_notices = _filesystem_problems(recipe, path)
+            notices = _notices(recipe) + data_notices
         except RecipeError as error:
             problems, notices = error.problems, []
         results.append({"file": str(path), "valid": not problems, "problems": problems, "warnings": notices})
@@ -146,7 +148,7 @@ def train(
         overrides = {k: v for k, v in {"max_steps": max_steps, "output_dir": output_dir}.items() if v is not None}
         if overrides:
             recipe = recipe.model_copy(update=overrides)
-        problems = _filesystem_problems(recipe, recipe_path)
+        problems, _ = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
         _quiet_libraries()
@@ -213,35 +215,44 @@ def report(
 
 @app.command()
 def preprocess(recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose data to tokenize.")]) -> None:
-    """Tokenize the recipe's datasets into the on-disk cache (the step `train` then skips), and show the numbers."""
+    """Tokenize (and pack) the recipe's datasets into the on-disk cache, the step `train` then skips; print the
+    counts and the speed."""
+    import resource
+    import time
+
     try:
         recipe = load_recipe(recipe_path)
-        problems = _filesystem_problems(recipe, recipe_path)
+        problems, notices = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
         _quiet_libraries()
-        from ftclip.batching import pack_examples
-        from ftclip.data import split_examples
-        from ftclip.data_cache import cached_examples
+        from ftclip.data import prepare
         from ftclip.modeling import load_tokenizer
-        from ftclip.progress import tokenizing_progress
 
         tokenizer = load_tokenizer(recipe, recipe_path)
-        outcome = {}
-        examples = cached_examples(recipe, recipe_path, tokenizer, tokenizing_progress(console),
-                                   report=lambda path, hit: outcome.update(path=path, hit=hit))
-        train_examples, val_examples = split_examples(examples, recipe)
+        started = time.perf_counter()
+        data = prepare(recipe, recipe_path, tokenizer)
+        seconds = time.perf_counter() - started
     except FtclipError as error:
         _fail(error)
-    tokens = sum(len(e.input_ids) for e in examples)
-    trained = sum(e.trained_tokens for e in examples)
-    console.print(f"{len(examples)} examples ({len(train_examples)} train, {len(val_examples)} held out), "
-                  f"{tokens:,} tokens of which {trained:,} trained on; longest {max(len(e.input_ids) for e in examples)} "
+    examples = data.examples
+    trained = int(examples.trained.sum())
+    console.print(f"{len(examples):,} examples ({len(data.train.members):,} train, {len(data.val):,} held out), "
+                  f"{examples.tokens:,} tokens of which {trained:,} trained on; longest {int(examples.lengths.max())} "
                   f"of sequence_len {recipe.sequence_len}", highlight=False)
-    if recipe.sample_packing:
-        _, stats = pack_examples(train_examples, recipe.sequence_len)
-        console.print(f"packing: {stats.examples} examples in {stats.rows} rows, efficiency {stats.efficiency:.0%}")
-    console.print(("cache hit" if outcome["hit"] else "cached") + f": {outcome['path']}", highlight=False)
+    if data.packing:
+        stats = data.packing
+        console.print(f"packing: {stats.examples:,} examples in {stats.rows:,} rows, efficiency {stats.efficiency:.1%}")
+    if data.hit:
+        console.print(f"cache hit: {data.cache} (opened in {seconds:.2f} s)", highlight=False)
+    else:
+        console.print(f"tokenized {data.records:,} records in {data.seconds:.1f} s: {data.records / data.seconds:,.0f} "
+                      f"records/s, {examples.tokens / data.seconds:,.0f} tokens/s", highlight=False)
+        console.print(f"cached: {data.cache}", highlight=False)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    console.print(f"peak memory: {own:,.0f} MB" + (f" (largest tokenizing worker {workers:,.0f} MB)" if workers else ""),
+                  highlight=False)
 
 
 @app.command()

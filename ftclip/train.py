@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ftclip.batching import collate, micro_batches, pack_examples
 from ftclip.checkpoint import (
     TrainingState,
     is_complete,
@@ -40,14 +39,15 @@ from ftclip.checkpoint import (
     save_sharded_checkpoint,
 )
 from ftclip.clip import ClipOutcome, GradientClipper
-from ftclip.data import Example, load_examples
+from ftclip.data import prepare
+from ftclip.data.batches import Row, Rows, collate, micro_batches, row_tokens, trained_tokens
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
-from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table, tokenizing_progress
+from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
 from ftclip.recipe import Recipe
 
 METRICS_FILE = "metrics.jsonl"
@@ -102,32 +102,43 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batch_stream(examples: list[Example], recipe: Recipe, world_size: int = 1, epoch: int = 0, skip: int = 0
-                       ) -> Iterator[tuple[int, int, list[Example]]]:
+def micro_batch_stream(rows: Rows, recipe: Recipe, world_size: int = 1, epoch: int = 0, skip: int = 0
+                       ) -> Iterator[tuple[int, int, list[Row]]]:
     """(epoch, global micro-batches consumed in that epoch, global micro-batch) forever, reshuffled each
     epoch, starting `skip` micro-batches into `epoch` (a resumed run). A global micro-batch holds
     micro_batch_size examples per rank; the loop stops the stream by counting optimizer steps."""
     while True:
-        batches = micro_batches(examples, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size)
+        batches = micro_batches(rows, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size)
         for index, batch in enumerate(batches):
             if index >= skip:
                 yield epoch, index + 1, batch
         epoch, skip = epoch + 1, 0
 
 
-def count_steps(recipe: Recipe, train_examples: int, world_size: int = 1) -> int:
+def count_steps(recipe: Recipe, train_rows: int, world_size: int = 1) -> int:
     if recipe.max_steps:
         return recipe.max_steps
-    padded = math.ceil(train_examples / world_size) * world_size  # every rank gets a share of the last batch
+    padded = math.ceil(train_rows / world_size) * world_size  # every rank gets a share of the last batch
     micro_batches_per_epoch = math.ceil(padded / (recipe.micro_batch_size * world_size))
     return max(1, math.ceil(recipe.num_epochs * micro_batches_per_epoch / recipe.gradient_accumulation_steps))
+
+
+def describe_data(data) -> str:
+    """One line on where the tokens came from and, with packing, how full the rows are."""
+    source = "cache hit" if data.hit else f"tokenized {data.records:,} records in {data.seconds:.1f} s"
+    line = f"data: {len(data.examples):,} examples, {data.examples.tokens:,} tokens ({source}: {data.cache})"
+    if data.packing:
+        packing = data.packing
+        line += (f"\npacking: {packing.examples} examples in {packing.rows} rows of {packing.capacity} tokens, "
+                 f"{packing.efficiency:.0%} of the slots hold real tokens")
+    return line
 
 
 def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
 
 
-def forward_backward(model, group: list[list[Example]], pad_id: int, device: torch.device,
+def forward_backward(model, group: list[list[Row]], pad_id: int, device: torch.device,
                      dist: Distributed | None = None) -> torch.Tensor:
     """Accumulate gradients over the micro-batches of one optimizer step. Each micro-batch's summed token
     loss is divided by the token count of the *whole* step (all micro-batches, all ranks), so accumulation
@@ -135,8 +146,8 @@ def forward_backward(model, group: list[list[Example]], pad_id: int, device: tor
     (DDP and FSDP average gradients over ranks, hence the count divided by the world size.) Gradients are
     reduced across ranks once, on the last micro-batch."""
     dist = dist or Distributed()
-    trained_tokens = sum(example.trained_tokens for batch in group for example in batch)
-    items = trained_tokens / dist.world_size if dist.enabled else trained_tokens
+    step_tokens = sum(trained_tokens(batch) for batch in group)
+    items = step_tokens / dist.world_size if dist.enabled else step_tokens
     step_loss = torch.zeros((), device=device)
     for index, global_batch in enumerate(group):
         batch = dist.local_slice(global_batch)
@@ -149,14 +160,14 @@ def forward_backward(model, group: list[list[Example]], pad_id: int, device: tor
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], recipe: Recipe, pad_id: int, device: torch.device) -> float:
+def evaluate(model, held_out: Rows, recipe: Recipe, pad_id: int, device: torch.device) -> float:
     """Token-mean loss over the held-out set. Every rank evaluates all of it: FSDP needs each forward on
     every rank anyway, and the answer is then the same everywhere with no reduction."""
     model.eval()
     total_loss, total_tokens = torch.zeros((), device=device), 0
-    for start in range(0, len(examples), recipe.micro_batch_size):
-        batch = examples[start : start + recipe.micro_batch_size]
-        tokens = sum(example.trained_tokens for example in batch)
+    for start in range(0, len(held_out), recipe.micro_batch_size):
+        batch = held_out.rows(range(start, min(start + recipe.micro_batch_size, len(held_out))))
+        tokens = trained_tokens(batch)
         inputs = _on_device(collate(batch, pad_id), device)
         total_loss += model(**inputs, num_items_in_batch=tokens).loss * tokens
         total_tokens += tokens
@@ -314,16 +325,14 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         raise ModelError(f"optimizer: {problem}")
 
     tokenizer = load_tokenizer(recipe, recipe_path)
-    train_examples, val_examples = load_examples(recipe, recipe_path, tokenizer, tokenizing_progress(console))
-    example_count = len(train_examples)
-    if recipe.sample_packing:
-        train_examples, packing = pack_examples(train_examples, recipe.sequence_len)
-        console.print(f"packing: {packing.examples} examples in {packing.rows} rows of {recipe.sequence_len} tokens, "
-                      f"{packing.efficiency:.0%} of the slots hold real tokens")
-    total_steps = count_steps(recipe, len(train_examples), dist.world_size)
+    data = prepare(recipe, recipe_path, tokenizer, dist)
+    console.print(describe_data(data), highlight=False)
+    train_rows, held_out = data.train, data.val
+    example_count = len(data.examples) - len(held_out)
+    total_steps = count_steps(recipe, len(train_rows), dist.world_size)
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
     console.print(
-        f"[bold]ftclip[/] {example_count} training examples, {len(val_examples)} held out; "
+        f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "
         f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps}{ranks} "
         f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
     )
@@ -342,7 +351,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                       "pass --no-resume to start over")
 
     pad_id = tokenizer.pad_token_id
-    batches = micro_batch_stream(train_examples, recipe, dist.world_size, state.epoch, state.batch_in_epoch)
+    batches = micro_batch_stream(train_rows, recipe, dist.world_size, state.epoch, state.batch_in_epoch)
     records = _earlier_records(output_dir / METRICS_FILE, state.step) if checkpoint else []
     metrics = MetricsLog(output_dir / METRICS_FILE, keep=records) if dist.is_main else NullLog()
     tensorboard = TensorBoardLog(output_dir / "tensorboard") if dist.is_main else NullLog()
@@ -379,8 +388,8 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         for notice in monitor.observe(steps) + (monitor.finish(step) if step == total_steps else []):
             view.warn(notice.message, loud=notice.loud)
         record["spike_steps"] = [spike.step for spike in monitor.spike_log[spikes_before:]]
-        if val_examples and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
-            record["eval_loss"] = evaluate(model, val_examples, recipe, pad_id, device)
+        if held_out and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
+            record["eval_loss"] = evaluate(model, held_out, recipe, pad_id, device)
         metrics.write(record)
         tensorboard.write(record)
         records.append(record)
@@ -407,7 +416,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
 
                 window.losses.append(step_loss)
                 window.outcomes.append(outcome)
-                window.tokens += sum(len(e.input_ids) for batch in group for e in batch)
+                window.tokens += sum(row_tokens(batch) for batch in group)
                 view.advance()
                 # All ranks stop at the same step, whichever of them got the signal.
                 stop_signal = dist.agree_max(int(stop.received or 0))
@@ -437,8 +446,8 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         metrics.close()
         tensorboard.close()
 
-    if val_examples and eval_loss is None:  # resumed from a checkpoint taken at the very last step
-        eval_loss = evaluate(model, val_examples, recipe, pad_id, device)
+    if held_out and eval_loss is None:  # resumed from a checkpoint taken at the very last step
+        eval_loss = evaluate(model, held_out, recipe, pad_id, device)
     destination = output_dir / ("adapter" if recipe.adapter else "model")
     artifact = save_final(model, tokenizer, recipe, destination, dist)
     result = TrainResult(

@@ -55,10 +55,14 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(single_process, ti
     from conftest import write_recipe
 
     reference, folder, data = single_process
+    cache = folder / f"cache-{strategy}"  # a cold cache: rank 0 tokenizes, rank 1 waits and reads the same files
     path = write_recipe(folder, tiny_model_dir, data, name=f"{strategy}.yaml", micro_batch_size=2,
-                        output_dir=str(folder / strategy), distributed={"strategy": strategy}, **STEPS)
+                        output_dir=str(folder / strategy), distributed={"strategy": strategy},
+                        dataset_cache_dir=str(cache), **STEPS)
     done = torchrun("-m", "ftclip", "train", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
+    builds = [json.loads(line) for line in (cache / "builds.log").read_text().splitlines()]
+    assert [build["rank"] for build in builds] == [0]
     out = folder / strategy
     assert per_step(out, "grad_norm") == pytest.approx(per_step(reference, "grad_norm"), rel=1e-5)
     assert per_step(out, "loss") == pytest.approx(per_step(reference, "loss"), rel=1e-5)
