@@ -177,7 +177,8 @@ def tokenized_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer
 def _packing(recipe: Recipe, examples: TokenizedExamples, train: np.ndarray, entry: Path) -> tuple[Rows, PackingStats]:
     """Best-fit decreasing over the training examples, cached beside the tokens (keyed by the split)."""
     lengths = examples.lengths[train]
-    name = f"packing-{entry_key({'v': PACKING_VERSION, 'seq': recipe.sequence_len, 'val': recipe.val_set_size, 'seed': recipe.seed})}.npz"
+    split = {"packing": PACKING_VERSION, "capacity": recipe.sequence_len, "val": recipe.val_set_size, "seed": recipe.seed}
+    name = f"packing-{entry_key(split)}.npz"
     path = entry / name
     try:
         stored = np.load(path)
