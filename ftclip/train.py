@@ -39,8 +39,8 @@ from ftclip.checkpoint import (
     save_sharded_checkpoint,
 )
 from ftclip.clip import ClipOutcome, GradientClipper
-from ftclip.data import prepare
 from ftclip.data.batches import Row, Rows, collate, micro_batches, row_tokens, trained_tokens
+from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import EXIT_CODES, StopRequests

@@ -17,7 +17,7 @@ from typing import Any
 
 from ftclip.data.records import missing_columns, record_problem
 from ftclip.errors import DataError
-from ftclip.recipe import DatasetSpec, resolve_input_path
+from ftclip.recipe import DatasetSpec, Recipe, resolve_input_path
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -165,6 +165,20 @@ def check_source(spec: DatasetSpec, recipe_path: str | Path | None) -> str | Non
         return None
     check_records(path, read_text_records(path), spec.type)
     return None
+
+
+def check_datasets(recipe: Recipe, recipe_path: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """For `validate`: (key, problem) pairs and notices; reads local files, never the network."""
+    problems, notices = [], []
+    for index, spec in enumerate(recipe.datasets):
+        try:
+            notice = check_source(spec, recipe_path)
+        except DataError as error:
+            problems.append((f"datasets.{index}.path", str(error)))
+            continue
+        if notice:
+            notices.append(f"datasets.{index}.path: {notice}")
+    return problems, notices
 
 
 # ---------------------------------------------------------------- train: open with `datasets`
