@@ -293,3 +293,133 @@ def test_labels_match_todays_method_except_the_newline_after_each_marker():
         assert differences and all(labels[i] == IGNORE_INDEX and tokenizer.decode([today.labels[i]]) == "\n"
                                    and tokenizer.decode([input_ids[i - 1]]) == "</s>" for i in differences)
         assert len(differences) == sum(m["role"] == "assistant" for m in conversation_from_record(record, spec()).messages)
+
+
+# ---------------------------------------------------------------- built-in templates, recipe keys, tokenizer and model
+
+
+BUILTIN_CASES = {
+    "chatml": ({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}, "<|im_end|>"),
+    "llama3": ({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]}, "<|eot_id|>"),
+    "qwen3": ({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}, "<|im_end|>"),
+    "mistral": ({"additional_special_tokens": ["[INST]", "[/INST]"]}, "</s>"),
+    "gemma": ({"bos_token": "<bos>", "eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+              "<end_of_turn>"),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_CASES))
+def test_builtin_templates_render_and_mask(name):
+    from ftclip.chat_templates import BUILTIN_TEMPLATES, builtin_template
+
+    assert name in BUILTIN_TEMPLATES
+    special, marker = BUILTIN_CASES[name]
+    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART_MODEL)
+    tokenizer.add_special_tokens(special)
+    tokenizer.chat_template = builtin_template(name)
+    input_ids, labels = masked(chat(), tokenizer)  # with a system turn: every built-in accepts one
+    last = "<think>\n\n</think>\n\nSantiago." if name == "qwen3" else "Santiago."
+    # mistral writes "[/INST] Lima.": the space and the first word are one token here, and that token is trained
+    space = " " if name == "mistral" else ""
+    assert trained_pieces(tokenizer, input_ids, labels) == [space + "Lima." + marker, space + last + marker]
+    assert SYSTEM in tokenizer.decode(input_ids)
+
+
+def recipe_with(**keys):
+    from ftclip.recipe import parse_recipe
+
+    document = {"base_model": "org/model", "datasets": [{"path": "chat.jsonl", "type": "chat_template"}], **keys}
+    return parse_recipe(json.dumps(document), "recipe.yaml")
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"chat_template": "chatm"}, "recipe.yaml:1: chat_template: unknown chat template 'chatm'; allowed: tokenizer_default, "
+                                 "jinja, chatml, llama3, qwen3, mistral, gemma"),
+    ({"chat_template": "jinja"}, "chat_template: jinja needs the template text in chat_template_jinja"),
+    ({"chat_template": "chatml", "chat_template_jinja": "{{ x }}"}, "chat_template_jinja: given, but chat_template is chatml"),
+])
+def test_chat_template_keys_are_checked(keys, message):
+    from ftclip.errors import RecipeError
+
+    with pytest.raises(RecipeError) as error:
+        recipe_with(**keys)
+    assert message in str(error.value)
+
+
+@pytest.mark.slow
+def test_added_tokens_resize_the_model_train_with_lora_and_are_saved(tiny_model_dir, tmp_path):
+    import torch
+
+    from ftclip.chat_templates import builtin_template
+    from ftclip.checkpoint import save_artifact
+    from ftclip.modeling import load_model, load_tokenizer
+
+    recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", chat_template="chatml",
+                         tokens=["<|im_start|>"], special_tokens={"eos_token": "<|im_end|>"})
+    tokenizer = load_tokenizer(recipe, None)
+    assert tokenizer.chat_template == builtin_template("chatml")
+    assert len(tokenizer) == 1026 and tokenizer.ftclip_added_tokens == ["<|im_end|>", "<|im_start|>"]
+    assert len(tokenizer("<|im_start|>user")["input_ids"]) == len(tokenizer("user")["input_ids"]) + 1
+    notes = []
+    model = load_model(recipe, None, torch.device("cpu"), tokenizer, notes.append)
+    assert model.get_input_embeddings().num_embeddings == 1026
+    assert notes and "lora_modules_to_save is set to ['embed_tokens', 'lm_head']" in notes[0]
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert any("embed_tokens.modules_to_save" in name for name in trainable)
+    assert any("lm_head.modules_to_save" in name for name in trainable)
+
+    saved = save_artifact(model, tokenizer, recipe, tmp_path / "adapter")
+    reloaded = AutoTokenizer.from_pretrained(saved)
+    assert reloaded.chat_template == builtin_template("chatml") and reloaded.eos_token == "<|im_end|>"
+    assert reloaded.convert_tokens_to_ids("<|im_start|>") == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert set(json.loads((saved / "adapter_config.json").read_text())["modules_to_save"]) >= {"embed_tokens", "lm_head"}
+
+
+def test_added_tokens_with_frozen_embeddings_are_refused(tiny_model_dir):
+    import torch
+
+    from ftclip.errors import ModelError
+    from ftclip.modeling import load_model, load_tokenizer
+
+    recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", tokens=["<tool>"], lora_modules_to_save=["lm_head"])
+    tokenizer = load_tokenizer(recipe, None)
+    with pytest.raises(ModelError, match=r"leaves \['embed_tokens'\] frozen"):
+        load_model(recipe, None, torch.device("cpu"), tokenizer)
+
+
+def test_no_added_tokens_no_resize_and_no_modules_to_save(tiny_model_dir):
+    import torch
+
+    from ftclip.modeling import load_model, load_tokenizer
+
+    recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", special_tokens={"pad_token": "<pad>"})
+    tokenizer = load_tokenizer(recipe, None)
+    assert tokenizer.ftclip_added_tokens == [] and tokenizer.chat_template  # the tokenizer's own template kept
+    model = load_model(recipe, None, torch.device("cpu"), tokenizer)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) == 1024
+    assert model.peft_config["default"].modules_to_save is None
+
+
+# ---------------------------------------------------------------- preprocess --show
+
+
+def test_show_examples_json_lines_and_colours():
+    from rich.console import Console
+
+    from ftclip.show import show_examples
+
+    tokenizer = template_tokenizer(QWQ)
+    input_ids, labels = masked(chat(), tokenizer)
+    console = Console(record=True, width=60, color_system="truecolor", force_terminal=True)
+    show_examples(console, tokenizer, [(input_ids, labels)] * 2, as_json=True)
+    lines = console.export_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"input_ids": input_ids, "labels": labels}] * 2
+
+    console = Console(record=True, width=60, color_system="truecolor", force_terminal=True)
+    show_examples(console, tokenizer, [(input_ids, labels)])
+    text = console.export_text(clear=False)
+    assert f"example 1: {len(input_ids)} tokens, {sum(label != IGNORE_INDEX for label in labels)} trained" in text
+    assert "Capital of Peru?<|im_end|>↵" in text
+    styled = console.export_html(inline_styles=True)
+    assert "Santiago" in styled and "font-weight: bold" in styled
