@@ -16,13 +16,21 @@ TRAINED_STYLE = "bold green"
 MASKED_STYLE = "dim"
 
 
-def example_text(tokenizer, input_ids: Sequence[int], labels: Sequence[int]) -> Text:
+def example_text(tokenizer, input_ids: Sequence[int], labels: Sequence[int], bracket_trained: bool = False) -> Text:
     """The example's tokens, each decoded on its own and styled by whether it is trained; newlines inside
-    tokens are shown as ↵ followed by the line break, so the turn structure stays readable."""
+    tokens are shown as ↵ followed by the line break, so the turn structure stays readable. Without colours
+    (a pipe, NO_COLOR) `bracket_trained` puts each run of trained tokens between ⟦ and ⟧."""
     text = Text()
+    in_run = False
     for token, label in zip(input_ids, labels):
+        trained = label != IGNORE_INDEX
+        if bracket_trained and trained != in_run:
+            text.append("⟦" if trained else "⟧")
+            in_run = trained
         piece = tokenizer.decode([token]).replace("\n", "↵\n")
-        text.append(piece, style=MASKED_STYLE if label == IGNORE_INDEX else TRAINED_STYLE)
+        text.append(piece, style=TRAINED_STYLE if trained else MASKED_STYLE)
+    if in_run:
+        text.append("⟧")
     return text
 
 
@@ -36,7 +44,8 @@ def show_examples(console: Console, tokenizer, examples: Iterable[tuple[Sequence
             continue
         trained = sum(1 for label in labels if label != IGNORE_INDEX)
         console.rule(f"example {number}: {len(input_ids)} tokens, {trained} trained", style="cyan")
-        console.print(example_text(tokenizer, input_ids, labels), soft_wrap=True)
+        plain = console.color_system is None or console.no_color
+        console.print(example_text(tokenizer, input_ids, labels, bracket_trained=plain), soft_wrap=True)
     if not as_json:
-        legend = Text.assemble(("trained", TRAINED_STYLE), "  ", ("masked (label -100)", MASKED_STYLE))
-        console.print(legend)
+        trained_label = "⟦trained⟧" if console.color_system is None or console.no_color else "trained"
+        console.print(Text.assemble((trained_label, TRAINED_STYLE), "  ", ("masked (label -100)", MASKED_STYLE)))

@@ -423,3 +423,7 @@ def test_show_examples_json_lines_and_colours():
     assert "Capital of Peru?<|im_end|>↵" in text
     styled = console.export_html(inline_styles=True)
     assert "Santiago" in styled and "font-weight: bold" in styled
+
+    console = Console(record=True, width=60, color_system=None)  # piped: the trained runs are bracketed
+    show_examples(console, tokenizer, [(input_ids, labels)])
+    assert "<|im_start|>assistant↵\n⟦Lima.<|im_end|>⟧↵" in console.export_text()
