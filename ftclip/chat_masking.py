@@ -68,6 +68,8 @@ def _role_names(spec: DatasetSpec) -> dict[str, str]:
     for role, data_names in roles.items():
         for name in data_names:
             names.setdefault(name, role)
+    for role, data_names in (spec.roles or {}).items():  # the dataset's own names win over the defaults
+        names.update({name: role for name in data_names})
     return names
 
 

@@ -427,3 +427,41 @@ def test_show_examples_json_lines_and_colours():
     console = Console(record=True, width=60, color_system=None)  # piped: the trained runs are bracketed
     show_examples(console, tokenizer, [(input_ids, labels)])
     assert "<|im_start|>assistant↵\n⟦Lima.<|im_end|>⟧↵" in console.export_text()
+
+
+@pytest.mark.slow
+def test_training_with_added_tokens_learns_their_embeddings_and_saves_them(make_recipe, tmp_path, tiny_model_dir):
+    """A real run: chatml template, its markers added as tokens; the new rows train and the adapter reloads
+    on the base resized to the saved tokenizer."""
+    import torch
+    from peft import PeftModel
+    from rich.console import Console
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ftclip.recipe import load_recipe
+    from ftclip.train import train
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {n}."},
+                                                     {"role": "assistant", "content": ", ".join(map(str, range(1, n + 1)))}]})
+                            + "\n" for n in range(2, 10)))
+    path = make_recipe(datasets=[{"path": str(data), "type": "chat_template"}], chat_template="chatml",
+                       tokens=["<|im_start|>", "<|im_end|>"], special_tokens={"eos_token": "<|im_end|>"},
+                       max_steps=4, micro_batch_size=8, learning_rate=1e-2)
+    console = Console(record=True, width=200)
+    result = train(load_recipe(path), path, console)
+    assert "lora_modules_to_save is set to ['embed_tokens', 'lm_head']" in console.export_text()
+    tokenizer = AutoTokenizer.from_pretrained(result.artifact)
+    new_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert new_id >= 1024 and "<|im_start|>" in tokenizer.chat_template  # a new id, past the old vocabulary
+
+    weights = load_file(result.artifact / "adapter_model.safetensors")
+    embedding = next(value for name, value in weights.items() if "embed_tokens" in name)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    mean_row = base.get_input_embeddings().weight.mean(dim=0)
+    assert embedding.shape[0] == 1026
+    assert not torch.allclose(embedding[new_id], mean_row, atol=1e-4)  # trained away from its mean start
+    base.resize_token_embeddings(len(tokenizer))
+    tuned = PeftModel.from_pretrained(base, result.artifact)
+    assert torch.equal(tuned.get_input_embeddings().weight[new_id], embedding[new_id])
