@@ -128,13 +128,18 @@ def _embedding_module_names(model) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _fit_embeddings(model, tokenizer) -> bool:
-    """Grow the embeddings to the tokenizer (new rows start at the mean of the old ones). True when the
-    tokenizer has tokens the recipe added, whose rows must then be trained."""
-    if tokenizer is None:
-        return False
+def grow_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer's size (new rows start at the mean of the old ones). Also what a
+    base model needs before an adapter trained with added tokens loads onto it (merge)."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
+
+
+def _fit_embeddings(model, tokenizer) -> bool:
+    """Grow the embeddings to the tokenizer; True when it has tokens the recipe added, whose rows must train."""
+    if tokenizer is None:
+        return False
+    grow_embeddings(model, tokenizer)
     return bool(getattr(tokenizer, "ftclip_added_tokens", None))
 
 
