@@ -1,7 +1,8 @@
 """Built-in chat templates (recipe key `chat_template`), kept as .jinja files beside this module.
 
 chatml, llama3, mistral and gemma are the plain forms of those families' formats (no tools); qwen3 is Qwen3's
-own template (tools, <think> handling)."""
+own template (tools, <think> handling), the same file as tests/fixtures/chat_templates/Qwen-Qwen3-0.6B.jinja
+(source in SOURCES.md there)."""
 
 from __future__ import annotations
 
