@@ -79,10 +79,89 @@ def load_tokenizer(recipe: Recipe, recipe_path: str | Path | None):
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load the tokenizer from {source}: {error}") from None
+    _apply_chat_settings(tokenizer, recipe)
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss, so any id works; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     return tokenizer
+
+
+# ---------------------------------------------------------------- chat template, special tokens, added tokens
+
+
+def _apply_chat_settings(tokenizer, recipe: Recipe) -> None:
+    """The recipe's chat template, special tokens and added tokens, set on the tokenizer (so they are saved
+    with the adapter). The tokens that enlarged the vocabulary are kept in `tokenizer.ftclip_added_tokens`
+    for load_model, which then resizes the embeddings and trains the new rows."""
+    from tokenizers import AddedToken
+
+    from ftclip.chat_templates import resolve_chat_template
+
+    template = resolve_chat_template(recipe.chat_template, recipe.chat_template_jinja)
+    if template is not None:
+        tokenizer.chat_template = template
+    size = len(tokenizer)
+    vocabulary = tokenizer.get_vocab()
+    added = []
+    special = {key: value for key, value in (recipe.special_tokens.model_dump() if recipe.special_tokens else {}).items()
+               if value is not None}
+    if special:
+        added += [value for value in special.values() if value not in vocabulary]
+        tokenizer.add_special_tokens(special)
+    if recipe.tokens:
+        new = [token for token in recipe.tokens if token not in vocabulary]
+        # Not normalized or stripped: the token matches exactly the text written in the data.
+        tokenizer.add_tokens([AddedToken(token, normalized=False, lstrip=False, rstrip=False) for token in new])
+        added += new
+    if len(tokenizer) < size + len(set(added)):
+        raise ModelError(f"tokens/special_tokens: the tokenizer did not take all of {sorted(set(added))}")
+    tokenizer.ftclip_added_tokens = sorted(set(added))
+
+
+def _embedding_module_names(model) -> list[str]:
+    """The names (last path part, as peft's modules_to_save matches them) of the input and output embeddings."""
+    wanted = [model.get_input_embeddings(), model.get_output_embeddings()]
+    names = []
+    for name, module in model.named_modules():
+        if any(module is target for target in wanted if target is not None):
+            names.append(name.rsplit(".", 1)[-1])
+    return list(dict.fromkeys(names))
+
+
+def grow_embeddings(model, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer's size (new rows start at the mean of the old ones). Also what a
+    base model needs before an adapter trained with added tokens loads onto it (merge)."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+
+
+def _fit_embeddings(model, tokenizer) -> bool:
+    """Grow the embeddings to the tokenizer; True when it has tokens the recipe added, whose rows must train."""
+    if tokenizer is None:
+        return False
+    grow_embeddings(model, tokenizer)
+    return bool(getattr(tokenizer, "ftclip_added_tokens", None))
+
+
+def modules_to_save(recipe: Recipe, model, new_tokens: bool, note=None) -> list[str] | None:
+    """lora_modules_to_save, filled in with the embeddings when the recipe added tokens: LoRA leaves the
+    embeddings frozen, so the new tokens' rows would stay at their initial values."""
+    if not new_tokens:
+        return recipe.lora_modules_to_save
+    embeddings = _embedding_module_names(model)
+    chosen = list(recipe.lora_modules_to_save or [])
+    missing = [name for name in embeddings if name not in chosen]
+    if missing and recipe.lora_modules_to_save is not None:
+        raise ModelError(
+            f"tokens/special_tokens add tokens to the vocabulary, but lora_modules_to_save ({chosen}) leaves "
+            f"{missing} frozen, so the new tokens' embeddings would never train; add {missing} to it"
+        )
+    if missing:
+        chosen += missing
+        if note:
+            note(f"note: the recipe adds tokens, so lora_modules_to_save is set to {chosen} "
+                 "(the new tokens' embedding rows train in full and are saved with the adapter)")
+    return chosen
 
 
 def _quantization_config(recipe: Recipe, dtype: torch.dtype):
@@ -100,8 +179,10 @@ def _quantization_config(recipe: Recipe, dtype: torch.dtype):
     )
 
 
-def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device):
-    """The model ready to train: on the device, quantized and LoRA-wrapped as the recipe says."""
+def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device, tokenizer=None, note=None):
+    """The model ready to train: on the device, quantized and LoRA-wrapped as the recipe says; its embeddings
+    fit the tokenizer when one is given (tokens the recipe added). `note(text)` prints what was decided for
+    the user."""
     from transformers import AutoModelForCausalLM
 
     source = model_source(recipe.base_model, recipe_path)
@@ -117,6 +198,7 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     if quantization is None:
         model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
+    new_tokens = _fit_embeddings(model, tokenizer)
     if recipe.gradient_checkpointing and quantization is None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if recipe.adapter is None:
@@ -135,6 +217,9 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
         lora_dropout=recipe.lora_dropout,
         target_modules=recipe.target_modules,
         task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save(recipe, model, new_tokens, note),
+        # Tied input/output embeddings stay tied when both are trained in full.
+        ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False)),
     )
     try:
         return get_peft_model(model, lora)

@@ -288,6 +288,16 @@ class Recipe(BaseModel):
     mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
 
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str) -> str:
+        from ftclip.chat_templates import CHAT_TEMPLATE_CHOICES
+
+        if value not in CHAT_TEMPLATE_CHOICES:
+            raise ValueError(f"unknown chat template {value!r}; allowed: {', '.join(CHAT_TEMPLATE_CHOICES)} "
+                             "(jinja: a literal template in chat_template_jinja)")
+        return value
+
     @field_validator("lora_target_modules", mode="before")
     @classmethod
     def _target_modules(cls, value: Any) -> Any:
@@ -356,6 +366,10 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("eval_steps", "needs a held-out set: set val_set_size (e.g. 0.05)"))
     if recipe.warmup_steps and recipe.max_steps and recipe.warmup_steps >= recipe.max_steps:
         problems.append(("warmup_steps", f"{recipe.warmup_steps} >= max_steps {recipe.max_steps}; the LR never peaks"))
+    if recipe.chat_template == "jinja" and not recipe.chat_template_jinja:
+        problems.append(("chat_template", "jinja needs the template text in chat_template_jinja"))
+    if recipe.chat_template_jinja and recipe.chat_template not in ("jinja", "tokenizer_default"):
+        problems.append(("chat_template_jinja", f"given, but chat_template is {recipe.chat_template}; keep one of them"))
     return problems
 
 

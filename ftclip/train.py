@@ -256,10 +256,10 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
     return checkpoint
 
 
-def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dist: Distributed):
+def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dist: Distributed, tokenizer=None, note=None):
     """The model, wrapped for data parallelism, with its trainable parameters (after wrapping: FSDP2
     replaces them with DTensor shards)."""
-    model = dist.wrap(load_model(recipe, recipe_path, device))
+    model = dist.wrap(load_model(recipe, recipe_path, device, tokenizer, note))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise DataError("the model has no trainable parameters")
@@ -337,7 +337,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
     )
 
-    model, trainable = _load_trainable_model(recipe, recipe_path, device, dist)
+    model, trainable = _load_trainable_model(recipe, recipe_path, device, dist, tokenizer, console.print)
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     sharded = dist.strategy == "fsdp" and dist.enabled
