@@ -214,9 +214,14 @@ def report(
 
 
 @app.command()
-def preprocess(recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose data to tokenize.")]) -> None:
+def preprocess(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose data to tokenize.")],
+    show: Annotated[int, typer.Option(min=0, help="Print the first N tokenized examples, trained tokens highlighted.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="With --show: one JSON object per example "
+                                          '{"input_ids": [...], "labels": [...]} (-100 = not trained), nothing else.')] = False,
+) -> None:
     """Tokenize (and pack) the recipe's datasets into the on-disk cache, the step `train` then skips; print the
-    counts and the speed."""
+    counts and the speed, and with --show what is trained."""
     import resource
     import time
 
@@ -236,6 +241,16 @@ def preprocess(recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", hel
     except FtclipError as error:
         _fail(error)
     examples = data.examples
+    if show:
+        from ftclip.show import show_examples
+
+        shown = range(min(show, len(examples)))
+        show_examples(console, tokenizer, ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown),
+                      as_json=as_json)
+        if as_json:
+            return
+    for note in data.notes:
+        console.print(f"[yellow]warning:[/] {note}", highlight=False)
     trained = int(examples.trained.sum())
     console.print(f"{len(examples):,} examples ({len(data.train.members):,} train, {len(data.val):,} held out), "
                   f"{examples.tokens:,} tokens of which {trained:,} trained on; longest {int(examples.lengths.max())} "

@@ -14,6 +14,7 @@ import yaml
 
 from ftclip.checkpoint import RECIPE_FILE, atomic_directory
 from ftclip.errors import ModelError, OutputError
+from ftclip.modeling import grow_embeddings
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -51,16 +52,18 @@ def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | N
     if not (Path(base) / "config.json").is_file() and Path(base).is_absolute():
         raise ModelError(f"the adapter's base model {base} is gone (no config.json); pass --base-model")
     output = Path(output) if output else Path(run_dir) / "merged"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=_precision(adapter))
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load {base} with the adapter {adapter}: {error}") from None
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=_precision(adapter))
+        grow_embeddings(model, tokenizer)  # an adapter trained with added tokens saved the larger embeddings
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelError(f"cannot load {base} with the adapter {adapter}: {error}") from None
     try:
         with atomic_directory(output) as staging:
             merged.save_pretrained(staging)
-            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     except OSError as error:
         raise OutputError(f"cannot write {output}: {error.strerror or error}") from None
     return output

@@ -126,7 +126,8 @@ def count_steps(recipe: Recipe, train_rows: int, world_size: int = 1) -> int:
 def describe_data(data) -> str:
     """One line on where the tokens came from and, with packing, how full the rows are."""
     source = "cache hit" if data.hit else f"tokenized {data.records:,} records in {data.seconds:.1f} s"
-    line = f"data: {len(data.examples):,} examples, {data.examples.tokens:,} tokens ({source}: {data.cache})"
+    line = "".join(f"warning: {note}\n" for note in data.notes)
+    line += f"data: {len(data.examples):,} examples, {data.examples.tokens:,} tokens ({source}: {data.cache})"
     if data.packing:
         packing = data.packing
         line += (f"\npacking: {packing.examples} examples in {packing.rows} rows of {packing.capacity} tokens, "

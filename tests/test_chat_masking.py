@@ -8,10 +8,10 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-from conftest import QUICKSTART_MODEL, REPO
+from conftest import QUICKSTART_MODEL
 from transformers import AutoTokenizer
 
-from ftclip.chat_masking import (
+from ftclip.data.chat import (
     IGNORE_INDEX,
     Conversation,
     Skip,
@@ -264,35 +264,6 @@ def test_too_many_skips_stop_with_the_first_reasons():
     assert "skipped 1 of 50" in check_skipped(1, 50, ["assistant turn 2: ..."], "data.jsonl")
     with pytest.raises(DataError, match="data.jsonl: 6 of 50 .*wrong template.*System role not supported"):
         check_skipped(6, 50, ["the chat template refused it: System role not supported"], "data.jsonl")
-
-
-# ---------------------------------------------------------------- golden: today's data.tokenize_record
-
-
-def golden_records() -> list[dict]:
-    from test_data import CHAT
-
-    lines = (REPO / "recipes" / "data" / "chat-sample.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines] + [CHAT]
-
-
-def test_labels_match_todays_method_except_the_newline_after_each_marker():
-    """Today's prefix method trains `Lima.</s>\\n`: the separator after the marker, which the model never
-    generates (it stops at </s>). That newline is the only difference; the ids are identical."""
-    from ftclip.data import tokenize_record
-
-    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART_MODEL)
-    records = golden_records()
-    conversations = [conversation_from_record(record, spec()) for record in records]
-    results = tokenize_conversations(conversations, tokenizer, roles_to_train=["assistant"], train_on_eos="turn",
-                                     train_on_inputs=False, sequence_len=512)
-    for record, (input_ids, labels) in zip(records, results):
-        today = tokenize_record(record, "chat", tokenizer, 512, False)
-        assert input_ids == today.input_ids
-        differences = [i for i, (new, old) in enumerate(zip(labels, today.labels)) if new != old]
-        assert differences and all(labels[i] == IGNORE_INDEX and tokenizer.decode([today.labels[i]]) == "\n"
-                                   and tokenizer.decode([input_ids[i - 1]]) == "</s>" for i in differences)
-        assert len(differences) == sum(m["role"] == "assistant" for m in conversation_from_record(record, spec()).messages)
 
 
 # ---------------------------------------------------------------- built-in templates, recipe keys, tokenizer and model

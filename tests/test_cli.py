@@ -110,6 +110,24 @@ def test_preprocess_caches_then_hits(make_recipe):
     assert "8 examples" in first.output and "packing: 8 examples in" in first.output and "cached:" in first.output
     second = CliRunner().invoke(app, ["preprocess", str(path)])
     assert "cache hit:" in second.output
+    assert "records/s" in first.output and "tokens/s" in first.output and "peak memory:" in first.output
+
+
+def test_preprocess_show_json_is_the_trained_labels(make_recipe):
+    path = make_recipe()
+    shown = subprocess.run([sys.executable, "-m", "ftclip", "preprocess", str(path), "--show", "3", "--json"],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert len(lines) == 3  # nothing but the examples on stdout
+    for line in lines:
+        example = json.loads(line)
+        assert len(example["input_ids"]) == len(example["labels"])
+        trained = [i for i, label in enumerate(example["labels"]) if label != -100]
+        assert trained and all(example["labels"][i] == example["input_ids"][i] for i in trained)
+        assert trained[0] > 0  # the alpaca prompt is masked
+    coloured = CliRunner().invoke(app, ["preprocess", str(path), "--show", "1"])
+    assert coloured.exit_code == 0 and "example 1:" in coloured.output
 
 
 def test_resume_flags_are_checked(make_recipe, tmp_path):

@@ -38,7 +38,7 @@ def tokenizer():
 
 def tokenize_record(record, kind, tokenizer, sequence_len, train_on_inputs):
     out = tokenize_batch({key: [value] for key, value in record.items()}, tokenizer,
-                         TokenizeSettings(kind, sequence_len, train_on_inputs))
+                         TokenizeSettings(DatasetSpec(path="x", type=kind), sequence_len, train_on_inputs))
     assert out["problem"] == [None], out["problem"]
     return out["input_ids"][0], out["labels"][0]
 
@@ -123,8 +123,21 @@ def test_same_tokens_as_before_the_datasets_layer(tmp_path, tokenizer, case):
     tokens = all_tokens(prepare(recipe, None, tokenizer))
     expected = GOLDEN["cases"][case]
     assert len(tokens) == expected["count"]
-    assert list(tokens[0]) == expected["first"]
-    assert hashlib.sha256(json.dumps([list(t) for t in tokens]).encode()).hexdigest() == expected["sha256"]
+    if kind != "chat" or train_on_inputs == "True":
+        assert list(tokens[0]) == expected["first"]
+        assert hashlib.sha256(json.dumps([list(t) for t in tokens]).encode()).hexdigest() == expected["sha256"]
+        return
+    # Chat: the same ids. The old prefix method also trained the newline the template writes after each
+    # assistant's </s>, which the model never generates (it stops at </s>); that newline is the only change.
+    total_changed = 0
+    for (ids, labels), (old_ids, old_labels) in zip(tokens, expected["examples"]):
+        assert ids == old_ids
+        changed = [i for i, (new, old) in enumerate(zip(labels, old_labels)) if new != old]
+        assert all(labels[i] == IGNORE_INDEX and tokenizer.decode([old_labels[i]]) == "\n"
+                   and tokenizer.decode([ids[i - 1]]) == "</s>" for i in changed)
+        assert len(changed) <= tokenizer.decode(ids).count("<|assistant|>")  # at most one per assistant turn
+        total_changed += len(changed)
+    assert total_changed > 0 or int(sequence_len) < 128  # short rows may cut every reply before its </s>
 
 
 # ---------------------------------------------------------------- record checks: validate and train name the record
@@ -374,3 +387,30 @@ def test_collate_pads_right_and_masks_padding(tmp_path, tokenizer, alpaca_file):
         assert batch["attention_mask"][index].sum().item() == n
         assert (batch["labels"][index, n:] == IGNORE_INDEX).all()
         assert (batch["input_ids"][index, n:] == tokenizer.pad_token_id).all()
+
+
+def test_chat_records_a_template_cannot_mask_are_counted_then_refused(tmp_path, tokenizer):
+    """One record whose assistant content the template drops is skipped with a note; when most are, the
+    run stops: the template does not fit the data."""
+    def dropping(count_bad):
+        records = [CHAT] * 20 + [{"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "DROPPED"}]}] * count_bad
+        return write_jsonl(tmp_path / f"chat-{count_bad}.jsonl", records)
+
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ '' if m['content'] == 'DROPPED' else m['content'] }}</s>\n"
+                "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    spec = lambda path: [{"path": str(path), "type": "chat"}]  # noqa: E731
+    few = prepare(recipe_for(tmp_path, spec(dropping(1)), chat_template="jinja", chat_template_jinja=template), None,
+                  _with_template(tokenizer, template))
+    assert len(few.examples) == 20 and few.notes and "skipped 1 of 21 chat records" in few.notes[0]
+    with pytest.raises(DataError, match="wrong template"):
+        prepare(recipe_for(tmp_path, spec(dropping(10)), chat_template="jinja", chat_template_jinja=template), None,
+                _with_template(tokenizer, template))
+
+
+def _with_template(tokenizer, template):
+    import copy
+
+    copied = copy.deepcopy(tokenizer)
+    copied.chat_template = template
+    return copied

@@ -15,6 +15,7 @@ import numpy as np
 
 from ftclip.data.batches import Rows
 from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_manifest, staging_folder, tokenizer_digest
+from ftclip.data.chat import check_skipped
 from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices
 from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
 from ftclip.data.sources import Source, open_dataset, resolve_source
@@ -35,6 +36,7 @@ class PreparedData:
     hit: bool
     records: int  # records read (0 on a cache hit)
     seconds: float  # time spent tokenizing (0 on a hit)
+    notes: list[str]  # e.g. chat records skipped because the template could not mask them
 
 
 def num_processes(recipe: Recipe, records: int) -> int:
@@ -75,16 +77,29 @@ def _first_problem(mapped, source: Source) -> None:
     raise DataError(f"{source.label}: record {first + 1}: {column[first].as_py()}{more}")
 
 
+def _skipped_note(mapped, source: Source) -> list[str]:
+    """Chat records the template could not mask: a note, or a stop when so many that the template is wrong."""
+    import pyarrow.compute as pc
+
+    column = mapped.data.column("skipped")
+    skipped = len(column) - column.null_count
+    if not skipped:
+        return []
+    reasons = pc.drop_null(column).slice(0, 3).to_pylist()
+    note = check_skipped(skipped, len(column), reasons, source.label)
+    return [note] if note else []
+
+
 def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokenizer, root: Path, key: str) -> tuple[Path, int]:
     import datasets
 
     staging = staging_folder(root, key)
-    settings = [TokenizeSettings(s.spec.type, recipe.sequence_len, recipe.train_on_inputs) for s in sources]
+    settings = [TokenizeSettings(s.spec, recipe.sequence_len, recipe.train_on_inputs) for s in sources]
     features = datasets.Features({
         "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
-        "trained": datasets.Value("int32"), "problem": datasets.Value("string"),
+        "trained": datasets.Value("int32"), "problem": datasets.Value("string"), "skipped": datasets.Value("string"),
     })
-    records, shards, kept_counts = 0, [], []
+    records, shards, kept_counts, notes = 0, [], [], []
     for index, (source, dataset, setting) in enumerate(zip(sources, datasets_opened, settings)):
         if len(dataset) == 0:
             raise DataError(f"{source.label}: the dataset is empty")
@@ -99,6 +114,7 @@ def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokeniz
             new_fingerprint=f"{key}-{index}", desc=f"tokenizing {Path(source.location).name}",
         )
         _first_problem(mapped, source)
+        notes += _skipped_note(mapped, source)
         trained = np.concatenate([chunk.to_numpy() for chunk in mapped.data.column("trained").chunks])
         kept = np.flatnonzero(trained > 0)
         np.save(staging / f"d{index}-kept.npy", kept)
@@ -109,7 +125,7 @@ def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokeniz
     if not sum(kept_counts):
         raise DataError("no example has a trained token left after truncation; raise sequence_len")
     entry = publish(staging, root / key, {"format": 2, "shards": shards, "kept": kept_counts, "records": records,
-                                          "sources": [s.label for s in sources]})
+                                          "sources": [s.label for s in sources], "notes": notes})
     return entry, records
 
 
@@ -125,8 +141,9 @@ def _open(entry: Path, manifest: dict) -> TokenizedExamples:
 
 
 def tokenized_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer, build: bool = True
-                       ) -> tuple[TokenizedExamples, Path, bool, int, float]:
-    """(examples, cache entry, hit, records read, seconds) — from the cache, else tokenized now and stored.
+                       ) -> tuple[TokenizedExamples, Path, dict, bool, int, float]:
+    """(examples, cache entry, its manifest, hit, records read, seconds) — from the cache, else tokenized now
+    and stored.
     build=False (a rank other than 0) only opens an entry that rank 0 built."""
     root = cache_dir(recipe)
     sources = [resolve_source(spec, recipe_path) for spec in recipe.datasets]
@@ -142,7 +159,7 @@ def tokenized_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer
     manifest = read_manifest(entry)
     if manifest is not None:
         digests.save()
-        return _open(entry, manifest), entry, True, 0, 0.0
+        return _open(entry, manifest), entry, manifest, True, 0, 0.0
     if not build:
         raise DataError(f"rank 0 did not leave a readable tokenized cache at {entry}")
     started = time.perf_counter()
@@ -154,7 +171,8 @@ def tokenized_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer
         raise DataError(f"dataset_cache_dir: cannot write the tokenized cache under {root}: {error}") from None
     digests.save()
     seconds = time.perf_counter() - started
-    return _open(entry, read_manifest(entry)), entry, False, records, seconds
+    manifest = read_manifest(entry)
+    return _open(entry, manifest), entry, manifest, False, records, seconds
 
 
 def _packing(recipe: Recipe, examples: TokenizedExamples, train: np.ndarray, entry: Path) -> tuple[Rows, PackingStats]:
@@ -195,11 +213,12 @@ def prepare(recipe: Recipe, recipe_path: str | Path | None, tokenizer, dist=None
 
 
 def _prepare(recipe: Recipe, recipe_path, tokenizer, build: bool) -> PreparedData:
-    examples, entry, hit, records, seconds = tokenized_examples(recipe, recipe_path, tokenizer, build)
+    examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, recipe_path, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     packing = None
     if recipe.sample_packing:
         train_rows, packing = _packing(recipe, examples, train, entry)
     else:
         train_rows = Rows.single(examples, train)
-    return PreparedData(examples, train_rows, Rows.single(examples, val), packing, entry, hit, records, seconds)
+    return PreparedData(examples, train_rows, Rows.single(examples, val), packing, entry, hit, records, seconds,
+                        manifest.get("notes", []))

@@ -3,13 +3,16 @@
 Record schemas (one JSON object per record):
 - alpaca:     {"instruction": str, "input": str (optional), "output": str}
 - completion: {"text": str}
-- chat:       {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
+- chat:       {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}
               or ShareGPT {"conversations": [{"from": "system"|"human"|"gpt", "value": str}, ...]}
+              (other field and role names through the dataset's chat options; see ftclip/data/chat.py)
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from ftclip.recipe import DatasetSpec
 
 IGNORE_INDEX = -100  # label value the loss skips (transformers' and torch's convention)
 
@@ -22,7 +25,6 @@ ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 
 
 def alpaca_prompt(record: dict) -> str:
@@ -34,39 +36,9 @@ def _is_text(value: Any) -> bool:
     return isinstance(value, str)
 
 
-def chat_messages(record: dict) -> list[dict[str, str]] | str:
-    """The record's turns as [{role, content}], or a description of what is wrong."""
-    if record.get("messages") is not None:
-        turns = record["messages"]
-        if not isinstance(turns, list) or not turns:
-            return "messages must be a non-empty list"
-        messages = []
-        for index, turn in enumerate(turns):
-            if not isinstance(turn, dict) or not _is_text(turn.get("role")) or not _is_text(turn.get("content")):
-                return f"messages[{index}] needs string 'role' and 'content'"
-            if turn["role"] not in ("system", "user", "assistant"):
-                return f"messages[{index}].role is {turn['role']!r}; allowed: system, user, assistant"
-            messages.append({"role": turn["role"], "content": turn["content"]})
-    elif record.get("conversations") is not None:
-        turns = record["conversations"]
-        if not isinstance(turns, list) or not turns:
-            return "conversations must be a non-empty list"
-        messages = []
-        for index, turn in enumerate(turns):
-            if not isinstance(turn, dict) or not _is_text(turn.get("from")) or not _is_text(turn.get("value")):
-                return f"conversations[{index}] needs string 'from' and 'value'"
-            if turn["from"] not in SHAREGPT_ROLES:
-                return f"conversations[{index}].from is {turn['from']!r}; allowed: system, human, gpt"
-            messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
-    else:
-        return "a chat record needs 'messages' (OpenAI style) or 'conversations' (ShareGPT style)"
-    if not any(m["role"] == "assistant" for m in messages):
-        return "no assistant turn: nothing to train on"
-    return messages
-
-
-def record_problem(record: Any, kind: str) -> str | None:
+def record_problem(record: Any, spec: DatasetSpec) -> str | None:
     """Why a record does not fit its dataset type, or None."""
+    kind = spec.type
     if not isinstance(record, dict):
         return f"a record must be a JSON object, not {type(record).__name__}"
     if kind == "alpaca":
@@ -79,20 +51,24 @@ def record_problem(record: Any, kind: str) -> str | None:
         if not _is_text(record.get("text")) or not record["text"]:
             return "a completion record needs a non-empty string 'text'"
     elif kind == "chat":
-        messages = chat_messages(record)
-        if isinstance(messages, str):
-            return messages
+        from ftclip.data.chat import conversation_from_record
+
+        conversation = conversation_from_record(record, spec)
+        if isinstance(conversation, str):
+            return conversation
     return None
 
 
 REQUIRED_COLUMNS = {"alpaca": ("instruction", "output"), "completion": ("text",), "chat": None}
 
 
-def missing_columns(columns: list[str], kind: str) -> str | None:
-    """For sources checked by their schema rather than record by record (folders, Arrow, hub datasets)."""
+def missing_columns(columns: list[str], spec: DatasetSpec) -> str | None:
+    """For sources checked by their schema rather than record by record (parquet and Arrow files)."""
+    kind = spec.type
     if kind == "chat":
-        return None if {"messages", "conversations"} & set(columns) else (
-            "a chat dataset needs a 'messages' or 'conversations' column")
+        wanted = [spec.field_messages] if spec.field_messages else ["messages", "conversations"]
+        return None if set(wanted) & set(columns) else (
+            f"a chat dataset needs a {' or '.join(repr(w) for w in wanted)} column; it has {', '.join(columns)}")
     missing = [name for name in REQUIRED_COLUMNS[kind] if name not in columns]
     if missing:
         return f"an {kind} dataset needs column(s) {', '.join(missing)}; it has {', '.join(columns) or 'none'}"

@@ -135,11 +135,11 @@ def _arrow_columns(path: Path) -> list[str]:
         raise DataError(f"{path}: not a readable {path.suffix} file: {error}") from None
 
 
-def check_records(path: Path, records: list[Any], kind: str) -> None:
+def check_records(path: Path, records: list[Any], spec: DatasetSpec) -> None:
     if not records:
         raise DataError(f"{path}: the dataset is empty")
     for number, record in enumerate(records, start=1):
-        problem = record_problem(record, kind)
+        problem = record_problem(record, spec)
         if problem:
             raise DataError(f"{path}: record {number}: {problem}")
 
@@ -159,11 +159,11 @@ def check_source(spec: DatasetSpec, recipe_path: str | Path | None) -> str | Non
             raise DataError(f"{path}: the dataset folder is empty")
         return None
     if path.suffix in (".parquet", ".arrow"):
-        problem = missing_columns(_arrow_columns(path), spec.type)
+        problem = missing_columns(_arrow_columns(path), spec)
         if problem:
             raise DataError(f"{path}: {problem}")
         return None
-    check_records(path, read_text_records(path), spec.type)
+    check_records(path, read_text_records(path), spec)
     return None
 
 
@@ -218,7 +218,7 @@ def open_dataset(source: Source, cache_dir: Path):
     except Exception as error:  # datasets raises many types (DatasetGenerationError, ValueError, FileNotFoundError…)
         if source.kind == "file" and path.suffix in (".jsonl", ".csv"):
             # pyarrow's reader stops at the first bad line without saying which record: find it exactly.
-            check_records(path, read_text_records(path), spec.type)
+            check_records(path, read_text_records(path), spec)
         raise _builder_error(source, error) from None
 
 

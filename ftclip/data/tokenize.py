@@ -2,23 +2,30 @@
 runs, in several processes): prompts are masked with IGNORE_INDEX unless train_on_inputs.
 
 Each output row has input_ids, labels, `trained` (how many labels after the first are trained: the first
-token is never predicted) and `problem` (why the record does not fit its type, else None). Nothing raises
-inside the worker processes: the caller reads the problem column and names the first bad record."""
+token is never predicted), `problem` (why the record does not fit its type, else None) and `skipped` (why a
+valid chat record could not be masked on this template, else None). Nothing raises inside the worker
+processes: the caller reads those columns, names the first bad record and counts the skipped ones."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from ftclip.data.records import IGNORE_INDEX, alpaca_prompt, chat_messages, record_problem
+from ftclip.data.chat import Skip, conversation_from_record, tokenize_conversations
+from ftclip.data.records import IGNORE_INDEX, alpaca_prompt, record_problem
 from ftclip.errors import DataError
+from ftclip.recipe import DatasetSpec
 
 
 @dataclass(frozen=True)
 class TokenizeSettings:
-    kind: str
+    spec: DatasetSpec
     sequence_len: int
     train_on_inputs: bool
+
+    @property
+    def kind(self) -> str:
+        return self.spec.type
 
 
 def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:
@@ -33,24 +40,25 @@ def _finish(ids: list[int], labels: list[int], settings: TokenizeSettings) -> tu
 
 def tokenize_batch(batch: dict[str, list], tokenizer, settings: TokenizeSettings) -> dict[str, list]:
     records = _rows(batch)
-    problems = [record_problem(record, settings.kind) for record in records]
+    problems = [record_problem(record, settings.spec) for record in records]
     good = [record for record, problem in zip(records, problems) if problem is None]
     if settings.kind == "alpaca":
         pieces = _alpaca(good, tokenizer, settings)
     elif settings.kind == "completion":
         pieces = _completion(good, tokenizer, settings)
     else:
-        pieces = [_chat(chat_messages(record), tokenizer, settings) for record in good]
-    out: dict[str, list] = {"input_ids": [], "labels": [], "trained": [], "problem": []}
+        pieces = _chat(good, tokenizer, settings)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "trained": [], "problem": [], "skipped": []}
     produced = iter(pieces)
     for problem in problems:
-        ids, labels, trained = ([], [], 0) if problem else next(produced)
-        if isinstance(ids, str):  # a chat record the template cannot mask
-            problem, ids, labels, trained = ids, [], [], 0
+        piece = ([], [], 0) if problem else next(produced)
+        skipped = piece.reason if isinstance(piece, Skip) else None
+        ids, labels, trained = ([], [], 0) if skipped else piece
         out["input_ids"].append(ids)
         out["labels"].append(labels)
         out["trained"].append(trained)
         out["problem"].append(problem)
+        out["skipped"].append(skipped)
     return out
 
 
@@ -82,37 +90,18 @@ def _completion(records: list[dict], tokenizer, settings: TokenizeSettings) -> l
     return [_finish(ids + eos, ids + eos, settings) for ids in texts]
 
 
-def _render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
-
-def _chat(messages: list[dict], tokenizer, settings: TokenizeSettings) -> tuple:
-    """Render the conversation turn by turn so each assistant reply (with its end-of-turn marker) is
-    trained and everything else is masked. Needs a template whose renderings extend one another."""
-    ids: list[int] = []
-    labels: list[int] = []
-
-    def add(text: str, trained: bool) -> None:
-        if text:
-            piece = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids.extend(piece)
-            labels.extend(piece if (trained or settings.train_on_inputs) else [IGNORE_INDEX] * len(piece))
-
-    rendered = ""
-    for index, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:index], generation_prompt=True)
-        full = _render(tokenizer, messages[: index + 1])
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
-            return ("the chat template does not render turns as extensions of each other; cannot mask turns", [], 0)
-        add(prompt[len(rendered):], trained=False)
-        add(full[len(prompt):], trained=True)
-        rendered = full
-    add(_render(tokenizer, messages)[len(rendered):], trained=False)
-    return _finish(ids, labels, settings)
+def _chat(records: list[dict], tokenizer, settings: TokenizeSettings) -> list:
+    """One render per conversation, one offset tokenization for the batch (see ftclip/data/chat.py)."""
+    if not records:
+        return []
+    spec = settings.spec
+    conversations = [conversation_from_record(record, spec) for record in records]
+    results = tokenize_conversations(conversations, tokenizer, roles_to_train=spec.roles_to_train,
+                                     train_on_eos=spec.train_on_eos, train_on_inputs=settings.train_on_inputs,
+                                     sequence_len=settings.sequence_len)
+    return [result if isinstance(result, Skip) else _finish(*result, settings) for result in results]
 
 
 def check_chat_template(tokenizer, kind: str) -> None:
     if kind == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template; chat datasets need one (set `tokenizer:` or chat_template)")
+        raise DataError("the tokenizer has no chat template; chat datasets need one (set chat_template: or tokenizer:)")

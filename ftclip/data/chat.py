@@ -22,10 +22,9 @@ from typing import Any
 
 from jinja2 import TemplateError
 
+from ftclip.data.records import IGNORE_INDEX
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec
-
-IGNORE_INDEX = -100  # label value the loss skips (same as ftclip.data.IGNORE_INDEX)
 
 # Axolotl's default role names (template role -> names the data may use); a dataset's `roles` overrides
 # the template roles it names and keeps these for the others.
@@ -74,9 +73,10 @@ def _role_names(spec: DatasetSpec) -> dict[str, str]:
 
 
 def _messages_field(record: dict, spec: DatasetSpec) -> str | None:
+    # Read through Arrow, a record has every column of its file: an absent field is None, not missing.
     if spec.field_messages:
-        return spec.field_messages if spec.field_messages in record else None
-    return next((key for key in ("messages", "conversations") if key in record), None)
+        return spec.field_messages if record.get(spec.field_messages) is not None else None
+    return next((key for key in ("messages", "conversations") if record.get(key) is not None), None)
 
 
 def _tools(record: dict) -> list[dict] | None | str:
