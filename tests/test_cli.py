@@ -85,6 +85,8 @@ def test_quickstart_through_a_real_subprocess(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr
     assert "ftclip run summary" in completed.stdout
+    assert "\x1b" not in completed.stdout and "━" not in completed.stdout  # a pipe: no redrawn bar, plain lines
+    assert [line.split("  ")[0] for line in completed.stdout.splitlines() if line.startswith("step ")] == ["step 3/3"]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # logging_steps 10: only the last step
 
