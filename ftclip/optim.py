@@ -73,7 +73,7 @@ def why_no_cuda_without_torch() -> str | None:
         return f"the installed torch {build['__version__']} is a CPU-only build"
     if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
         return "CUDA_VISIBLE_DEVICES hides every GPU"
-    if _gpu_driver_present():
+    if _gpu_driver_present(nvidia=build is None or bool(build["cuda"]), rocm=build is None or bool(build["hip"])):
         return None
     return "this machine has none"
 
@@ -97,13 +97,17 @@ def _torch_build_accelerators() -> dict[str, str | None] | None:
     return found if set(found) == {"__version__", "cuda", "hip"} else None
 
 
-def _gpu_driver_present() -> bool:
-    """An NVIDIA driver with at least one GPU (Linux /proc and /dev, WSL's /dev/dxg), a ROCm device, or nvidia-smi
-    on PATH (Windows and unusual Linux setups)."""
+def _gpu_driver_present(nvidia: bool, rocm: bool) -> bool:
+    """A GPU the torch build can use: an NVIDIA driver with at least one GPU (Linux /proc and /dev, WSL's
+    /dev/dxg, else nvidia-smi on PATH, as on Windows), or for a ROCm build the ROCm device /dev/kfd."""
+    if rocm and Path("/dev/kfd").exists():
+        return True
+    if not nvidia:
+        return False
     gpus = Path("/proc/driver/nvidia/gpus")
     if gpus.is_dir() and any(gpus.iterdir()):
         return True
-    if any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/dxg").exists() or Path("/dev/kfd").exists():
+    if any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/dxg").exists():
         return True
     return shutil.which("nvidia-smi") is not None
 

@@ -210,3 +210,23 @@ def test_validate_output_is_one_line_per_problem_in_ci(make_recipe):
     assert lines[0].startswith("ok") and lines[1].startswith("  warning: trust_remote_code: true runs code")
     if len(lines) > 2:  # no CUDA here: the paged optimizer's warning, on one line however long
         assert lines[2].startswith("  warning: optimizer: paged_adamw_8bit") and lines[2].endswith("will refuse it here")
+
+
+def test_cuda_probe_reads_a_cuda_build_without_running_it(tmp_path):
+    """A CUDA build of torch (as torch/version.py spells it) on a machine whose driver is absent or hidden: the
+    probe reads the file, never imports the package (its __init__ here would fail), and names the reason."""
+    fake = tmp_path / "torch"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise SystemExit('torch was imported')\n")
+    (fake / "version.py").write_text("from typing import Optional\n__version__ = '2.13.0+cu128'\n"
+                                     "cuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n")
+    probe = "from ftclip.optim import why_no_cuda_without_torch as why; print(why())"
+    environment = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{REPO}", "CUDA_VISIBLE_DEVICES": "-1"}
+    hidden = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=environment)
+    assert hidden.stdout.strip() == "CUDA_VISIBLE_DEVICES hides every GPU", hidden.stderr
+    environment.pop("CUDA_VISIBLE_DEVICES")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=environment)
+    assert shown.returncode == 0 and "CPU-only" not in shown.stdout, shown.stderr  # None on a GPU machine
+    (fake / "version.py").write_text("__version__ = '2.13.0+cpu'\ncuda = None\nhip = None\n")
+    cpu = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=environment)
+    assert cpu.stdout.strip() == "the installed torch 2.13.0+cpu is a CPU-only build", cpu.stderr
