@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test bench bench-data lint quickstart validate assets
+.PHONY: install test bench bench-data bench-validate lint quickstart validate assets
 
 install:
 	$(PIP) install -q -e '.[dev]'
@@ -15,6 +15,10 @@ bench: install
 # Data stage vs plain `datasets` (200k generated records; --records N to change): see bench/RESULTS.md.
 bench-data: install
 	$(PYTHON) bench/data_bench.py
+
+# `ftclip validate recipes/*.yaml` against `python3 -c "import yaml, pydantic"`, side by side (issue 17's target: +0.5 s).
+bench-validate: install
+	$(PYTHON) bench/validate_bench.py --torch-reference
 
 lint: install
 	$(PYTHON) -m ruff check ftclip tests bench

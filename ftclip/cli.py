@@ -1,10 +1,16 @@
 """The command line: the only place that turns ftclip's errors into messages and exit codes
-(0 ok, 1 run stopped because it diverged, 2 bad input, 130/143 stopped by SIGINT/SIGTERM)."""
+(0 ok, 1 run stopped because it diverged, 2 bad input, 130/143 stopped by SIGINT/SIGTERM).
+
+Imports: this module's top imports only typer, rich and ftclip's light modules (errors, recipe). torch,
+transformers, datasets, peft and bitsandbytes cost seconds, so they are imported inside the command functions
+that need them (`train`, `merge`, ...), never here or in a helper that `validate`, `schema` or `--help` runs;
+tests/test_cli.py::test_light_commands_import_no_heavy_library checks it."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated
@@ -55,17 +61,51 @@ def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], lis
     return [Problem(str(path), key, message, key_line(path, key)) for key, message in found], notices
 
 
-def _notices(recipe: Recipe) -> list[str]:
-    """Valid, but worth a word: settings that run foreign code, or that this machine cannot run."""
-    import torch
+def _notices(recipe: Recipe) -> list[tuple[str, str]]:
+    """Valid, but worth a word, as (key, message): settings that run foreign code, or that this machine cannot run."""
+    from ftclip.optim import optimizer_device_problem, why_no_cuda_without_torch
 
-    from ftclip.optim import optimizer_device_problem
-
-    notices = ["trust_remote_code: true runs code shipped with the model"] if recipe.trust_remote_code else []
-    problem = optimizer_device_problem(recipe, torch.cuda.is_available())
-    if problem:  # device: cpu is an error already; auto/cuda may be meant for another machine
-        notices.append(f"optimizer: {problem} — `ftclip train` will refuse it here")
+    notices = [("trust_remote_code", "true runs code shipped with the model")] if recipe.trust_remote_code else []
+    if recipe.optimizer.startswith("paged_"):  # the CUDA probe reads a few files; torch itself is never imported here
+        why_not = why_no_cuda_without_torch()
+        problem = optimizer_device_problem(recipe, why_not is None, why_not or "")
+        if problem:  # device: cpu is an error already; auto/cuda may be meant for another machine
+            notices.append(("optimizer", f"{problem} — `ftclip train` will refuse it here"))
     return notices
+
+
+def _annotation_property(value: str) -> str:
+    # GitHub's workflow-command escaping (actions/toolkit command.ts escapeProperty).
+    return _annotation_data(value).replace(":", "%3A").replace(",", "%2C")
+
+
+def _annotation_data(value: str) -> str:
+    # GitHub's workflow-command escaping (actions/toolkit command.ts escapeData): the message must stay on one line.
+    return value.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def github_annotation(level: str, file: str, line: int | None, key: str, message: str) -> str:
+    """`::error file=F,line=N,title=KEY::MESSAGE` (or ::warning): GitHub Actions shows it on that line of the
+    pull request's diff. The file is made relative to the checkout (GITHUB_WORKSPACE) when it lies inside it."""
+    path = Path(file)
+    workspace = Path(os.environ.get("GITHUB_WORKSPACE") or Path.cwd())
+    if path.is_absolute() and path.resolve().is_relative_to(workspace.resolve()):
+        path = path.resolve().relative_to(workspace.resolve())
+    properties = [f"file={_annotation_property(path.as_posix())}"]
+    if line:
+        properties.append(f"line={line}")
+    if key:
+        properties.append(f"title={_annotation_property(key)}")
+    return f"::{level} {','.join(properties)}::{_annotation_data(message)}"
+
+
+def _validation_annotations(result: dict) -> list[str]:
+    from ftclip.recipe import key_line
+
+    lines = [github_annotation("error", p.file, p.line, p.key, p.message) for p in result["problems"]]
+    for key, message in result["notices"]:
+        lines.append(github_annotation("warning", result["file"], key_line(result["file"], key), key, message))
+    return lines
 
 
 @app.command()
@@ -73,7 +113,9 @@ def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
 ) -> None:
-    """Check recipes without loading weights: schema, combinations, data files, model paths. Exit 2 if any is invalid."""
+    """Check recipes without loading weights: schema, combinations, data files, model paths. Exit 2 if any is invalid.
+
+    Under GitHub Actions (GITHUB_ACTIONS=true) each problem is also printed as an ::error/::warning annotation."""
     results = []
     for path in recipes:
         try:
@@ -82,23 +124,30 @@ def validate(
             notices = _notices(recipe) + data_notices
         except RecipeError as error:
             problems, notices = error.problems, []
-        results.append({"file": str(path), "valid": not problems, "problems": problems, "warnings": notices})
+        results.append({"file": str(path), "valid": not problems, "problems": problems, "notices": notices})
     if as_json:
         payload = [
-            {**r, "problems": [{"line": p.line, "key": p.key, "message": p.message} for p in r["problems"]]}
+            {"file": r["file"], "valid": r["valid"],
+             "problems": [{"line": p.line, "key": p.key, "message": p.message} for p in r["problems"]],
+             "warnings": [f"{key}: {message}" for key, message in r["notices"]]}
             for r in results
         ]
         print(json.dumps(payload, indent=2))
     else:
         for result in results:
             if result["valid"]:
-                console.print(f"[green]ok[/]      {result['file']}", highlight=False)
+                console.print(f"[green]ok[/]      {result['file']}", highlight=False, soft_wrap=True)
             else:
-                console.print(f"[red]invalid[/] {result['file']}", highlight=False)
+                console.print(f"[red]invalid[/] {result['file']}", highlight=False, soft_wrap=True)
                 for problem in result["problems"]:
                     console.print(f"  {problem}", highlight=False, soft_wrap=True)
-            for notice in result["warnings"]:
-                console.print(f"  [yellow]warning:[/] {notice}", highlight=False)
+            for key, message in result["notices"]:
+                console.print(f"  [yellow]warning:[/] {key}: {message}", highlight=False, soft_wrap=True)
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        # The runner reads workflow commands from stdout and stderr alike; stderr keeps --json's stdout parseable.
+        for result in results:
+            for line in _validation_annotations(result):
+                print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
     if not all(result["valid"] for result in results):
         raise typer.Exit(EXIT_BAD_INPUT)
 

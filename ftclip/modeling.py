@@ -1,16 +1,21 @@
 """Model and tokenizer: resolved from a local folder or a hub id, loaded through transformers'
-`from_pretrained`, quantized through `BitsAndBytesConfig` and adapted with peft LoRA."""
+`from_pretrained`, quantized through `BitsAndBytesConfig` and adapted with peft LoRA.
+
+torch, transformers and peft are imported inside the loaders only: `validate` uses `check_model_source`
+and must not pay seconds of imports for it."""
 
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ftclip.errors import ModelError
 from ftclip.recipe import Recipe, resolve_input_path
+
+if TYPE_CHECKING:
+    import torch
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -57,6 +62,8 @@ def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
 
 
 def pick_device(recipe: Recipe) -> torch.device:
+    import torch
+
     if recipe.device == "cuda" and not torch.cuda.is_available():
         raise ModelError("device: cuda, but no CUDA device is available")
     if recipe.device == "auto":
@@ -65,6 +72,8 @@ def pick_device(recipe: Recipe) -> torch.device:
 
 
 def weight_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    import torch
+
     precision = recipe.precision
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
