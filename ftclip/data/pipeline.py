@@ -105,14 +105,19 @@ def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokeniz
             raise DataError(f"{source.label}: the dataset is empty")
         check_chat_template(tokenizer, setting.kind)
         processes = num_processes(recipe, len(dataset))
-        if processes > 1:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one process per core instead
-        mapped = dataset.map(
-            functools.partial(tokenize_batch, tokenizer=tokenizer, settings=setting),
-            batched=True, batch_size=1000, num_proc=processes, remove_columns=dataset.column_names,
-            features=features, cache_file_name=str(staging / f"d{index}-tokens.arrow"),
-            new_fingerprint=f"{key}-{index}", desc=f"tokenizing {Path(source.location).name}",
-        )
+        environ = os.environ
+        try:
+            mapped = dataset.map(
+                functools.partial(tokenize_batch, tokenizer=tokenizer, settings=setting),
+                batched=True, batch_size=1000, num_proc=processes if processes > 1 else None,
+                remove_columns=dataset.column_names, features=features,
+                cache_file_name=str(staging / f"d{index}-tokens.arrow"), new_fingerprint=f"{key}-{index}",
+                desc=f"tokenizing {Path(source.location).name}",
+            )
+        finally:
+            # With worker processes, datasets swaps os.environ for a deep copy; libraries holding the original
+            # (rich reads NO_COLOR from it) would no longer see later changes.
+            os.environ = environ
         _first_problem(mapped, source)
         notes += _skipped_note(mapped, source)
         trained = np.concatenate([chunk.to_numpy() for chunk in mapped.data.column("trained").chunks])
