@@ -48,7 +48,7 @@ from ftclip.modeling import load_model, load_tokenizer, pick_device
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table, tokenizing_progress
-from ftclip.recipe import Recipe
+from ftclip.recipe import Recipe, resolve_schedule
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -321,6 +321,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         console.print(f"packing: {packing.examples} examples in {packing.rows} rows of {recipe.sequence_len} tokens, "
                       f"{packing.efficiency:.0%} of the slots hold real tokens")
     total_steps = count_steps(recipe, len(train_examples), dist.world_size)
+    recipe = resolve_schedule(recipe, total_steps)  # saves/evals per epoch become step counts
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
     console.print(
         f"[bold]ftclip[/] {example_count} training examples, {len(val_examples)} held out; "
