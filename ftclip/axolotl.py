@@ -201,10 +201,6 @@ def _model_type(value: Any, config: dict) -> Outcome:
     return Refused(f"{value}: ftclip trains causal language models (AutoModelForCausalLM) only")
 
 
-def _tokenizer_type(value: Any, config: dict) -> Outcome:
-    return Dropped("ftclip loads AutoTokenizer, which picks the tokenizer class from the checkpoint")
-
-
 def _strategy_from_deepspeed(value: Any, config: dict, source: Path | None = None) -> Outcome:
     stage = None
     for candidate in (Path(value), (source.parent / value) if source else None):
@@ -285,10 +281,6 @@ def _tokenizer_config(value: Any, config: dict) -> Outcome:
     return Mapped({"tokenizer": value})
 
 
-def _auto_resume(value: Any, config: dict) -> Outcome:
-    return Dropped("ftclip resumes from output_dir's latest checkpoint by default")
-
-
 # ---------------------------------------------------------------- the table
 
 _TRACKER = "a tracker setting: no effect on what is trained"
@@ -301,7 +293,7 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "base_model": _same(), "tokenizer_config": _to("tokenizer", convert=_tokenizer_config),
     "trust_remote_code": _same(),
     "model_type": _to("—", "dropped for *ForCausalLM, refused otherwise", _model_type),
-    "tokenizer_type": _to("—", "dropped: AutoTokenizer picks the class", _tokenizer_type),
+    "tokenizer_type": _drop("ftclip loads AutoTokenizer, which picks the tokenizer class from the checkpoint"),
     "tokenizer_use_fast": _drop("ftclip uses the fast tokenizer when the checkpoint has one"),
     "tokenizer_legacy": _refuse("changes how a slow Llama tokenizer splits text"),
     "tokenizer_use_mistral_common": _refuse("mistral-common tokenization: ftclip uses transformers' tokenizer"),
@@ -329,6 +321,13 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "lora_on_cpu": _drop(_MEMORY),
     "unfrozen_parameters": _refuse("trains a chosen subset of parameters"),
     "relora": _refuse("ReLoRA (periodic merge and restart)"),
+    **{key: _refuse("ReLoRA (periodic merge and restart)") for key in (
+        "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio", "relora_cpu_offload")},
+    "rope_scaling": _refuse("changes the model's position encoding"),
+    **{f"is_{family}_derived_model": _drop("tells Axolotl the model family; ftclip reads it from the checkpoint")
+       for family in ("llama", "mistral", "falcon", "qwen")},
+    "attention": _drop("not an Axolotl key (Axolotl ignores it); the attention kernel is attn_implementation"),
+    "s2_attention": _refuse("shifted-sparse attention (LongLoRA)"),
     "load_in_4bit": _same(), "load_in_8bit": _same(),
     "bnb_config_kwargs": _refuse("bitsandbytes settings beyond quant type and double quant"),
     "gptq": _refuse("GPTQ-quantized bases"), "gptq_groupsize": _refuse("GPTQ-quantized bases"),
@@ -454,8 +453,9 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "eval_strategy": _drop(_EVAL_ONLY), "evaluation_strategy": _drop(_EVAL_ONLY),
     "save_safetensors": _drop("ftclip always writes safetensors"), "save_only_model": _drop("checkpoint contents"),
     "save_first_step": _drop("an extra checkpoint"), "resume_from_checkpoint": _same(),
-    "auto_resume_from_checkpoints": _to("—", "ftclip resumes by default", _auto_resume),
+    "auto_resume_from_checkpoints": _drop("ftclip resumes from output_dir's latest checkpoint by default"),
     "eval_table_size": _drop(_EVAL_ONLY), "eval_max_new_tokens": _drop(_EVAL_ONLY),
+    "eval_table_max_new_tokens": _drop(_EVAL_ONLY),
     "do_causal_lm_eval": _drop(_EVAL_ONLY), "eval_causal_lm_metrics": _drop(_EVAL_ONLY), "do_bench_eval": _drop(_EVAL_ONLY),
     "strict": _drop("Axolotl's config-merging switch"), "debug": _drop("logging"), "gpu_memory_limit": _drop(_MEMORY),
     "wandb_project": _same(), "wandb_entity": _same(), "wandb_name": _same(), "wandb_mode": _same(),
@@ -514,7 +514,7 @@ def unknown_key_message(key: str, dataset: bool = False, value: Any = None) -> s
         return None
     head = f"Axolotl key `{key}`"
     if rule.kind == "drop":
-        return f"{head}: no effect on what ftclip trains ({rule.why}); remove it, or run `ftclip import-axolotl`"
+        return f"{head}: ftclip has no such setting and needs none ({rule.why}); remove it, or run `ftclip import-axolotl`"
     if rule.kind == "refuse":
         return f"{head}: not supported: {rule.why}; ftclip has no equivalent"
     target = rule.ftclip if rule.ftclip and rule.ftclip != "—" else None
