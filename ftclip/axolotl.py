@@ -785,11 +785,20 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def output_path(source: Path, output: Path | None, output_dir: Path | None) -> Path:
+def output_paths(sources: list[Path], output: Path | None, output_dir: Path | None) -> list[Path]:
+    """Where each config's recipe goes: -o for one config; else NAME.ftclip.yaml next to it or in output_dir.
+    Inputs with the same name (examples/a/qlora.yml, examples/b/qlora.yml) are named by their path below the
+    folder they share (a__qlora.ftclip.yaml), so no recipe overwrites another."""
     if output is not None:
-        return output
-    folder = output_dir if output_dir is not None else source.parent
-    return folder / f"{source.stem}.ftclip.yaml"
+        return [output]
+    folder = (lambda source: output_dir) if output_dir is not None else (lambda source: source.parent)
+    targets = [folder(source) / f"{source.stem}.ftclip.yaml" for source in sources]
+    if len(set(targets)) == len(targets):
+        return targets
+    resolved = [source.resolve() for source in sources]
+    shared = Path(os.path.commonpath([path.parent for path in resolved]))
+    return [folder(source) / ("__".join(path.relative_to(shared).with_suffix("").parts) + ".ftclip.yaml")
+            for source, path in zip(sources, resolved)]
 
 
 # ---------------------------------------------------------------- README table
@@ -813,5 +822,5 @@ def mapping_markdown() -> str:
     return "\n".join(rows)
 
 
-__all__ = ["AXOLOTL_KEYS", "DATASET_KEYS", "ImportResult", "import_config", "mapping_markdown", "output_path",
+__all__ = ["AXOLOTL_KEYS", "DATASET_KEYS", "ImportResult", "import_config", "mapping_markdown", "output_paths",
            "unknown_key_message", "write_atomically"]

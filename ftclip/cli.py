@@ -282,13 +282,12 @@ def import_axolotl(
 ) -> None:
     """Convert Axolotl configs to ftclip recipes, with a per-key report: mapped, dropped (no effect on what is
     trained), refused (changes training; nothing is written for that config). Exit 2 if any was not written."""
-    from ftclip.axolotl import import_config, output_path, write_atomically
+    from ftclip.axolotl import import_config, output_paths, write_atomically
 
     if output is not None and (len(configs) > 1 or output_dir is not None):
         _fail(FtclipError("-o names one output file: pass one config, or use --output-dir for several"))
     results = []
-    for source in configs:
-        target = output_path(source, output, output_dir)
+    for source, target in zip(configs, output_paths(configs, output, output_dir)):
         result = import_config(source, target)
         if result.ok:
             try:

@@ -354,3 +354,15 @@ def test_readme_axolotl_table_is_current():
         "README's Coming from Axolotl table is stale: paste the output of ftclip.axolotl.mapping_markdown()"
     )
 
+
+
+def test_same_named_configs_do_not_overwrite_each_other(tmp_path):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "qlora.yml").write_text(BASE + f"learning_rate: {0.1 if folder == 'a' else 0.2}\n")
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["import-axolotl", str(tmp_path / "a" / "qlora.yml"), str(tmp_path / "b" / "qlora.yml"),
+                                 "--output-dir", str(out)])
+    assert result.exit_code == 0, result.output
+    assert load_recipe(out / "a__qlora.ftclip.yaml").learning_rate == 0.1
+    assert load_recipe(out / "b__qlora.ftclip.yaml").learning_rate == 0.2
