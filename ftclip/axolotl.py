@@ -482,13 +482,13 @@ FTCLIP_ONLY_KEYS = {"gradient_clipping", "distributed", "device", "max_skipped_s
 DATASET_TYPES = {"alpaca": "alpaca", "completion": "completion", "chat_template": "chat",
                  "chat_template.default": "chat", "chat": "chat"}
 DATASET_KEYS: dict[str, Rule] = {
-    "path": _same("a local path is rewritten relative to the written recipe"), "type": _to("type", "alpaca, completion, "
-                                                                                         "chat_template → chat"),
+    "path": _same("a local path is rewritten relative to the written recipe"),
+    "type": _to("datasets[].type", "alpaca, completion, chat_template → chat"),
     "split": _same(), "name": _same(), "data_files": _same(), "revision": _same(),
     "field_messages": _same(), "message_property_mappings": _same(), "roles": _same(), "roles_to_train": _same(),
     "train_on_eos": _same(),
-    "message_field_role": _to("message_property_mappings.role"),
-    "message_field_content": _to("message_property_mappings.content"),
+    "message_field_role": _to("datasets[].message_property_mappings.role"),
+    "message_field_content": _to("datasets[].message_property_mappings.content"),
     "ds_type": _drop("ftclip reads the format from the file extension"),
     "trust_remote_code": _drop("dataset loading scripts are not run"),
     "field": _to("—", "completion: text only"),
@@ -806,16 +806,19 @@ def output_paths(sources: list[Path], output: Path | None, output_dir: Path | No
 
 def mapping_markdown() -> str:
     """The README's "Coming from Axolotl" table, made from AXOLOTL_KEYS and DATASET_KEYS."""
-    kinds = {"same": "same", "map": "→", "drop": "dropped", "refuse": "refused"}
     rows = ["| Axolotl key | ftclip | note |", "| --- | --- | --- |"]
 
     def add(table: dict[str, Rule], prefix: str) -> None:
         for key in sorted(table):
             rule = table[key]
-            target = {"same": f"`{prefix}{key}`", "map": f"`{rule.ftclip}`" if rule.ftclip not in ("", "—") else "—",
-                      "drop": "dropped", "refuse": "refused"}[rule.kind]
+            if rule.kind == "same":
+                target = f"`{prefix}{key}`"
+            elif rule.kind == "map":
+                target = f"`{rule.ftclip}`" if rule.ftclip not in ("", "—") else "converted"
+            else:
+                target = {"drop": "dropped", "refuse": "refused"}[rule.kind]
             note = rule.why.replace("|", "\\|")
-            rows.append(f"| `{prefix}{key}` | {target if rule.kind in ('same', 'map') else kinds[rule.kind]} | {note} |")
+            rows.append(f"| `{prefix}{key}` | {target} | {note} |")
 
     add(AXOLOTL_KEYS, "")
     add(DATASET_KEYS, "datasets[].")

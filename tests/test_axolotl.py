@@ -366,3 +366,15 @@ def test_same_named_configs_do_not_overwrite_each_other(tmp_path):
     assert result.exit_code == 0, result.output
     assert load_recipe(out / "a__qlora.ftclip.yaml").learning_rate == 0.1
     assert load_recipe(out / "b__qlora.ftclip.yaml").learning_rate == 0.2
+
+
+def test_local_paths_are_rebased_onto_the_written_recipe(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    (tmp_path / "axolotl.yml").write_text("base_model: org/model\ndatasets:\n  - path: data/train.jsonl\n    type: alpaca\n")
+    monkeypatch.chdir(tmp_path)  # Axolotl reads local paths from the working directory; ftclip from the recipe's folder
+    result = runner.invoke(app, ["import-axolotl", "axolotl.yml", "-o", "recipes/imported.yaml"])
+    assert result.exit_code == 0, result.output
+    recipe = load_recipe(tmp_path / "recipes" / "imported.yaml")
+    assert recipe.datasets[0].path == "../data/train.jsonl"
+    assert recipe.base_model == "org/model"  # a hub id stays as it is
