@@ -234,6 +234,24 @@ def _strategy_from_fsdp(value: Any, config: dict) -> Outcome:
                   "wrap, offload and state-dict settings are ftclip's own")
 
 
+DISTRIBUTED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
+
+
+def distributed_strategy(config: dict, source: Path | None = None) -> tuple[str | None, str | None, str]:
+    """(strategy, refusal, key) from Axolotl's deepspeed / fsdp / fsdp_config keys, for recipes that carry them:
+    ZeRO-3 or FULL_SHARD → fsdp, ZeRO-1/2 or NO_SHARD → ddp. strategy is None when none of them is set."""
+    for key in ("deepspeed", "fsdp_config", "fsdp"):
+        value = config.get(key)
+        if _is_off(value):
+            continue
+        outcome = _strategy_from_deepspeed(value, config, source) if key == "deepspeed" else _strategy_from_fsdp(value, config)
+        if isinstance(outcome, Refused):
+            return None, outcome.why, key
+        if isinstance(outcome, Mapped):
+            return outcome.updates["distributed"]["strategy"], None, key
+    return None, None, ""
+
+
 def _plugins(value: Any, config: dict) -> Outcome:
     refused, updates, notes = [], {}, []
     for plugin in value:

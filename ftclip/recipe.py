@@ -177,6 +177,22 @@ def _without_empty_values(data: dict) -> dict:
     return cleaned
 
 
+def _distributed_from_axolotl(data: dict) -> dict:
+    """Axolotl's deepspeed / fsdp / fsdp_config / fsdp_version become distributed.strategy where the meaning
+    matches (ZeRO-3 or FULL_SHARD: fsdp; ZeRO-1/2 or NO_SHARD: ddp); the launcher stays torchrun."""
+    from ftclip.axolotl import DISTRIBUTED_KEYS, distributed_strategy  # lazy: ftclip.axolotl imports this module
+
+    given = {key: data.pop(key) for key in DISTRIBUTED_KEYS if key in data}
+    strategy, refusal, key = distributed_strategy(given)
+    if refusal:
+        raise ValueError(f"{key}: {refusal}")
+    if strategy is not None:
+        if "distributed" in data:
+            raise ValueError(f"{key}: distributed is given too; keep one (distributed: {{strategy: {strategy}}})")
+        data["distributed"] = {"strategy": strategy}
+    return data
+
+
 def _clipping_from_shorthand(value: Any) -> Any:
     """A bare number is a norm threshold (Axolotl/HF style); false, 0 and 'off' mean no clipping.
     (An empty value never gets here: it means the default, norm clipping at 1.0.)"""
@@ -401,6 +417,7 @@ class Recipe(BaseModel):
             if "dataset_cache_dir" in data:
                 raise ValueError("dataset_cache_dir and dataset_prepared_path (its Axolotl alias) are both given; keep one")
             data["dataset_cache_dir"] = data.pop("dataset_prepared_path")
+        data = _distributed_from_axolotl(data)
         if "max_grad_norm" in data:
             if "gradient_clipping" in data:
                 raise ValueError(
@@ -602,6 +619,10 @@ def problems_from_validation(error: ValidationError, file: str, lines: dict) -> 
         key = ".".join(str(part) for part in loc) or "recipe"
         if not loc and "max_grad_norm" in item["msg"]:
             key, loc = "max_grad_norm", ("max_grad_norm",)
+        for alias in ("deepspeed", "fsdp_config", "fsdp", "dataset_prepared_path"):  # model-level alias errors
+            if not loc and item["msg"].removeprefix("Value error, ").startswith(alias):
+                key, loc = alias, (alias,)
+                break
         problems.append(Problem(file, key, _describe(item), _line_of(loc, lines)))
     return problems
 

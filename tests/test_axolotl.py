@@ -320,7 +320,6 @@ def test_saves_per_epoch_and_resume_from_checkpoint_in_a_run(tmp_path, make_reci
 
 @pytest.mark.parametrize("key, value, expected", [
     ("strict", "false", "Axolotl key `strict`: ftclip has no such setting and needs none"),
-    ("deepspeed", "zero3.json", "Axolotl key `deepspeed`: ftclip's `distributed.strategy`"),
     ("tokenizer_type", "AutoTokenizer", "Axolotl key `tokenizer_type`"),
     ("rl", "dpo", "Axolotl key `rl`: not supported: preference or RL training"),
     ("wandb_watch", "gradients", "Axolotl key `wandb_watch`"),
@@ -378,3 +377,23 @@ def test_local_paths_are_rebased_onto_the_written_recipe(tmp_path, monkeypatch):
     recipe = load_recipe(tmp_path / "recipes" / "imported.yaml")
     assert recipe.datasets[0].path == "../data/train.jsonl"
     assert recipe.base_model == "org/model"  # a hub id stays as it is
+
+
+@pytest.mark.parametrize("extra, strategy", [
+    ("deepspeed: deepspeed_configs/zero3_bf16.json\n", "fsdp"),
+    ("deepspeed: deepspeed_configs/zero2.json\n", "ddp"),
+    ("fsdp:\n  - full_shard\n  - auto_wrap\nfsdp_config:\n  fsdp_sharding_strategy: FULL_SHARD\nfsdp_version: 2\n", "fsdp"),
+    ("fsdp_config:\n  sharding_strategy: NO_SHARD\n", "ddp"),
+    ("deepspeed:\nfsdp:\nfsdp_config:\n", "ddp"),  # empty: the default
+])
+def test_recipe_takes_axolotl_distributed_keys(extra, strategy):
+    assert parse_recipe(BASE + extra).distributed.strategy == strategy
+
+
+def test_recipe_refuses_an_unreadable_deepspeed_setting(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(BASE + "deepspeed: my_settings.json\n")
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(path)
+    [problem] = caught.value.problems
+    assert (problem.key, problem.line) == ("deepspeed", 5) and "ZeRO stage" in problem.message
