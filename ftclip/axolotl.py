@@ -485,6 +485,21 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "comet_api_key": _drop(_TRACKER), "comet_workspace": _drop(_TRACKER), "comet_project_name": _drop(_TRACKER),
     "use_comet": _drop(_TRACKER), "use_swanlab": _drop(_TRACKER), "use_otel_metrics": _drop(_TRACKER),
     "otel_metrics_host": _drop(_TRACKER), "otel_metrics_port": _drop(_TRACKER),
+    "ebft": _refuse("energy-based fine-tuning (an RL-style trainer)"), "vllm": _refuse("vLLM generation for RL"),
+    "diffusion": _refuse("diffusion language-model training"),
+    "llama4_linearized_experts": _refuse("Llama 4 MoE experts rewritten as linear layers"),
+    "dsv4_fp4_grouped_mode": _refuse("fp4 expert kernels that quantize the weights"),
+    "nvfp4_merge_aware": _refuse("nvfp4 quantization"), "use_onebitllms": _refuse("1-bit (BitNet) training"),
+    "freeze_mm_modules": _refuse("multimodal models"), "full_finetune": _refuse("multimodal full fine-tuning switch"),
+    "use_eaft": _refuse("EAFT loss reweighting"), "eaft_alpha": _refuse("EAFT loss reweighting"),
+    "eaft_k": _refuse("EAFT loss reweighting"),
+    "pretrain_multipack_attn": _refuse("streamed pretraining data"),
+    "streaming_multipack_buffer_size": _refuse("streamed datasets"),
+    "sample_packing_seq_len_multiplier": _drop("a packing buffer size Axolotl computes"),
+    "expert_parallel_num_nvl_bytes": _refuse("expert parallelism"),
+    "expert_parallel_token_capacity": _refuse("expert parallelism"),
+    "use_dsv4_kernels": _drop(KERNEL_ONLY), "use_glm_dsa_kernels": _drop(KERNEL_ONLY),
+    "accelerator_config": _drop("accelerate's launcher settings"),
     # cloud launcher settings (axolotl's modal/baseten runners), not training
     **{key: _drop("cloud launcher setting, not training") for key in (
         "gpu", "gpu_count", "provider", "node_count", "volumes", "branch", "dockerfile_commands", "memory", "timeout",
@@ -520,6 +535,8 @@ DATASET_KEYS: dict[str, Rule] = {
     "shards": _refuse("trains on a shard"), "shards_idx": _refuse("trains on a shard"),
     "preprocess_shards": _refuse("trains on a shard"), "train_on_split": _refuse("an extra split"),
     "train_on_inputs": _refuse("per-dataset train_on_inputs; ftclip has one for the recipe"),
+    "step_separator": _refuse("process-reward-model data"), "train_on_last_step_only": _refuse("process-reward-model data"),
+    "max_completion_length": _refuse("preference/RL completions"),
 }
 
 
