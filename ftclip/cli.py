@@ -205,6 +205,8 @@ def train(
 
         if resume and no_resume:
             raise FtclipError("--resume and --no-resume contradict each other; pass one")
+        if resume is None and not no_resume and recipe.resume_from_checkpoint:
+            resume = Path(recipe.resume_from_checkpoint)  # the recipe's spelling of --resume
         result = run_training(recipe, recipe_path, console, resume=False if no_resume else resume)
     except FtclipError as error:
         _fail(error)
@@ -342,3 +344,59 @@ def schema() -> None:
     print(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
+
+
+@app.command("import-axolotl")
+def import_axolotl(
+    configs: Annotated[list[Path], typer.Argument(metavar="IN.yml...", help="Axolotl config files.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where to write the recipe (one input only).")] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="Folder for the recipes (default: next to each input).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Convert Axolotl configs to ftclip recipes, with a per-key report: mapped, dropped (no effect on what is
+    trained), refused (changes training; nothing is written for that config). Exit 2 if any was not written."""
+    from ftclip.axolotl import import_config, output_paths, write_atomically
+
+    if output is not None and (len(configs) > 1 or output_dir is not None):
+        _fail(FtclipError("-o names one output file: pass one config, or use --output-dir for several"))
+    results = []
+    for source, target in zip(configs, output_paths(configs, output, output_dir)):
+        result = import_config(source, target)
+        if result.ok:
+            try:
+                write_atomically(target, result.text)
+            except OSError as error:
+                result.problems.append(f"cannot write {target}: {error}")
+        results.append(result)
+    if as_json:
+        print(json.dumps([result.as_json() for result in results], indent=2))
+    else:
+        for result in results:
+            _print_import(result)
+    written = sum(result.ok for result in results)
+    if not as_json and len(results) > 1:
+        console.print(f"{written} of {len(results)} configs written", highlight=False)
+    if written < len(results):
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _print_import(result) -> None:
+    if result.ok:
+        kind = " (already an ftclip recipe: copied unchanged)" if result.native else ""
+        console.print(f"[green]written[/] {result.output}  ← {result.source}{kind}", highlight=False)
+    elif result.refused:
+        console.print(f"[red]refused[/] {result.source}: nothing written", highlight=False)
+    else:
+        console.print(f"[red]invalid[/] {result.source}: nothing written", highlight=False)
+    if result.native:
+        return
+    for old, new, note in result.mapped:
+        console.print(f"  mapped   {old} → {new}" + (f"  ({note})" if note else ""), highlight=False, soft_wrap=True)
+    for key, why in result.dropped:
+        console.print(f"  dropped  {key}: {why}", highlight=False, soft_wrap=True)
+    for key, why in result.refused:
+        console.print(f"  [red]refused[/]  {key}: {why}", highlight=False, soft_wrap=True)
+    for problem in result.problems:
+        console.print(f"  [red]problem[/]  {problem}", highlight=False, soft_wrap=True)

@@ -195,6 +195,7 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     from transformers import AutoModelForCausalLM
 
     source = model_source(recipe.base_model, recipe_path)
+    use_tf32(recipe, device)
     dtype = weight_dtype(recipe, device)
     quantization = _quantization_config(recipe, dtype)
     options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code}
@@ -208,8 +209,9 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
         model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
     new_tokens = _fit_embeddings(model, tokenizer)
+    checkpointing_options = recipe.gradient_checkpointing_kwargs or {"use_reentrant": False}
     if recipe.gradient_checkpointing and quantization is None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_options)
     if recipe.adapter is None:
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -218,8 +220,10 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
         model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=recipe.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
+            gradient_checkpointing_kwargs=checkpointing_options,
         )
+    if recipe.lora_model_dir:
+        return _continue_adapter(model, recipe, recipe_path)
     lora = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
@@ -234,3 +238,30 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
         return get_peft_model(model, lora)
     except ValueError as error:  # e.g. target modules that do not exist in this architecture
         raise ModelError(f"lora_target_modules: {error}") from None
+
+
+def use_tf32(recipe: Recipe, device: torch.device) -> None:
+    """tf32: true lets CUDA float32 matmuls and convolutions use TF32 (as Axolotl's tf32 does); auto does so
+    when the GPU has TF32 (Ampere and newer). No effect on the CPU."""
+    wanted = recipe.tf32 is True or (recipe.tf32 == "auto" and device.type == "cuda"
+                                     and torch.cuda.get_device_capability(device)[0] >= 8)
+    if wanted and device.type == "cuda":
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch >= 2.9 spells it this way
+            torch.backends.cuda.matmul.fp32_precision = "tf32"
+            torch.backends.cudnn.conv.fp32_precision = "tf32"
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+
+def _continue_adapter(model, recipe: Recipe, recipe_path: str | Path | None):
+    """lora_model_dir: load a saved LoRA adapter onto the base, trainable, to continue training it."""
+    from peft import PeftModel
+
+    folder = resolve_input_path(recipe.lora_model_dir, recipe_path)
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelError(f"lora_model_dir: {folder} has no adapter_config.json; is it a saved LoRA adapter?")
+    try:
+        return PeftModel.from_pretrained(model, folder, is_trainable=True)
+    except (OSError, ValueError, KeyError) as error:
+        raise ModelError(f"lora_model_dir: cannot load the adapter from {folder}: {error}") from None

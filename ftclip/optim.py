@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftclip.errors import ModelError
-from ftclip.recipe import Recipe
+from ftclip.recipe import Recipe, schedule_steps
 
 if TYPE_CHECKING:
     import torch
@@ -26,11 +26,12 @@ def build_optimizer(recipe: Recipe, parameters: list[torch.nn.Parameter]) -> tor
     import torch
 
     lr, decay = recipe.learning_rate, recipe.weight_decay
+    adam = {"betas": (recipe.adam_beta1, recipe.adam_beta2), "eps": recipe.adam_epsilon}
     if recipe.optimizer == "adamw_torch":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay, **adam)
     if recipe.optimizer == "adamw_torch_fused":
         # Fused: one kernel per step, and it applies ftclip's clip scale and non-finite skip itself.
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay, fused=True)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay, fused=True, **adam)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, weight_decay=decay, fused=True)
     try:
@@ -39,7 +40,7 @@ def build_optimizer(recipe: Recipe, parameters: list[torch.nn.Parameter]) -> tor
         raise ModelError(f"optimizer: {recipe.optimizer} needs bitsandbytes ({error})") from None
     optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                   "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
-    return optimizers[recipe.optimizer](parameters, lr=lr, weight_decay=decay)
+    return optimizers[recipe.optimizer](parameters, lr=lr, weight_decay=decay, **adam)
 
 
 PAGED_NEEDS_CUDA = (
@@ -115,9 +116,13 @@ def _gpu_driver_present(nvidia: bool, rocm: bool) -> bool:
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):
     from transformers import get_scheduler
 
+    name, options = _SCHEDULES[recipe.lr_scheduler], None
+    if recipe.lr_scheduler == "cosine" and recipe.min_lr_ratio:
+        name, options = "cosine_with_min_lr", {"min_lr_rate": recipe.min_lr_ratio}
     return get_scheduler(
-        _SCHEDULES[recipe.lr_scheduler],
+        name,
         optimizer,
-        num_warmup_steps=recipe.warmup_steps,
+        num_warmup_steps=schedule_steps(recipe, total_steps).warmup_steps,
         num_training_steps=total_steps,
+        scheduler_specific_kwargs=options,
     )

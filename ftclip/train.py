@@ -48,7 +48,7 @@ from ftclip.modeling import load_model, load_tokenizer, pick_device
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
-from ftclip.recipe import Recipe
+from ftclip.recipe import Recipe, resolve_schedule
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -331,6 +331,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     train_rows, held_out = data.train, data.val
     example_count = len(data.examples) - len(held_out)
     total_steps = count_steps(recipe, len(train_rows), dist.world_size)
+    recipe = resolve_schedule(recipe, total_steps)  # saves/evals per epoch become step counts
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
     console.print(
         f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "

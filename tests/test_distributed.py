@@ -130,7 +130,7 @@ def test_checkpoint_resumes_on_the_same_world_size(single_process, tiny_model_di
     from conftest import write_recipe
 
     _, folder, data = single_process
-    common = dict(micro_batch_size=2, distributed={"strategy": strategy}, save_steps=1, save_total_limit=None,
+    common = dict(micro_batch_size=2, distributed={"strategy": strategy}, save_steps=1, save_total_limit=0,
                   **{**STEPS, "max_steps": 3, "lora_dropout": 0.1})
     full_dir, cut_dir = folder / f"{strategy}-full", folder / f"{strategy}-cut"
     full = write_recipe(folder, tiny_model_dir, data, name=f"{strategy}-full.yaml", output_dir=str(full_dir), **common)
