@@ -49,7 +49,7 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], list[str]]:
+def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], list[tuple[str, str]]]:
     """Checks that look at disk but load no weights and use no network: local data files parse, model folders
     and ids make sense. Returns problems and notices (e.g. a hub dataset missing from the local cache)."""
     from ftclip.data import check_datasets

@@ -259,7 +259,8 @@ def test_hub_id_offline_and_uncached_is_a_clear_error(tmp_path, tokenizer, monke
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = {"path": "someorg/some-sft-mix", "type": "chat"}
     problems, notices = check_datasets(recipe_for(tmp_path, [spec]), tmp_path / "r.yaml")
-    assert problems == [] and "someorg/some-sft-mix looks like a hub dataset id" in notices[0]
+    assert problems == [] and notices[0][0] == "datasets.0.path"
+    assert "someorg/some-sft-mix looks like a hub dataset id" in notices[0][1]
     with pytest.raises(DataError) as caught:
         prepare(recipe_for(tmp_path, [spec]), None, tokenizer)
     message = str(caught.value)

@@ -167,8 +167,8 @@ def check_source(spec: DatasetSpec, recipe_path: str | Path | None) -> str | Non
     return None
 
 
-def check_datasets(recipe: Recipe, recipe_path: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
-    """For `validate`: (key, problem) pairs and notices; reads local files, never the network."""
+def check_datasets(recipe: Recipe, recipe_path: str | Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """For `validate`: (key, problem) and (key, notice) pairs; reads local files, never the network."""
     problems, notices = [], []
     for index, spec in enumerate(recipe.datasets):
         try:
@@ -177,7 +177,7 @@ def check_datasets(recipe: Recipe, recipe_path: str | Path) -> tuple[list[tuple[
             problems.append((f"datasets.{index}.path", str(error)))
             continue
         if notice:
-            notices.append(f"datasets.{index}.path: {notice}")
+            notices.append((f"datasets.{index}.path", notice))
     return problems, notices
 
 
