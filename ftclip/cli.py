@@ -317,7 +317,7 @@ def preprocess(
         console.print(f"cached: {data.cache}", highlight=False)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    console.print(f"peak memory: {own:,.0f} MB" + (f" (largest tokenizing worker {workers:,.0f} MB)" if workers else ""),
+    console.print(f"peak memory: {own:,.0f} MB" + (f" (largest child process {workers:,.0f} MB)" if workers else ""),
                   highlight=False)
 
 
