@@ -209,7 +209,7 @@ def prepare(recipe: Recipe, recipe_path: str | Path | None, tokenizer, dist=None
         if dist.is_main:
             try:
                 prepared = _prepare(recipe, recipe_path, tokenizer, build=True)
-            except DataError as error:
+            except Exception as error:  # whatever it is, the waiting ranks must hear of it, not hang
                 failure = error
         if dist.agree_max(int(failure is not None)):  # doubles as the barrier: rank 0 has finished
             raise failure or DataError("rank 0 could not prepare the data (see its message)")
