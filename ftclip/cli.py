@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 
 from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped
-from ftclip.recipe import Recipe, load_recipe
+from ftclip.overrides import load_recipe_with_overrides
+from ftclip.recipe import Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -25,6 +26,13 @@ error_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", show_default=False,
+                 help="Override a recipe key before validation (dotted key, YAML value; repeatable), "
+                      "e.g. --set learning_rate=1e-4 --set datasets.0.path=data.jsonl."),
+]
 
 
 def _fail(error: FtclipError) -> None:
@@ -47,10 +55,12 @@ def _filesystem_problems(recipe: Recipe, path: Path) -> list[Problem]:
     """Checks that look at disk but load no weights: data files parse, model folders and ids make sense."""
     from ftclip.data import check_datasets
     from ftclip.modeling import check_model_source
+    from ftclip.overrides import blame, recipe_overrides
     from ftclip.recipe import key_line
+    from ftclip.trackers import tracker_problems
 
-    found = check_datasets(recipe, path) + check_model_source(recipe, path)
-    return [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
+    found = check_datasets(recipe, path) + check_model_source(recipe, path) + tracker_problems(recipe)
+    return blame([Problem(str(path), key, message, key_line(path, key)) for key, message in found], recipe_overrides(recipe))
 
 
 def _notices(recipe: Recipe) -> list[str]:
@@ -70,12 +80,13 @@ def _notices(recipe: Recipe) -> list[str]:
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
+    overrides: SetOption = None,
 ) -> None:
     """Check recipes without loading weights: schema, combinations, data files, model paths. Exit 2 if any is invalid."""
     results = []
     for path in recipes:
         try:
-            recipe = load_recipe(path)
+            recipe = load_recipe_with_overrides(path, overrides)
             problems = _filesystem_problems(recipe, path)
             notices = _notices(recipe)
         except RecipeError as error:
@@ -132,6 +143,7 @@ def train(
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if output_dir has checkpoints.")] = False,
     nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun.")] = None,
+    overrides: SetOption = None,
 ) -> None:
     """Load the model, LoRA/QLoRA and data, then train with live progress and save the result.
 
@@ -142,10 +154,10 @@ def train(
     if not _is_rank_zero():
         console.quiet = True  # rank 0 speaks for the run; errors still reach stderr from every rank
     try:
-        recipe = load_recipe(recipe_path)
-        overrides = {k: v for k, v in {"max_steps": max_steps, "output_dir": output_dir}.items() if v is not None}
-        if overrides:
-            recipe = recipe.model_copy(update=overrides)
+        # --max-steps/--output-dir are shorthands for --set; an explicit --set of the same key comes later and wins.
+        shorthands = ([f"max_steps={max_steps}"] if max_steps is not None else []) + (
+            [f"output_dir={json.dumps(output_dir)}"] if output_dir is not None else [])
+        recipe = load_recipe_with_overrides(recipe_path, shorthands + (overrides or []))
         problems = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
@@ -212,10 +224,11 @@ def report(
 
 
 @app.command()
-def preprocess(recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose data to tokenize.")]) -> None:
+def preprocess(recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose data to tokenize.")],
+               overrides: SetOption = None) -> None:
     """Tokenize the recipe's datasets into the on-disk cache (the step `train` then skips), and show the numbers."""
     try:
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe_with_overrides(recipe_path, overrides)
         problems = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)

@@ -13,6 +13,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_serializer,
     field_validator,
@@ -288,6 +289,9 @@ class Recipe(BaseModel):
     mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
 
+    # The command line's `--set KEY=VALUE` overrides already applied (ftclip.overrides), recorded by dump_recipe.
+    _overrides: list = PrivateAttr(default_factory=list)
+
     @field_validator("lora_target_modules", mode="before")
     @classmethod
     def _target_modules(cls, value: Any) -> Any:
@@ -520,7 +524,9 @@ def resolve_input_path(value: str, recipe_path: str | Path | None) -> Path:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    # The overrides as comments: the values below already include them; the comments say where they came from.
+    header = "".join(f"# --set {override.text}\n" for override in recipe._overrides)
+    return header + yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
 def keys_markdown() -> str:

@@ -49,6 +49,7 @@ from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table, tokenizing_progress
 from ftclip.recipe import Recipe
+from ftclip.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -346,6 +347,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     records = _earlier_records(output_dir / METRICS_FILE, state.step) if checkpoint else []
     metrics = MetricsLog(output_dir / METRICS_FILE, keep=records) if dist.is_main else NullLog()
     tensorboard = TensorBoardLog(output_dir / "tensorboard") if dist.is_main else NullLog()
+    trackers = open_trackers(recipe, output_dir) if dist.is_main else NullLog()  # W&B, MLflow: as the recipe says
     monitor = ClipMonitor(recipe.gradient_clipping.mode)
     counters = dict(state.counters)
     eval_loss = None
@@ -383,6 +385,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
             record["eval_loss"] = evaluate(model, val_examples, recipe, pad_id, device)
         metrics.write(record)
         tensorboard.write(record)
+        trackers.write(record)
         records.append(record)
         view.logged(record)
         return record
@@ -436,6 +439,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     finally:
         metrics.close()
         tensorboard.close()
+        trackers.close()
 
     if val_examples and eval_loss is None:  # resumed from a checkpoint taken at the very last step
         eval_loss = evaluate(model, val_examples, recipe, pad_id, device)
