@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped
 from ftclip.overrides import load_recipe_with_overrides
@@ -36,7 +37,7 @@ SetOption = Annotated[
 
 
 def _fail(error: FtclipError) -> None:
-    error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -105,7 +106,7 @@ def validate(
             else:
                 console.print(f"[red]invalid[/] {result['file']}", highlight=False)
                 for problem in result["problems"]:
-                    console.print(f"  {problem}", highlight=False, soft_wrap=True)
+                    console.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
             for notice in result["warnings"]:
                 console.print(f"  [yellow]warning:[/] {notice}", highlight=False)
     if not all(result["valid"] for result in results):

@@ -242,9 +242,14 @@ class Trackers:
 
 
 def open_trackers(recipe: Recipe, output_dir: Path) -> Trackers:
-    sinks: list = []
-    if wants_wandb(recipe):
-        sinks.append(WandbLog(recipe, output_dir))
-    if wants_mlflow(recipe):
-        sinks.append(MlflowLog(recipe, output_dir))
-    return Trackers(sinks)
+    """The recipe's trackers, started; if one cannot start, those already started end as failed."""
+    trackers = Trackers([])
+    try:
+        if wants_wandb(recipe):
+            trackers.sinks.append(WandbLog(recipe, output_dir))
+        if wants_mlflow(recipe):
+            trackers.sinks.append(MlflowLog(recipe, output_dir))
+    except TrackerError:
+        trackers.close()  # with the error in flight: each marks its run failed
+        raise
+    return trackers
