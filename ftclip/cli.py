@@ -263,13 +263,15 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A LoRA run's output_dir (or an adapter folder).")],
     output: Annotated[Path | None, typer.Option(help="Where to save the merged model (default: RUN_DIR/merged).")] = None,
     base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+    dtype: Annotated[str, typer.Option(help="Precision to save in: auto (as the run trained), bf16, fp16 or fp32.")] = "auto",
 ) -> None:
     """Merge the LoRA adapter into its base model and save a model that loads with plain transformers."""
     _quiet_libraries()
     from ftclip.merge import merge_adapter
 
     try:
-        saved = merge_adapter(run_dir, output, base_model)
+        saved = merge_adapter(run_dir, output, base_model, dtype,
+                              report=lambda message: console.print(message, highlight=False))
     except FtclipError as error:
         _fail(error)
     console.print(f"[green]merged[/]: {saved}  (AutoModelForCausalLM.from_pretrained({str(saved)!r}))", highlight=False)

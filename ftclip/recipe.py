@@ -291,6 +291,8 @@ class Recipe(BaseModel):
 
     # The command line's `--set KEY=VALUE` overrides already applied (ftclip.overrides), recorded by dump_recipe.
     _overrides: list = PrivateAttr(default_factory=list)
+    # What `bf16: auto` resolved to on the training device (e.g. "bfloat16"), recorded by dump_recipe for merge.
+    _trained_dtype: str | None = PrivateAttr(default=None)
 
     @field_validator("lora_target_modules", mode="before")
     @classmethod
@@ -523,9 +525,14 @@ def resolve_input_path(value: str, recipe_path: str | Path | None) -> Path:
     return Path(recipe_path).resolve().parent / candidate
 
 
+AUTO_PRECISION_NOTE = "# bf16: auto resolved to {dtype} on the training device"
+
+
 def dump_recipe(recipe: Recipe) -> str:
     # The overrides as comments: the values below already include them; the comments say where they came from.
     header = "".join(f"# --set {override.text}\n" for override in recipe._overrides)
+    if recipe.precision == "auto" and recipe._trained_dtype:
+        header += AUTO_PRECISION_NOTE.format(dtype=recipe._trained_dtype) + "\n"
     return header + yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 

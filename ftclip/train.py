@@ -44,7 +44,7 @@ from ftclip.data import Example, load_examples
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import EXIT_CODES, StopRequests
-from ftclip.modeling import load_model, load_tokenizer, pick_device
+from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table, tokenizing_progress
@@ -310,6 +310,9 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     checkpoint = _find_resume_point(recipe, output_dir, resume, console, clean=dist.is_main)
     seed_everything(recipe.seed)
     device = dist.device(pick_device(recipe))
+    if recipe.precision == "auto":  # the saved recipe records what auto meant here, so merge saves the same
+        recipe = recipe.model_copy()
+        recipe._trained_dtype = str(weight_dtype(recipe, device)).removeprefix("torch.")
     problem = optimizer_device_problem(recipe, torch.cuda.is_available())
     if problem:
         raise ModelError(f"optimizer: {problem}")
