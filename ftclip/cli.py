@@ -278,6 +278,57 @@ def merge(
 
 
 @app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR|MODEL_DIR",
+                                            help="A run's output_dir, or an adapter, merged or model folder.")],
+    prompt: Annotated[str | None, typer.Option(help="Answer this once, print the reply and exit (for scripts).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0, help="0: greedy (the same reply every time); >0: sample.")] = 0.0,
+    base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+) -> None:
+    """Talk to what a run trained: base model + adapter (or a merged/full model), prompts formatted as in training
+    (chat template, or alpaca for alpaca data), replies streamed. Interactive unless --prompt; history is kept."""
+    import sys
+
+    _quiet_libraries()
+    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, reply
+
+    try:
+        source = find_chat_source(run_dir, base_model)
+        model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
+    except FtclipError as error:
+        _fail(error)
+    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer))
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if prompt is not None:
+        reply(model, tokenizer, conversation, prompt, max_new_tokens, temperature, write)
+        write("\n")
+        return
+    loaded = f"{source.base_model} + adapter {source.folder}" if source.base_model else str(source.folder)
+    console.print(f"[bold]ftclip chat[/]: {loaded}, {conversation.style} prompts. /reset forgets the conversation; "
+                  "/quit or Ctrl-D ends it.", highlight=False)
+    while True:
+        try:
+            message = console.input("[bold cyan]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if message in ("/quit", "/exit"):
+            break
+        if message == "/reset":
+            conversation.turns.clear()
+            continue
+        if message:
+            console.print("[bold green]model>[/] ", end="")
+            reply(model, tokenizer, conversation, message, max_new_tokens, temperature, write)
+            write("\n")
+    write("\n")
+
+
+@app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema (point your editor's YAML plugin at it)."""
     print(json.dumps(Recipe.model_json_schema(), indent=2))

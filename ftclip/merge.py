@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import yaml
@@ -87,6 +88,8 @@ def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | N
         with atomic_directory(output) as staging:
             merged.save_pretrained(staging)
             AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
+            if (adapter / RECIPE_FILE).is_file():  # how the run trained: its precision, its prompt format (chat)
+                shutil.copy(adapter / RECIPE_FILE, staging / RECIPE_FILE)
     except OSError as error:
         raise OutputError(f"cannot write {output}: {error.strerror or error}") from None
     return output
