@@ -77,8 +77,10 @@ def _assign(node: Any, parts: list[str], value: Any, override: Override, file: s
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[Override], file: str = "<recipe>") -> dict[str, Any]:
-    """A copy of the recipe data with the overrides applied in order (a later one wins)."""
+    """A copy of the recipe data with the overrides applied in order (a later one wins). Raises one
+    RecipeError listing every override that cannot be applied."""
     data = copy.deepcopy(data)
+    problems: list[Problem] = []
     for override in overrides:
         if override.parts[0] == "max_grad_norm":  # Hugging Face's name for the same setting
             override = Override(override.text, "gradient_clipping" + override.key[len("max_grad_norm"):], override.value)
@@ -90,7 +92,12 @@ def apply_overrides(data: dict[str, Any], overrides: list[Override], file: str =
             if len(override.parts) > 1:
                 current = data.get("gradient_clipping")
                 data["gradient_clipping"] = _clipping_from_shorthand(current) if current is not None else {}
-        _assign(data, override.parts, override.value, override, file, [])
+        try:
+            _assign(data, override.parts, override.value, override, file, [])
+        except RecipeError as error:
+            problems += error.problems
+    if problems:
+        raise RecipeError(problems)
     return data
 
 
@@ -126,7 +133,14 @@ def load_recipe_with_overrides(path: str | Path, texts: list[str] | None) -> Rec
     if not texts:
         return load_recipe(path)
     file = str(path)
-    overrides = [parse_override(text, file) for text in texts]
+    overrides, problems = [], []
+    for text in texts:  # every malformed one reported at once
+        try:
+            overrides.append(parse_override(text, file))
+        except RecipeError as error:
+            problems += error.problems
+    if problems:
+        raise RecipeError(problems)
     try:
         text = Path(path).read_text(encoding="utf-8")
         node = yaml.compose(text, Loader=yaml.SafeLoader)

@@ -99,3 +99,9 @@ def test_preprocess_takes_set(make_recipe):
     result = runner.invoke(app, ["preprocess", str(make_recipe()), "--set", "sequence_len=64"])
     assert result.exit_code == 0, result.output
     assert "of sequence_len 64" in result.output
+
+
+def test_every_override_that_cannot_apply_is_reported_together(make_recipe):
+    result = runner.invoke(app, ["validate", str(make_recipe()), "--set", "datasets.3.path=x", "--set", "lora_r.value=3"])
+    assert result.exit_code == 2
+    assert "--set datasets.3.path=x:" in result.output and "--set lora_r.value=3:" in result.output
