@@ -287,7 +287,7 @@ def chat(
     base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
 ) -> None:
     """Talk to what a run trained: base model + adapter (or a merged/full model), prompts formatted as in training
-    (chat template, or alpaca for alpaca data), replies streamed. Interactive unless --prompt; history is kept."""
+    (chat template, or alpaca for alpaca data), replies streamed. Interactive unless --prompt; chat turns keep history."""
     import sys
 
     _quiet_libraries()

@@ -70,7 +70,8 @@ def prompt_style(recipe: dict[str, Any], tokenizer) -> str:
 
 @dataclass
 class Conversation:
-    """The turns so far, rendered to token ids the way the run's data was."""
+    """The turns so far, rendered to token ids the way the run's data was: chat and completion prompts carry the
+    earlier turns, alpaca prompts stand alone."""
 
     tokenizer: Any
     style: str
@@ -84,17 +85,12 @@ class Conversation:
             messages.append({"role": "user", "content": message})
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
         if self.style == "alpaca":
             from ftclip.data import ALPACA_NO_INPUT
 
-            # Each earlier exchange as it was trained (prompt, reply, eos), one after the other.
-            ids: list[int] = []
-            for user, reply in self.turns + [(message, None)]:
-                ids += tokenizer(ALPACA_NO_INPUT.format(instruction=user), add_special_tokens=not ids)["input_ids"]
-                if reply is not None:
-                    ids += tokenizer(reply, add_special_tokens=False)["input_ids"] + eos
-            return ids
+            # Each turn alone: the alpaca format has no earlier turns, and a model trained on single exchanges
+            # given earlier ones before the prompt repeats its previous answer (seen with the quickstart).
+            return tokenizer(ALPACA_NO_INPUT.format(instruction=message), add_special_tokens=True)["input_ids"]
         text = "".join(f"{user}{reply}" for user, reply in self.turns) + message  # completion: one running text
         return tokenizer(text, add_special_tokens=True)["input_ids"]
 

@@ -40,11 +40,9 @@ def test_a_run_dir_loads_base_plus_adapter_and_formats_alpaca(trained_lora, tiny
     streamed = []
     answer = reply(model, tokenizer, conversation, "Count from 3 to 6.", 5, 0.0, streamed.append)
     assert "".join(streamed).strip() == answer and conversation.turns == [("Count from 3 to 6.", answer)]
-    # The next turn carries the first exchange (prompt, reply, eos) before the new prompt.
+    # Alpaca has no earlier turns: the next prompt stands alone (chat prompts carry them: see below).
     second = conversation.prompt_ids("And from 4 to 7?")
-    assert second[:len(first)] == first
-    assert tokenizer.decode(second, skip_special_tokens=True).endswith(
-        ALPACA_NO_INPUT.format(instruction="And from 4 to 7?"))
+    assert tokenizer.decode(second, skip_special_tokens=True) == ALPACA_NO_INPUT.format(instruction="And from 4 to 7?")
 
 
 def test_chat_data_uses_the_tokenizer_template_with_history(tiny_model_dir):
@@ -65,16 +63,26 @@ def test_prompt_answers_once_within_max_new_tokens(trained_lora):
     assert 0 < len(tokenizer(result.output.strip(), add_special_tokens=False)["input_ids"]) <= 4  # re-tokenizing may split one
 
 
-def test_interactive_keeps_history_and_resets(trained_lora, monkeypatch):
-    seen = []
+def test_interactive_keeps_history_and_resets(make_recipe, monkeypatch):
+    path = make_recipe(max_steps=1, datasets=[{"path": str(REPO / "recipes" / "data" / "chat-sample.jsonl"), "type": "chat"}])
+    run = train(load_recipe(path), path, Console(quiet=True)).output_dir
+    prompts = []
     original = Conversation.prompt_ids
-    monkeypatch.setattr(Conversation, "prompt_ids", lambda self, message: seen.append(len(self.turns)) or original(
-        self, message))
-    result = runner.invoke(app, ["chat", str(trained_lora), "--max-new-tokens", "2"],
+
+    def recording(self, message):
+        ids = original(self, message)
+        prompts.append(self.tokenizer.decode(ids))
+        return ids
+
+    monkeypatch.setattr(Conversation, "prompt_ids", recording)
+    result = runner.invoke(app, ["chat", str(run), "--max-new-tokens", "2"],
                            input="Count from 3 to 6.\nAgain?\n/reset\nOnce more.\n")
     assert result.exit_code == 0, result.output
-    assert seen == [0, 1, 0]  # turns before each prompt: history kept, then forgotten after /reset
-    assert result.output.count("model>") == 3
+    assert "chat prompts" in " ".join(result.output.split()) and result.output.count("model>") == 3
+    assert prompts[0].endswith("<|user|>\nCount from 3 to 6.</s>\n<|assistant|>\n")
+    assert prompts[1].startswith("<|user|>\nCount from 3 to 6.</s>\n<|assistant|>\n")  # the first turn, kept
+    assert prompts[1].endswith("<|user|>\nAgain?</s>\n<|assistant|>\n")
+    assert "Count from 3 to 6." not in prompts[2]  # forgotten after /reset
 
 
 def test_merged_and_full_model_folders_chat_too(trained_lora, tmp_path):
@@ -94,14 +102,30 @@ def test_nothing_to_load_exits_2(tmp_path):
     assert result.exit_code == 2 and "is gone (no config.json); pass --base-model" in result.output
 
 
-@pytest.mark.slow
-def test_quickstart_run_answers_from_its_training_data(tmp_path):
-    run = tmp_path / "quickstart"
-    env_command = [sys.executable, "-m", "ftclip"]
-    trained = subprocess.run([*env_command, "train", str(REPO / "recipes" / "quickstart.yaml"), "--output-dir", str(run)],
-                             capture_output=True, text=True, timeout=900)
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("quickstart") / "run"
+    trained = subprocess.run([sys.executable, "-m", "ftclip", "train", str(REPO / "recipes" / "quickstart.yaml"),
+                              "--output-dir", str(run)], capture_output=True, text=True, timeout=1200)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    answer = subprocess.run([*env_command, "chat", str(run), "--prompt", "What is the capital of Japan?"],
-                            capture_output=True, text=True, timeout=300)
+    return run
+
+
+def _ask(run: Path, question: str) -> str:
+    answer = subprocess.run([sys.executable, "-m", "ftclip", "chat", str(run), "--prompt", question],
+                            capture_output=True, text=True, timeout=600)
     assert answer.returncode == 0, answer.stderr[-2000:]
-    assert answer.stdout.strip() == "The capital of Japan is Tokyo."
+    return answer.stdout.strip()
+
+
+@pytest.mark.slow
+def test_quickstart_run_answers_in_the_trained_format(quickstart_run):
+    assert _ask(quickstart_run, "What is the capital of Japan?") == "The capital of Japan is Tokyo."
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="the shipped quickstart (0.9 M parameters, 8 epochs) learns the answer format and the fact "
+                          "(teacher-forced it predicts Beijing after 'China is') but copies the wrong country: greedy "
+                          "decoding answers 'The capital of Finland is Helsinki.'", strict=False)
+def test_quickstart_run_knows_the_capital_of_china(quickstart_run):
+    assert "Beijing" in _ask(quickstart_run, "What is the capital of China?")
