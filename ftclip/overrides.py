@@ -9,6 +9,7 @@ from. The recipe saved with the run lists the overrides (see `recipe.dump_recipe
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,14 +114,18 @@ def _source(key: str, overrides: list[Override]) -> Override | None:
 
 
 def blame(problems: list[Problem], overrides: list[Override]) -> list[Problem]:
-    """Problems in overridden keys name the `--set` they came from (and no line of the file)."""
+    """Problems in overridden keys name the `--set` they came from (and no line of the file); a problem
+    elsewhere whose message names an overridden key (`warmup_steps: 10 >= max_steps 3`) names it too."""
     blamed = []
     for problem in problems:
         source = _source(problem.key, overrides) if problem.key else None
-        if source is None:
-            blamed.append(problem)
-        else:
+        if source is not None:
             blamed.append(Problem(problem.file, problem.key, f"{problem.message} (from --set {source.text})"))
+            continue
+        named = [o for o in overrides if re.search(rf"\b{re.escape(o.parts[0])}\b", problem.message)]
+        if named:
+            problem = Problem(problem.file, problem.key, f"{problem.message} (with --set {named[-1].text})", problem.line)
+        blamed.append(problem)
     return blamed
 
 

@@ -93,6 +93,11 @@ def test_max_steps_and_output_dir_flags_still_work_and_are_validated(make_recipe
     # --set comes after the shorthands, so it wins; the result is validated like the file.
     clash = runner.invoke(app, ["train", str(path), "--max-steps", "2", "--set", "max_steps=0"])
     assert clash.exit_code == 2 and "max_steps: Input should be greater than 0" in clash.output
+    # --max-steps is validated now (it used to bypass validation): a warmup longer than the run is refused.
+    warm = make_recipe("warm.yaml", warmup_steps=5)
+    short = runner.invoke(app, ["train", str(warm), "--max-steps", "3"])
+    assert short.exit_code == 2
+    assert "warmup_steps: 5 >= max_steps 3; the LR never peaks (with --set max_steps=3)" in " ".join(short.output.split())
 
 
 def test_preprocess_takes_set(make_recipe):
