@@ -84,6 +84,32 @@ def test_wandb_offline_run_gets_every_step_the_config_and_the_report(make_recipe
     assert list(run_file.parent.glob("files/media/images/ftclip_report_*.png"))
 
 
+SPIKY_RECORD = {"step": 3, "loss": 1.0, "grad_norm": 2.0, "clipped": True, "clip_threshold": None, "spike_steps": [2],
+                "per_step": {"step": [1, 2, 3], "loss": [1, 1, 1], "grad_norm": [1.0, 90.0, 2.0],
+                             "clip_coef": [1, 0.01, 0.5], "threshold": [1, 1, 1]}}
+
+
+@pytest.mark.slow  # wandb's service process
+def test_wandb_spike_is_a_point_at_its_step_and_an_alert(make_recipe, offline_wandb, tmp_path):
+    from ftclip.trackers import WandbLog
+
+    sink = WandbLog(load_recipe(make_recipe(wandb_project="ftclip-tests")), tmp_path)
+    sink.write(SPIKY_RECORD)
+    sink.close()
+    [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    spikes, alerts = {}, []
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            if "spike/grad_norm" in row:
+                spikes[row["_step"]] = row["spike/grad_norm"]
+        elif kind == "alert":
+            alerts.append(record.alert.text)
+    assert spikes == {2: 90.0}
+    assert alerts == [f"step 2: pre-clip gradient norm 90 (run {tmp_path})"]
+
+
 def test_wandb_disabled_mode_starts_nothing(make_recipe, offline_wandb, tmp_path):
     path = make_recipe(max_steps=1, wandb_project="ftclip-tests", wandb_mode="disabled")
     assert runner.invoke(app, ["train", str(path)]).exit_code == 0
@@ -126,10 +152,7 @@ def test_spikes_become_markers_and_a_tag(make_recipe, file_store, tmp_path):
 
     recipe = load_recipe(make_recipe(mlflow_tracking_uri=str(file_store)))
     sink = MlflowLog(recipe, tmp_path)
-    record = {"step": 3, "loss": 1.0, "grad_norm": 2.0, "clipped": True, "clip_threshold": None, "spike_steps": [2],
-              "per_step": {"step": [1, 2, 3], "loss": [1, 1, 1], "grad_norm": [1.0, 90.0, 2.0], "clip_coef": [1, 0.01, 0.5],
-                           "threshold": [1, 1, 1]}}
-    sink.write(record)
+    sink.write(SPIKY_RECORD)
     client = MlflowClient(str(file_store))
     assert [(m.step, m.value) for m in client.get_metric_history(sink.run_id, "spike/grad_norm")] == [(2, 90.0)]
     assert client.get_run(sink.run_id).data.tags["ftclip.spike_steps"] == "2"
