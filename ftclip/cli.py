@@ -17,9 +17,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped
-from ftclip.recipe import Recipe, load_recipe
+from ftclip.overrides import load_recipe_with_overrides
+from ftclip.recipe import Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -32,9 +34,16 @@ error_console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", show_default=False,
+                 help="Override a recipe key before validation (dotted key, YAML value; repeatable), "
+                      "e.g. --set learning_rate=1e-4 --set datasets.0.path=data.jsonl."),
+]
+
 
 def _fail(error: FtclipError) -> None:
-    error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -54,11 +63,14 @@ def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], lis
     and ids make sense. Returns problems and notices (e.g. a hub dataset missing from the local cache)."""
     from ftclip.data import check_datasets
     from ftclip.modeling import check_model_source
+    from ftclip.overrides import blame, recipe_overrides
     from ftclip.recipe import key_line
+    from ftclip.trackers import tracker_problems
 
     data_problems, notices = check_datasets(recipe, path)
-    found = data_problems + check_model_source(recipe, path)
-    return [Problem(str(path), key, message, key_line(path, key)) for key, message in found], notices
+    found = data_problems + check_model_source(recipe, path) + tracker_problems(recipe)
+    problems = [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
+    return blame(problems, recipe_overrides(recipe)), notices
 
 
 def _notices(recipe: Recipe) -> list[tuple[str, str]]:
@@ -112,6 +124,7 @@ def _validation_annotations(result: dict) -> list[str]:
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
+    overrides: SetOption = None,
 ) -> None:
     """Check recipes without loading weights: schema, combinations, data files, model paths. Exit 2 if any is invalid.
 
@@ -119,7 +132,7 @@ def validate(
     results = []
     for path in recipes:
         try:
-            recipe = load_recipe(path)
+            recipe = load_recipe_with_overrides(path, overrides)
             problems, data_notices = _filesystem_problems(recipe, path)
             notices = _notices(recipe) + data_notices
         except RecipeError as error:
@@ -140,9 +153,9 @@ def validate(
             else:
                 console.print(f"[red]invalid[/] {result['file']}", highlight=False, soft_wrap=True)
                 for problem in result["problems"]:
-                    console.print(f"  {problem}", highlight=False, soft_wrap=True)
+                    console.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
             for key, message in result["notices"]:
-                console.print(f"  [yellow]warning:[/] {key}: {message}", highlight=False, soft_wrap=True)
+                console.print(f"  [yellow]warning:[/] {key}: {escape(message)}", highlight=False, soft_wrap=True)
     if os.environ.get("GITHUB_ACTIONS") == "true":
         # The runner reads workflow commands from stdout and stderr alike; stderr keeps --json's stdout parseable.
         for result in results:
@@ -183,6 +196,7 @@ def train(
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if output_dir has checkpoints.")] = False,
     nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun.")] = None,
+    overrides: SetOption = None,
 ) -> None:
     """Load the model, LoRA/QLoRA and data, then train with live progress and save the result.
 
@@ -193,10 +207,10 @@ def train(
     if not _is_rank_zero():
         console.quiet = True  # rank 0 speaks for the run; errors still reach stderr from every rank
     try:
-        recipe = load_recipe(recipe_path)
-        overrides = {k: v for k, v in {"max_steps": max_steps, "output_dir": output_dir}.items() if v is not None}
-        if overrides:
-            recipe = recipe.model_copy(update=overrides)
+        # --max-steps/--output-dir are shorthands for --set; an explicit --set of the same key comes later and wins.
+        shorthands = ([f"max_steps={max_steps}"] if max_steps is not None else []) + (
+            [f"output_dir={json.dumps(output_dir)}"] if output_dir is not None else [])
+        recipe = load_recipe_with_overrides(recipe_path, shorthands + (overrides or []))
         problems, _ = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
@@ -270,6 +284,7 @@ def preprocess(
     show: Annotated[int, typer.Option(min=0, help="Print the first N tokenized examples, trained tokens highlighted.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="With --show: one JSON object per example "
                                           '{"input_ids": [...], "labels": [...]} (-100 = not trained), nothing else.')] = False,
+    overrides: SetOption = None,
 ) -> None:
     """Tokenize (and pack) the recipe's datasets into the on-disk cache, the step `train` then skips; print the
     counts and the speed, and with --show what is trained."""
@@ -277,7 +292,7 @@ def preprocess(
     import time
 
     try:
-        recipe = load_recipe(recipe_path)
+        recipe = load_recipe_with_overrides(recipe_path, overrides)
         problems, notices = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
@@ -326,16 +341,69 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A LoRA run's output_dir (or an adapter folder).")],
     output: Annotated[Path | None, typer.Option(help="Where to save the merged model (default: RUN_DIR/merged).")] = None,
     base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+    dtype: Annotated[str, typer.Option(help="Precision to save in: auto (as the run trained), bf16, fp16 or fp32.")] = "auto",
 ) -> None:
     """Merge the LoRA adapter into its base model and save a model that loads with plain transformers."""
     _quiet_libraries()
     from ftclip.merge import merge_adapter
 
     try:
-        saved = merge_adapter(run_dir, output, base_model)
+        saved = merge_adapter(run_dir, output, base_model, dtype,
+                              report=lambda message: console.print(message, highlight=False))
     except FtclipError as error:
         _fail(error)
     console.print(f"[green]merged[/]: {saved}  (AutoModelForCausalLM.from_pretrained({str(saved)!r}))", highlight=False)
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR|MODEL_DIR",
+                                            help="A run's output_dir, or an adapter, merged or model folder.")],
+    prompt: Annotated[str | None, typer.Option(help="Answer this once, print the reply and exit (for scripts).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0, help="0: greedy (the same reply every time); >0: sample.")] = 0.0,
+    base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+) -> None:
+    """Talk to what a run trained: base model + adapter (or a merged/full model), prompts formatted as in training
+    (chat template, or alpaca for alpaca data), replies streamed. Interactive unless --prompt; chat turns keep history."""
+    import sys
+
+    _quiet_libraries()
+    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, reply
+
+    try:
+        source = find_chat_source(run_dir, base_model)
+        model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
+    except FtclipError as error:
+        _fail(error)
+    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer))
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if prompt is not None:
+        reply(model, tokenizer, conversation, prompt, max_new_tokens, temperature, write)
+        write("\n")
+        return
+    loaded = f"{source.base_model} + adapter {source.folder}" if source.base_model else str(source.folder)
+    console.print(f"[bold]ftclip chat[/]: {loaded}, {conversation.style} prompts. /reset forgets the conversation; "
+                  "/quit or Ctrl-D ends it.", highlight=False)
+    while True:
+        try:
+            message = console.input("[bold cyan]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if message in ("/quit", "/exit"):
+            break
+        if message == "/reset":
+            conversation.turns.clear()
+            continue
+        if message:
+            console.print("[bold green]model>[/] ", end="")
+            reply(model, tokenizer, conversation, message, max_new_tokens, temperature, write)
+            write("\n")
+    write("\n")
 
 
 @app.command()

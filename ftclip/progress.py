@@ -263,13 +263,3 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for key, value in summary.items():
         table.add_row(key, _number(value) if isinstance(value, float) else str(value))
     return table
-
-
-def tokenizing_progress(console: Console):
-    """A `progress(records, name)` wrapper for data.tokenize_datasets: a rich bar per dataset file."""
-    from rich.progress import track
-
-    def wrap(records, name):
-        return track(records, description=f"tokenizing {name}", console=console, transient=True)
-
-    return wrap

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_serializer,
     field_validator,
@@ -376,6 +377,11 @@ class Recipe(BaseModel):
     mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
 
+    # The command line's `--set KEY=VALUE` overrides already applied (ftclip.overrides), recorded by dump_recipe.
+    _overrides: list = PrivateAttr(default_factory=list)
+    # What `bf16: auto` resolved to on the training device (e.g. "bfloat16"), recorded by dump_recipe for merge.
+    _trained_dtype: str | None = PrivateAttr(default=None)
+
     @field_validator("chat_template")
     @classmethod
     def _known_chat_template(cls, value: str) -> str:
@@ -702,8 +708,15 @@ def resolve_input_path(value: str, recipe_path: str | Path | None) -> Path:
     return Path(recipe_path).resolve().parent / candidate
 
 
+AUTO_PRECISION_NOTE = "# bf16: auto resolved to {dtype} on the training device"
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    # The overrides as comments: the values below already include them; the comments say where they came from.
+    header = "".join(f"# --set {override.text}\n" for override in recipe._overrides)
+    if recipe.precision == "auto" and recipe._trained_dtype:
+        header += AUTO_PRECISION_NOTE.format(dtype=recipe._trained_dtype) + "\n"
+    return header + yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
 def keys_markdown() -> str:

@@ -44,11 +44,12 @@ from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import EXIT_CODES, StopRequests
-from ftclip.modeling import load_model, load_tokenizer, pick_device
+from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
 from ftclip.recipe import Recipe, resolve_schedule
+from ftclip.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -321,6 +322,9 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     checkpoint = _find_resume_point(recipe, output_dir, resume, console, clean=dist.is_main)
     seed_everything(recipe.seed)
     device = dist.device(pick_device(recipe))
+    if recipe.precision == "auto":  # the saved recipe records what auto meant here, so merge saves the same
+        recipe = recipe.model_copy()
+        recipe._trained_dtype = str(weight_dtype(recipe, device)).removeprefix("torch.")
     problem = optimizer_device_problem(recipe, torch.cuda.is_available())
     if problem:
         raise ModelError(f"optimizer: {problem}")
@@ -357,6 +361,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     records = _earlier_records(output_dir / METRICS_FILE, state.step) if checkpoint else []
     metrics = MetricsLog(output_dir / METRICS_FILE, keep=records) if dist.is_main else NullLog()
     tensorboard = TensorBoardLog(output_dir / "tensorboard") if dist.is_main else NullLog()
+    trackers = open_trackers(recipe, output_dir) if dist.is_main else NullLog()  # W&B, MLflow: as the recipe says
     monitor = ClipMonitor(recipe.gradient_clipping.mode)
     counters = dict(state.counters)
     eval_loss = None
@@ -394,6 +399,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
             record["eval_loss"] = evaluate(model, held_out, recipe, pad_id, device)
         metrics.write(record)
         tensorboard.write(record)
+        trackers.write(record)
         records.append(record)
         view.logged(record)
         return record
@@ -447,6 +453,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     finally:
         metrics.close()
         tensorboard.close()
+        trackers.close()
 
     if held_out and eval_loss is None:  # resumed from a checkpoint taken at the very last step
         eval_loss = evaluate(model, held_out, recipe, pad_id, device)
