@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from ftclip.cli import app
-from ftclip.data import ALPACA_NO_INPUT
+from ftclip.data.records import ALPACA_NO_INPUT
 from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, reply
 from ftclip.recipe import load_recipe
 from ftclip.train import train
