@@ -106,7 +106,9 @@ def _apply_chat_settings(tokenizer, recipe: Recipe) -> None:
 
     from ftclip.chat_templates import resolve_chat_template
 
-    template = resolve_chat_template(recipe.chat_template, recipe.chat_template_jinja)
+    # tokenizer_default_fallback_<name> needs to know whether the tokenizer brought a template of its own.
+    template = resolve_chat_template(recipe.chat_template, recipe.chat_template_jinja,
+                                     getattr(tokenizer, "chat_template", None))
     if template is not None:
         tokenizer.chat_template = template
     size = len(tokenizer)
