@@ -44,6 +44,7 @@ from ftclip.data import Example, load_examples
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import EXIT_CODES, StopRequests
+from ftclip.loss import loss_function
 from ftclip.modeling import load_model, load_tokenizer, pick_device
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
@@ -128,12 +129,13 @@ def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def forward_backward(model, group: list[list[Example]], pad_id: int, device: torch.device,
-                     dist: Distributed | None = None) -> torch.Tensor:
+                     dist: Distributed | None = None, compute_loss=None) -> torch.Tensor:
     """Accumulate gradients over the micro-batches of one optimizer step. Each micro-batch's summed token
     loss is divided by the token count of the *whole* step (all micro-batches, all ranks), so accumulation
     and data parallelism give the gradient of one big batch: a mean over tokens, not a mean of means.
     (DDP and FSDP average gradients over ranks, hence the count divided by the world size.) Gradients are
-    reduced across ranks once, on the last micro-batch."""
+    reduced across ranks once, on the last micro-batch. compute_loss(model, inputs, num_items_in_batch):
+    ftclip.loss's (chunked by default); None is the plain `model(**inputs).loss`."""
     dist = dist or Distributed()
     trained_tokens = sum(example.trained_tokens for batch in group for example in batch)
     items = trained_tokens / dist.world_size if dist.enabled else trained_tokens
@@ -142,7 +144,10 @@ def forward_backward(model, group: list[list[Example]], pad_id: int, device: tor
         batch = dist.local_slice(global_batch)
         with dist.gradient_sync(model, sync=index == len(group) - 1):
             inputs = _on_device(collate(batch, pad_id), device)
-            loss = model(**inputs, num_items_in_batch=items).loss
+            if compute_loss is None:
+                loss = model(**inputs, num_items_in_batch=items).loss
+            else:
+                loss = compute_loss(model, inputs, items)
             loss.backward()
         step_loss += loss.detach()
     return step_loss
@@ -153,12 +158,13 @@ def evaluate(model, examples: list[Example], recipe: Recipe, pad_id: int, device
     """Token-mean loss over the held-out set. Every rank evaluates all of it: FSDP needs each forward on
     every rank anyway, and the answer is then the same everywhere with no reduction."""
     model.eval()
+    compute_loss = loss_function(recipe)
     total_loss, total_tokens = torch.zeros((), device=device), 0
     for start in range(0, len(examples), recipe.micro_batch_size):
         batch = examples[start : start + recipe.micro_batch_size]
         tokens = sum(example.trained_tokens for example in batch)
         inputs = _on_device(collate(batch, pad_id), device)
-        total_loss += model(**inputs, num_items_in_batch=tokens).loss * tokens
+        total_loss += compute_loss(model, inputs, tokens) * tokens
         total_tokens += tokens
     model.train()
     return float(total_loss) / max(total_tokens, 1)
@@ -398,7 +404,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                 for _ in range(recipe.gradient_accumulation_steps):
                     epoch, batch_in_epoch, batch = next(batches)
                     group.append(batch)
-                step_loss = forward_backward(model, group, pad_id, device, dist)
+                step_loss = forward_backward(model, group, pad_id, device, dist, loss_function(recipe))
 
                 outcome = clipper.clip()
                 clipper.optimizer_step(outcome)

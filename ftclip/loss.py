@@ -1,0 +1,150 @@
+"""The training loss without the whole sequence's logits.
+
+The plain path (`model(**inputs).loss`) projects every position onto the vocabulary: at Llama 3's 128,256
+tokens that is 0.5 GB per 1,024 positions in fp32, and as much again for its gradient. Here the decoder body
+runs once for its last hidden states (`logits_to_keep` empty: no logits), positions without a target are
+dropped (prompts, padding, the first token of each packed example: they never needed logits), and the
+rest go through lm_head + cross-entropy a chunk at a time, each chunk under `torch.utils.checkpoint`: its
+logits are freed after the forward and recomputed, one chunk at a time, in the backward. Peak memory is one
+chunk's logits and their gradient; the price is a second lm_head matmul per chunk.
+
+The result is the plain path's, number for number: transformers' causal-LM loss (labels shifted left,
+ignore_index -100, fp32 logits) as a token SUM divided by `num_items_in_batch` (ftclip's step-wide
+trained-token count), or a token mean when it is None. Whatever lm_head is (a plain Linear, a peft LoRA
+layer, a `modules_to_save` copy) it is called as a module, so adapters on it train as they would.
+
+With `liger_fused_linear_cross_entropy` (CUDA, liger-kernel installed) Liger's fused kernel replaces the
+chunk loop; it reads lm_head's weight directly, so it is refused when lm_head carries a LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ftclip.errors import ModelError
+
+IGNORE_INDEX = -100
+# Elements of fp32 logits per chunk (2**25 × 4 B = 128 MiB): ~260 tokens at a 128k vocabulary, all of a
+# short sequence at a small one.
+CHUNK_LOGITS = 2**25
+# Keys of a batch that are attention inputs for the decoder body (not loss inputs).
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                 "max_length_k")
+
+
+def _core(model: torch.nn.Module) -> torch.nn.Module:
+    """The module that owns lm_head: through DDP's `.module` and peft's wrapper (LoRA layers are injected in
+    place, so the base model's lm_head is the adapted one)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
+    """Position t predicts token t+1: the label row shifted left, -100 after the last position."""
+    return F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _logit_transform(config):
+    """Final-logit tweaks some architectures apply inside their forward (Cohere's scale, Gemma 2's softcap)."""
+    scale = getattr(config, "logit_scale", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        return logits
+
+    return transform
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
+                          num_items_in_batch: float | torch.Tensor | None = None, chunk_tokens: int | None = None,
+                          transform=None) -> torch.Tensor:
+    """Sum of the token cross-entropies of `lm_head(hidden)` against `targets` (already shifted; -100 is
+    ignored), divided by `num_items_in_batch` (or by the targeted token count when None). hidden: [..., H],
+    targets: [...]. Only one chunk of `chunk_tokens` rows of logits exists at any time, forward or backward."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    hidden, targets = hidden.index_select(0, keep), targets.index_select(0, keep)
+    if chunk_tokens is None:
+        vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
+        chunk_tokens = max(1, CHUNK_LOGITS // vocab)
+    transform = transform or (lambda logits: logits)
+
+    def chunk_loss(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        logits = transform(lm_head(chunk_hidden).float())
+        return F.cross_entropy(logits, chunk_targets, reduction="sum")
+
+    # Zero from the graph (not a constant) so that a batch without targets still back-propagates.
+    total = hidden.sum() * 0.0
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(chunk_loss, hidden[start:end], targets[start:end], use_reentrant=False)
+    denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.numel()), 1)
+    if torch.is_tensor(denominator):
+        denominator = denominator.to(total.device)
+    return total / denominator
+
+
+def liger_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
+                        num_items_in_batch: float | torch.Tensor | None = None) -> torch.Tensor:
+    """The same loss through Liger's fused linear cross-entropy (CUDA): logits are never written out."""
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    layer = getattr(lm_head, "modules_to_save", None)
+    if layer is not None:  # peft's modules_to_save wrapper: the trained copy
+        layer = layer[lm_head.active_adapters[0]] if hasattr(lm_head, "active_adapters") else next(iter(layer.values()))
+    else:
+        layer = lm_head
+    if not isinstance(layer, torch.nn.Linear) or hasattr(layer, "lora_A"):
+        raise ModelError("liger_fused_linear_cross_entropy: lm_head is not a plain linear layer (a LoRA adapter on it?); "
+                         "Liger reads the weight directly. Leave lm_head out of lora_target_modules or turn Liger off")
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    total = liger_fused_linear_cross_entropy(hidden, layer.weight, targets, layer.bias, ignore_index=IGNORE_INDEX,
+                                             reduction="sum")
+    if num_items_in_batch is None:
+        num_items_in_batch = max(int((targets != IGNORE_INDEX).sum()), 1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+def loss_function(recipe):
+    """`(model, inputs, num_items_in_batch) -> loss` as the recipe chooses: Liger's kernel, the chunked loss
+    (the default), or the plain path."""
+    chunked, liger = recipe.chunked_cross_entropy, recipe.liger_fused_linear_cross_entropy
+
+    def compute(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        return causal_lm_loss(model, inputs, num_items_in_batch, chunked=chunked, liger=liger)
+
+    return compute
+
+
+def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch: float | torch.Tensor | None = None,
+                   chunked: bool = True, liger: bool = False, chunk_tokens: int | None = None) -> torch.Tensor:
+    """The loss of one micro-batch (`inputs` as collated: input_ids, labels and attention inputs).
+    chunked=False is the plain path, `model(**inputs).loss`, kept as the reference."""
+    if not (chunked or liger):
+        return model(**inputs, num_items_in_batch=num_items_in_batch).loss
+    forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS if name in inputs}
+    # An empty index list: the causal-LM forward projects no position onto the vocabulary.
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    outputs = model(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits)
+    hidden = outputs.hidden_states[-1]  # after the final norm: what lm_head reads
+    core = _core(model)
+    lm_head = core.get_output_embeddings()
+    targets = shifted_targets(inputs["labels"])
+    if liger:
+        return liger_cross_entropy(hidden, targets, lm_head, num_items_in_batch)
+    return chunked_cross_entropy(hidden, targets, lm_head, num_items_in_batch, chunk_tokens,
+                                 _logit_transform(core.config))
+
