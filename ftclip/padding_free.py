@@ -1,0 +1,97 @@
+"""Padding-free packed batches: a micro-batch of packed rows becomes ONE flattened row [1, T] with position ids
+that restart at each example and the cumulative sequence lengths flash-attention's varlen kernels take, as
+transformers' `DataCollatorWithFlattening(return_flash_attn_kwargs=True)` produces. No padding is computed
+and no token attends across an example boundary, whichever attn_implementation runs.
+
+What transformers 5.24 does with such a batch (no attention_mask, use_cache False), per attn_implementation:
+
+- flash_attention_2: `flash_attention_mask` returns no mask; `_flash_attention_forward` sees cu_seq_lens_q/k
+  and max_length_q/k and calls `flash_attn_varlen_func` on the flattened row: attention costs Σℓ², no mask
+  exists. (Without those kwargs it infers them from position_ids, but only for batch size 1: with several
+  rows of [B, L] position ids it falls back to plain causal attention over each row and attends ACROSS the
+  packed examples. Flattening to one row is what makes it correct.)
+- flex_attention: `find_packed_sequence_indices(position_ids)` numbers the examples and the mask function
+  requires equal numbers; `flex_attention_mask` compiles that into a BlockMask, a sparse block index that
+  skips the blocks across examples: no dense T×T tensor, work close to Σℓ².
+- sdpa: the same sequence numbering goes into `sdpa_mask`, which MUST materialize it: a dense boolean
+  [1, 1, T, T] block-diagonal causal mask (torch's SDPA has no varlen or block-mask input), and the causal
+  shortcut (`is_causal=True`, no mask) is off. Memory is T² bytes (1 MiB at T = 1,024; 16 MiB at 4,096)
+  and attention costs T² (on CUDA, SDPA's flash backend refuses an explicit mask, so the memory-efficient
+  or math kernel runs). Correct, not padding-free in compute.
+- eager: the same dense mask, as an additive float [1, 1, T, T] (4 bytes per entry), and T² scores.
+
+ftclip's choice: always this flattened form, so flash and flex get their varlen paths and sdpa/eager the
+block-diagonal mask; never the [B, L] rows the plain collate builds, which flash would get wrong.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+IGNORE_INDEX = -100
+
+# Sequence mixers that carry state along the flattened row regardless of position ids: packing would leak
+# one example into the next. transformers 5 names them in config.layer_types (linear_attention for Mamba,
+# gated-delta-net and lightning-attention layers); older configs are caught by model type.
+_BOUNDARY_BLIND_LAYER_HINTS = ("linear", "mamba", "conv", "recurrent", "rwkv", "ssm")
+_BOUNDARY_BLIND_MODEL_TYPES = {
+    "mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "zamba", "zamba2", "rwkv", "recurrent_gemma", "xlstm",
+    "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid", "falcon_h1", "qwen3_next", "minimax", "kimi_linear",
+    "plamo2",
+}
+
+Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels), 1-D int64
+
+
+def collate_flattened(rows: list[list[Example]], pad_token_id: int, pad_to_multiple_of: int | None = None
+                      ) -> dict:
+    """The model inputs of one micro-batch of packed rows, flattened into one row.
+
+    rows: packed rows, each a list of examples (input_ids, labels) as 1-D int64 arrays. Returns input_ids,
+    labels and position_ids of shape [1, T], cu_seq_lens_q/k (int32, [examples + 1]) and max_length_q/k
+    (ints). Each example's first label is forced to -100: in the flattened row it would be predicted from the
+    previous example's last token. pad_to_multiple_of rounds T up with pad_token_id (a segment of its own,
+    never a target) for kernels that like aligned lengths."""
+    examples = [example for row in rows for example in row if len(example[0])]
+    if not examples:
+        raise ValueError("collate_flattened: the micro-batch holds no tokens")
+    lengths = [len(input_ids) for input_ids, _ in examples]
+    input_ids = np.concatenate([ids for ids, _ in examples]).astype(np.int64)
+    labels = np.concatenate([labels for _, labels in examples]).astype(np.int64)
+    starts = np.cumsum([0] + lengths[:-1])
+    labels[starts] = IGNORE_INDEX
+    total = int(sum(lengths))
+    if pad_to_multiple_of and total % pad_to_multiple_of:
+        padding = pad_to_multiple_of - total % pad_to_multiple_of
+        input_ids = np.concatenate([input_ids, np.full(padding, pad_token_id, dtype=np.int64)])
+        labels = np.concatenate([labels, np.full(padding, IGNORE_INDEX, dtype=np.int64)])
+        lengths.append(padding)
+    position_ids = np.concatenate([np.arange(length, dtype=np.int64) for length in lengths])
+    cu_seq_lens = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+    longest = int(max(lengths))
+    return {
+        "input_ids": torch.from_numpy(input_ids).unsqueeze(0),
+        "labels": torch.from_numpy(labels).unsqueeze(0),
+        "position_ids": torch.from_numpy(position_ids).unsqueeze(0),
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": longest,
+        "max_length_k": longest,
+    }
+
+
+def packing_problem(config) -> str | None:
+    """Why examples of this architecture cannot share a row, or None. config: a transformers config (or
+    the dict of a config.json)."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    model_type = get("model_type")
+    blind = sorted({str(kind) for kind in (get("layer_types") or [])
+                    if any(hint in str(kind).lower() for hint in _BOUNDARY_BLIND_LAYER_HINTS)})
+    if blind:
+        return (f"model type {model_type} has {', '.join(blind)} layers, whose state runs along the whole row and "
+                "ignores example boundaries: packed examples would read each other. Set sample_packing: false")
+    if model_type in _BOUNDARY_BLIND_MODEL_TYPES:
+        return (f"model type {model_type} mixes tokens with recurrent/state-space (linear-attention) layers that "
+                "ignore example boundaries: packed examples would read each other. Set sample_packing: false")
+    return None

@@ -1,0 +1,123 @@
+"""Padding-free packed batches: one flattened row per micro-batch whose examples never see each other, for the
+attention kernels that run on the CPU (sdpa, eager); flash-attn's varlen path on CUDA when installed."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from ftclip.loss import causal_lm_loss
+from ftclip.padding_free import collate_flattened, packing_problem
+
+VOCAB = 101
+
+
+def tiny_llama(attn_implementation: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         attn_implementation=attn_implementation)
+    config.use_cache = False  # as load_model sets it
+    return LlamaForCausalLM(config).float().eval()
+
+
+def example(seed: int, length: int, prompt: int = 3):
+    ids = np.random.default_rng(seed).integers(0, VOCAB, length).astype(np.int64)
+    labels = ids.copy()
+    labels[:prompt] = -100
+    return ids, labels
+
+
+ROWS = [[example(1, 9), example(2, 17)], [example(3, 5), example(4, 12), example(5, 7)]]
+
+
+def test_collate_flattened_gives_one_row_with_restarting_positions_and_cumulative_lengths():
+    batch = collate_flattened(ROWS, pad_token_id=0)
+    lengths = [9, 17, 5, 12, 7]
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["position_ids"].shape == (1, sum(lengths))
+    assert batch["position_ids"][0].tolist() == [i for n in lengths for i in range(n)]
+    assert batch["cu_seq_lens_q"].tolist() == [0, 9, 26, 31, 43, 50]
+    assert batch["cu_seq_lens_q"].dtype == torch.int32 and batch["cu_seq_lens_k"] is batch["cu_seq_lens_q"]
+    assert batch["max_length_q"] == batch["max_length_k"] == 17
+    assert batch["input_ids"][0].tolist() == np.concatenate([ids for row in ROWS for ids, _ in row]).tolist()
+    # An example's first token is never a target (it would be predicted from the previous example).
+    labels = batch["labels"][0]
+    assert all(labels[start] == -100 for start in (0, 9, 26, 31, 43))
+    assert labels[29].item() == ROWS[1][0][1][3]
+
+
+def test_collate_flattened_pads_to_a_multiple_as_a_segment_of_its_own():
+    batch = collate_flattened(ROWS, pad_token_id=7, pad_to_multiple_of=16)
+    assert batch["input_ids"].shape[1] == 64
+    assert batch["input_ids"][0, 50:].tolist() == [7] * 14
+    assert (batch["labels"][0, 50:] == -100).all()
+    assert batch["position_ids"][0, 50:].tolist() == list(range(14))
+    assert batch["cu_seq_lens_q"].tolist()[-2:] == [50, 64]
+
+
+def alone(model, ids: np.ndarray) -> torch.Tensor:
+    return model(input_ids=torch.from_numpy(ids).unsqueeze(0)).logits[0]
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@torch.no_grad()
+def test_each_packed_example_has_its_unpacked_logits_and_loss(attn_implementation):
+    model = tiny_llama(attn_implementation)
+    batch = collate_flattened(ROWS, pad_token_id=0)
+    packed = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+    bounds = batch["cu_seq_lens_q"].tolist()
+    examples = [e for row in ROWS for e in row]
+    for (ids, labels), start, end in zip(examples, bounds, bounds[1:]):
+        torch.testing.assert_close(packed[start:end], alone(model, ids), rtol=1e-5, atol=1e-5)
+    # Per example, the loss of the flattened batch (chunked, through ftclip's loss) is the unpacked loss.
+    for (ids, labels), start, end in zip(examples, bounds, bounds[1:]):
+        only_this = batch["labels"].clone()
+        only_this[:, :start] = -100
+        only_this[:, end:] = -100
+        packed_loss = causal_lm_loss(model, {**batch, "labels": only_this}, chunked=True)
+        single = {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(labels)[None]}
+        torch.testing.assert_close(packed_loss, model(**single).loss, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@torch.no_grad()
+def test_perturbing_one_example_leaves_the_others_logits_unchanged(attn_implementation):
+    model = tiny_llama(attn_implementation)
+    before = model(**{k: v for k, v in collate_flattened(ROWS, 0).items() if k != "labels"}).logits[0]
+    changed = [list(row) for row in ROWS]
+    ids, labels = changed[0][1]
+    changed[0][1] = ((ids + 1) % VOCAB, labels)  # the second example, every token different
+    after = model(**{k: v for k, v in collate_flattened(changed, 0).items() if k != "labels"}).logits[0]
+    assert not torch.allclose(after[9:26], before[9:26])
+    torch.testing.assert_close(after[:9], before[:9], rtol=0, atol=0)
+    torch.testing.assert_close(after[26:], before[26:], rtol=0, atol=0)
+
+
+def test_packing_is_refused_for_layers_that_ignore_example_boundaries():
+    from transformers import AutoConfig, LlamaConfig
+
+    assert packing_problem(LlamaConfig()) is None
+    mamba = packing_problem(AutoConfig.for_model("mamba"))
+    assert "linear_attention" in mamba and "sample_packing: false" in mamba
+    hybrid = AutoConfig.for_model("qwen3_next")
+    assert "linear_attention" in packing_problem(hybrid)
+    assert "rwkv" in packing_problem({"model_type": "rwkv"})  # a config.json without layer_types
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None,
+                    reason="needs CUDA and flash-attn")
+@torch.no_grad()
+def test_flash_attention_varlen_keeps_examples_apart():
+    model = tiny_llama("flash_attention_2").to("cuda", torch.bfloat16)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in collate_flattened(ROWS, 0).items() if k != "labels"}
+    packed = model(**batch).logits[0].float()
+    bounds = batch["cu_seq_lens_q"].tolist()
+    for (ids, _), start, end in zip([e for row in ROWS for e in row], bounds, bounds[1:]):
+        single = model(input_ids=torch.from_numpy(ids)[None].cuda()).logits[0].float()
+        torch.testing.assert_close(packed[start:end], single, rtol=2e-2, atol=2e-2)
