@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ftclip.errors import ModelError
+from ftclip.padding_free import packing_problem
 from ftclip.recipe import Recipe, resolve_input_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -39,7 +41,43 @@ def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[st
             problems.append((key, f"{value!r} is neither a local folder ({folder} does not exist) nor a hub id like org/name"))
         elif key == "base_model":
             problems += _check_config(folder, recipe)
+    return problems + kernel_problems(recipe, torch.cuda.is_available())
+
+
+def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str]]:
+    """Attention and loss kernels, and QLoRA under FSDP, against what this machine has installed and the
+    device the run gets. Only package metadata is read (importlib.util.find_spec): nothing heavy imports."""
+    problems = []
+    no_cuda = ("the recipe sets device: cpu" if recipe.device == "cpu"
+               else None if cuda_available else "this machine has no CUDA device")
+    if recipe.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append(("attn_implementation", "flash_attention_2 needs the flash-attn package, which is not installed "
+                                                    "(pip install flash-attn --no-build-isolation); or use sdpa"))
+        if no_cuda:
+            problems.append(("attn_implementation", f"flash_attention_2 runs on CUDA only, and {no_cuda}; use sdpa"))
+        if recipe.precision == "fp32":
+            problems.append(("attn_implementation", "flash_attention_2 computes in bf16/fp16 only; set bf16: true "
+                                                    "(or bf16: auto)"))
+    if recipe.attn_implementation == "flex_attention" and _torch_version() < (2, 5):
+        problems.append(("attn_implementation", f"flex_attention needs torch >= 2.5 (installed: {torch.__version__})"))
+    if recipe.liger_fused_linear_cross_entropy:
+        if importlib.util.find_spec("liger_kernel") is None:
+            problems.append(("liger_fused_linear_cross_entropy", "needs the liger-kernel package, which is not installed "
+                                                                 "(pip install 'ftclip[liger]'); or set it to false "
+                                                                 "(chunked_cross_entropy saves the logits' memory too)"))
+        if no_cuda:
+            problems.append(("liger_fused_linear_cross_entropy", f"Liger's kernels are Triton (CUDA) kernels, and {no_cuda}; "
+                                                                 "set it to false (chunked_cross_entropy runs anywhere)"))
+    if recipe.quantized and recipe.distributed.strategy == "fsdp" and no_cuda:
+        problems.append(("distributed", f"a quantized base (QLoRA) under FSDP needs CUDA (bitsandbytes' 4-bit weights "
+                                        f"are sharded as CUDA storage), and {no_cuda}; use strategy: ddp or a GPU"))
     return problems
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
@@ -53,7 +91,8 @@ def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
     limit = config.get("max_position_embeddings")
     if isinstance(limit, int) and recipe.sequence_len > limit:
         return [("sequence_len", f"{recipe.sequence_len} is longer than the model's max_position_embeddings ({limit})")]
-    return []
+    problem = packing_problem(config) if recipe.sample_packing else None
+    return [("sample_packing", problem)] if problem else []
 
 
 def pick_device(recipe: Recipe) -> torch.device:
@@ -97,24 +136,45 @@ def _quantization_config(recipe: Recipe, dtype: torch.dtype):
         bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=recipe.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=dtype,
+        # FSDP2 shards parameters of one dtype per group: the packed 4-bit weights are stored as the compute
+        # dtype (not uint8) so they shard beside the LoRA weights, as QLoRA-FSDP does.
+        bnb_4bit_quant_storage=dtype if recipe.distributed.strategy == "fsdp" else torch.uint8,
     )
 
 
-def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device):
-    """The model ready to train: on the device, quantized and LoRA-wrapped as the recipe says."""
-    from transformers import AutoModelForCausalLM
+def _refuse_kernel_problems(recipe: Recipe, device: torch.device) -> None:
+    problems = kernel_problems(recipe, device.type == "cuda")
+    if problems:
+        raise ModelError("; ".join(f"{key}: {message}" for key, message in problems))
 
+
+def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device, on_meta: bool = False):
+    """The model ready to train: on the device, quantized and LoRA-wrapped as the recipe says.
+    on_meta: build the architecture on the meta device and read no weights (an FSDP2 rank other than 0,
+    whose shards arrive from rank 0; see Distributed.wrap_from_rank0)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _refuse_kernel_problems(recipe, device)
     source = model_source(recipe.base_model, recipe_path)
     dtype = weight_dtype(recipe, device)
     quantization = _quantization_config(recipe, dtype)
-    options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code}
+    options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code,
+               "attn_implementation": recipe.attn_implementation}
     if quantization is not None:
         options.update(quantization_config=quantization, device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
+        if on_meta:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, **options)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **options)
     except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the model from {source}: {error}") from None
-    if quantization is None:
+    problem = packing_problem(model.config) if recipe.sample_packing else None
+    if problem:
+        raise ModelError(f"sample_packing: {problem}")
+    if quantization is None and not on_meta:
         model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
     if recipe.gradient_checkpointing and quantization is None:

@@ -254,7 +254,10 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
 def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dist: Distributed):
     """The model, wrapped for data parallelism, with its trainable parameters (after wrapping: FSDP2
     replaces them with DTensor shards)."""
-    model = dist.wrap(load_model(recipe, recipe_path, device))
+    if dist.enabled and dist.strategy == "fsdp" and not recipe.quantized:  # bitsandbytes quantizes while loading
+        model = dist.wrap_from_rank0(lambda on_meta: load_model(recipe, recipe_path, device, on_meta), device)
+    else:
+        model = dist.wrap(load_model(recipe, recipe_path, device))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise DataError("the model has no trainable parameters")
