@@ -121,3 +121,68 @@ def test_flash_attention_varlen_keeps_examples_apart():
     for (ids, _), start, end in zip([e for row in ROWS for e in row], bounds, bounds[1:]):
         single = model(input_ids=torch.from_numpy(ids)[None].cuda()).logits[0].float()
         torch.testing.assert_close(packed[start:end], single, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- validate and train refuse what cannot run here
+
+
+def validate_json(path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from ftclip.cli import app
+
+    result = CliRunner().invoke(app, ["validate", "--json", str(path)])
+    return result.exit_code, {(p["key"], p["message"]) for p in json.loads(result.output)[0]["problems"]}
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None,
+                    reason="flash-attn runs here")
+def test_validate_refuses_flash_attention_without_the_package_or_cuda(make_recipe):
+    code, problems = validate_json(make_recipe(attn_implementation="flash_attention_2", device="cpu"))
+    assert code == 2
+    messages = [message for key, message in problems if key == "attn_implementation"]
+    assert any("runs on CUDA only, and the recipe sets device: cpu" in m for m in messages)
+    assert any("bf16" in m for m in messages)  # fp32 weights: flash-attn has no fp32 kernel
+    if importlib.util.find_spec("flash_attn") is None:
+        assert any("flash-attn package, which is not installed" in m for m in messages)
+
+
+def test_validate_refuses_packing_for_a_state_space_model(make_recipe, tmp_path):
+    import json
+
+    mamba = tmp_path / "mamba"
+    mamba.mkdir()
+    (mamba / "config.json").write_text(json.dumps({"model_type": "mamba", "num_hidden_layers": 2}))
+    code, problems = validate_json(make_recipe(base_model=str(mamba), sample_packing=True))
+    assert code == 2
+    assert any(key == "sample_packing" and "mamba" in message for key, message in problems)
+    code, problems = validate_json(make_recipe(base_model=str(mamba), sample_packing=False))
+    assert not any(key == "sample_packing" for key, _ in problems)
+
+
+def test_validate_refuses_qlora_under_fsdp_on_the_cpu(make_recipe):
+    code, problems = validate_json(make_recipe(adapter="qlora", device="cpu", distributed={"strategy": "fsdp"}))
+    assert code == 2
+    assert any(key == "distributed" and "QLoRA" in message and "needs CUDA" in message for key, message in problems)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_the_model_loads_with_the_recipes_attention(make_recipe, attn_implementation):
+    from ftclip.modeling import load_model
+    from ftclip.recipe import load_recipe
+
+    path = make_recipe(attn_implementation=attn_implementation)
+    model = load_model(load_recipe(path), path, torch.device("cpu"))
+    assert model.config._attn_implementation == attn_implementation
+
+
+def test_train_refuses_a_kernel_this_machine_lacks_with_an_ftclip_error(make_recipe):
+    from ftclip.errors import ModelError
+    from ftclip.modeling import load_model
+    from ftclip.recipe import load_recipe
+
+    path = make_recipe(attn_implementation="flash_attention_2", bf16=True)
+    with pytest.raises(ModelError, match="attn_implementation: flash_attention_2"):
+        load_model(load_recipe(path), path, torch.device("cpu"))
