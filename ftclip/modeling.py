@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from ftclip.errors import ModelError
-from ftclip.padding_free import packing_problem
+from ftclip.padding_free import packing_problem, use_varlen_sdpa
 from ftclip.recipe import Recipe, resolve_input_path
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -174,6 +174,10 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     problem = packing_problem(model.config) if recipe.sample_packing else None
     if problem:
         raise ModelError(f"sample_packing: {problem}")
+    if recipe.sample_packing and recipe.attn_implementation == "sdpa":
+        varlen = use_varlen_sdpa(model.config)  # sdpa per packed example: no dense T×T mask (padding_free.py)
+        if varlen:
+            model.set_attn_implementation(varlen)
     if quantization is None and not on_meta:
         model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it

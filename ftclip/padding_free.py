@@ -20,8 +20,13 @@ What transformers 5.24 does with such a batch (no attention_mask, use_cache Fals
   or math kernel runs). Correct, not padding-free in compute.
 - eager: the same dense mask, as an additive float [1, 1, T, T] (4 bytes per entry), and T² scores.
 
-ftclip's choice: always this flattened form, so flash and flex get their varlen paths and sdpa/eager the
-block-diagonal mask; never the [B, L] rows the plain collate builds, which flash would get wrong.
+ftclip's choice: always this flattened form, so flash and flex get their varlen paths; never the [B, L]
+rows the plain collate builds, which flash would get wrong. For sdpa with sample_packing, ftclip registers
+its own attention, `ftclip_sdpa_varlen` (`use_varlen_sdpa`): no mask is built, and each example runs through
+torch's SDPA with is_causal=True on its own slice of q/k/v (the slices come from cu_seq_lens, or from the
+position ids where they restart): Σℓ² work, the fast causal kernels (flash on CUDA, the fused CPU kernel),
+no T×T tensor. Batches with padding (evaluation of unpacked rows) take transformers' sdpa path unchanged.
+eager keeps transformers' dense mask: it is the reference implementation, not a fast one.
 """
 
 from __future__ import annotations
@@ -95,3 +100,71 @@ def packing_problem(config) -> str | None:
         return (f"model type {model_type} mixes tokens with recurrent/state-space (linear-attention) layers that "
                 "ignore example boundaries: packed examples would read each other. Set sample_packing: false")
     return None
+
+
+# ---------------------------------------------------------------- sdpa without the dense mask
+
+VARLEN_SDPA = "ftclip_sdpa_varlen"
+
+
+def _segments(kwargs: dict, batch_size: int, length: int) -> list[tuple[int, int, int]] | None:
+    """(row, start, end) of each example, from cu_seq_lens (one flattened row) or from restarting position
+    ids; None when the rows are not packed."""
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is not None and batch_size == 1:
+        bounds = cu_seq_lens.tolist()
+        return [(0, start, end) for start, end in zip(bounds, bounds[1:]) if end > start]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.shape[-1] != length:
+        return None
+    position_ids = position_ids.expand(batch_size, -1)
+    restarts = torch.diff(position_ids, dim=-1) != 1
+    if not restarts.any():
+        return None
+    segments = []
+    for row, row_restarts in enumerate(restarts.tolist()):
+        starts = [0] + [index + 1 for index, restart in enumerate(row_restarts) if restart] + [length]
+        segments += [(row, start, end) for start, end in zip(starts, starts[1:])]
+    return segments
+
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                          is_causal=None, **kwargs):
+    """transformers' sdpa attention, one packed example at a time (query [B, heads, T, head_dim])."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = None if attention_mask is not None else _segments(kwargs, query.shape[0], query.shape[2])
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    outputs = [
+        sdpa_attention_forward(module, query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
+                               value[row:row + 1, :, start:end], None, dropout, scaling, True)[0]
+        for row, start, end in segments
+    ]
+    rows = [torch.cat([out for out, (row, _, _) in zip(outputs, segments) if row == index], dim=1)
+            for index in range(query.shape[0])]
+    return torch.cat(rows, dim=0), None
+
+
+def _varlen_sdpa_mask(*args, attention_mask=None, **kwargs):
+    """No mask where there is no padding: causality (per example) is the attention function's job."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
+def use_varlen_sdpa(config) -> str | None:
+    """Register ftclip_sdpa_varlen with transformers and return its name, or None where the architecture's
+    mask is more than causal-per-example (sliding windows, chunked attention), which the dense path keeps."""
+    if getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None):
+        return None
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return None
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+    AttentionMaskInterface.register(VARLEN_SDPA, _varlen_sdpa_mask)
+    return VARLEN_SDPA

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ftclip.loss import causal_lm_loss
-from ftclip.padding_free import collate_flattened, packing_problem
+from ftclip.padding_free import VARLEN_SDPA, collate_flattened, packing_problem, use_varlen_sdpa
 
 VOCAB = 101
 
@@ -21,9 +21,12 @@ def tiny_llama(attn_implementation: str):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         attn_implementation=attn_implementation)
+                         attn_implementation="sdpa" if attn_implementation == "sdpa-varlen" else attn_implementation)
     config.use_cache = False  # as load_model sets it
-    return LlamaForCausalLM(config).float().eval()
+    model = LlamaForCausalLM(config).float().eval()
+    if attn_implementation == "sdpa-varlen":  # what load_model picks for sdpa with sample_packing
+        model.set_attn_implementation(use_varlen_sdpa(config))
+    return model
 
 
 def example(seed: int, length: int, prompt: int = 3):
@@ -64,7 +67,7 @@ def alone(model, ids: np.ndarray) -> torch.Tensor:
     return model(input_ids=torch.from_numpy(ids).unsqueeze(0)).logits[0]
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "sdpa-varlen"])
 @torch.no_grad()
 def test_each_packed_example_has_its_unpacked_logits_and_loss(attn_implementation):
     model = tiny_llama(attn_implementation)
@@ -84,7 +87,7 @@ def test_each_packed_example_has_its_unpacked_logits_and_loss(attn_implementatio
         torch.testing.assert_close(packed_loss, model(**single).loss, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "sdpa-varlen"])
 @torch.no_grad()
 def test_perturbing_one_example_leaves_the_others_logits_unchanged(attn_implementation):
     model = tiny_llama(attn_implementation)
@@ -96,6 +99,46 @@ def test_perturbing_one_example_leaves_the_others_logits_unchanged(attn_implemen
     assert not torch.allclose(after[9:26], before[9:26])
     torch.testing.assert_close(after[:9], before[:9], rtol=0, atol=0)
     torch.testing.assert_close(after[26:], before[26:], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_varlen_sdpa_builds_no_mask_and_also_separates_unflattened_packed_rows(monkeypatch):
+    import transformers.integrations.sdpa_attention as sdpa
+
+    model = tiny_llama("sdpa-varlen")
+    masks = []
+    real = sdpa.sdpa_attention_forward
+
+    def spy(module, query, key, value, attention_mask, *args, **kwargs):
+        masks.append(attention_mask)
+        return real(module, query, key, value, attention_mask, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "sdpa_attention_forward", spy)
+    batch = collate_flattened(ROWS, 0)
+    flattened = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0]
+    assert masks and all(mask is None for mask in masks)  # one causal call per example, no T×T tensor
+    assert len(masks) == 5 * 2  # five examples, two layers
+    # The plain collate's [B, L] rows with restarting position ids (no cu_seq_lens): separated as well.
+    padded_rows = torch.zeros(2, 26, dtype=torch.long)
+    positions = torch.zeros(2, 26, dtype=torch.long)
+    for row, examples in enumerate(ROWS):
+        ids = np.concatenate([e[0] for e in examples])
+        padded_rows[row, :len(ids)] = torch.from_numpy(ids)
+        lengths = [len(e[0]) for e in examples] + ([26 - len(ids)] if len(ids) < 26 else [])
+        positions[row] = torch.cat([torch.arange(n) for n in lengths])
+    rows = model(input_ids=padded_rows, position_ids=positions).logits
+    torch.testing.assert_close(rows[0, :26], flattened[:26], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rows[1, :24], flattened[26:], rtol=1e-5, atol=1e-5)
+
+
+def test_load_model_uses_varlen_sdpa_for_packed_sdpa_runs(make_recipe):
+    from ftclip.modeling import load_model
+    from ftclip.recipe import load_recipe
+
+    path = make_recipe(sample_packing=True)
+    assert load_model(load_recipe(path), path, torch.device("cpu")).config._attn_implementation == VARLEN_SDPA
+    path = make_recipe(sample_packing=False)
+    assert load_model(load_recipe(path), path, torch.device("cpu")).config._attn_implementation == "sdpa"
 
 
 def test_packing_is_refused_for_layers_that_ignore_example_boundaries():
