@@ -64,7 +64,7 @@ def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str
     if recipe.liger_fused_linear_cross_entropy:
         if importlib.util.find_spec("liger_kernel") is None:
             problems.append(("liger_fused_linear_cross_entropy", "needs the liger-kernel package, which is not installed "
-                                                                 "(pip install 'ftclip[liger]'); or set it to false "
+                                                                 "(pip install liger-kernel); or set it to false "
                                                                  "(chunked_cross_entropy saves the logits' memory too)"))
         if no_cuda:
             problems.append(("liger_fused_linear_cross_entropy", f"Liger's kernels are Triton (CUDA) kernels, and {no_cuda}; "
