@@ -95,13 +95,15 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: 
 
 
 def liger_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
-                        num_items_in_batch: float | torch.Tensor | None = None) -> torch.Tensor:
+                        num_items_in_batch: float | torch.Tensor | None = None, softcap: float | None = None
+                        ) -> torch.Tensor:
     """The same loss through Liger's fused linear cross-entropy (CUDA): logits are never written out."""
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-    layer = getattr(lm_head, "modules_to_save", None)
-    if layer is not None:  # peft's modules_to_save wrapper: the trained copy
-        layer = layer[lm_head.active_adapters[0]] if hasattr(lm_head, "active_adapters") else next(iter(layer.values()))
+    copies = getattr(lm_head, "modules_to_save", None)
+    if copies is not None:  # peft's modules_to_save wrapper: the trained copy of the active adapter
+        active = lm_head.active_adapter
+        layer = copies[active if isinstance(active, str) else active[0]]
     else:
         layer = lm_head
     if not isinstance(layer, torch.nn.Linear) or hasattr(layer, "lora_A"):
@@ -109,8 +111,10 @@ def liger_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: to
                          "Liger reads the weight directly. Leave lm_head out of lora_target_modules or turn Liger off")
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(hidden.device)
-    total = liger_fused_linear_cross_entropy(hidden, layer.weight, targets, layer.bias, ignore_index=IGNORE_INDEX,
-                                             reduction="sum")
+    total = liger_fused_linear_cross_entropy(hidden.contiguous(), layer.weight, targets, layer.bias,
+                                             ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+    if isinstance(total, tuple):  # newer versions return (loss, z_loss)
+        total = total[0]
     if num_items_in_batch is None:
         num_items_in_batch = max(int((targets != IGNORE_INDEX).sum()), 1)
     if torch.is_tensor(num_items_in_batch):
@@ -136,15 +140,26 @@ def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch: flo
     if not (chunked or liger):
         return model(**inputs, num_items_in_batch=num_items_in_batch).loss
     forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS if name in inputs}
-    # An empty index list: the causal-LM forward projects no position onto the vocabulary.
-    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-    outputs = model(**forward_inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_logits)
-    hidden = outputs.hidden_states[-1]  # after the final norm: what lm_head reads
     core = _core(model)
     lm_head = core.get_output_embeddings()
+    # The decoder body's output (after the final norm) is what lm_head reads; the call goes through the
+    # top-level model so that peft, DDP and FSDP2 see an ordinary forward.
+    captured = []
+    hook = core.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    # An empty index list: the causal-LM forward projects no position onto the vocabulary.
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    try:
+        model(**forward_inputs, use_cache=False, logits_to_keep=no_logits)
+    finally:
+        hook.remove()
+    hidden = captured[-1]
     targets = shifted_targets(inputs["labels"])
     if liger:
-        return liger_cross_entropy(hidden, targets, lm_head, num_items_in_batch)
+        if getattr(core.config, "logit_scale", None) is not None:
+            raise ModelError("liger_fused_linear_cross_entropy: this model scales its logits (logit_scale), which Liger's "
+                             "kernel does not; use chunked_cross_entropy")
+        return liger_cross_entropy(hidden, targets, lm_head, num_items_in_batch,
+                                   getattr(core.config, "final_logit_softcapping", None))
     return chunked_cross_entropy(hidden, targets, lm_head, num_items_in_batch, chunk_tokens,
                                  _logit_transform(core.config))
 
