@@ -64,24 +64,31 @@ def assert_same(model, micro_batches):
     assert any(g.abs().sum() > 0 for g in plain_grads.values())
 
 
+@pytest.mark.parametrize("path", ["fused", "checkpointed"])
 @pytest.mark.parametrize("chunk_tokens", [1, 4, 1000])
-def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradients(chunk_tokens):
+def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradients(chunk_tokens, path):
     torch.manual_seed(1)
     hidden = torch.randn(2, 11, 16, requires_grad=True)
-    head = torch.nn.Linear(16, VOCAB, bias=True)
+    linear = torch.nn.Linear(16, VOCAB, bias=True)
+    # A bare Linear takes the gradients-in-forward Function; any other module the per-chunk checkpoints.
+    head = linear if path == "fused" else torch.nn.Sequential(linear)
     labels = torch.randint(0, VOCAB, (2, 11))
     labels[0, :4] = -100
     targets = shifted_targets(labels)
     reference = F.cross_entropy(head(hidden).float().reshape(-1, VOCAB), targets.reshape(-1), reduction="sum") / 7.0
-    reference_grads = torch.autograd.grad(reference, [hidden, head.weight, head.bias])
+    reference_grads = torch.autograd.grad(reference, [hidden, linear.weight, linear.bias])
     loss = chunked_cross_entropy(hidden, targets, head, num_items_in_batch=7.0, chunk_tokens=chunk_tokens)
-    grads = torch.autograd.grad(loss, [hidden, head.weight, head.bias])
+    grads = torch.autograd.grad(loss, [hidden, linear.weight, linear.bias])
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
     for ours, theirs in zip(grads, reference_grads):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     # Without a count: the mean over targeted tokens, as transformers' loss without num_items_in_batch.
     mean = F.cross_entropy(head(hidden).reshape(-1, VOCAB), targets.reshape(-1), ignore_index=-100)
     torch.testing.assert_close(chunked_cross_entropy(hidden, targets, head, chunk_tokens=chunk_tokens), mean)
+    with torch.no_grad():  # evaluation: the same number, no graph
+        evaluated = chunked_cross_entropy(hidden, targets, head, chunk_tokens=chunk_tokens)
+    torch.testing.assert_close(evaluated, mean)
+    assert evaluated.grad_fn is None
 
 
 def test_full_fine_tuning_with_accumulation_matches_the_plain_path():
