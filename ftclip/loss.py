@@ -83,13 +83,13 @@ def _plain_linear(lm_head: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Σ cross-entropy(hidden @ weightᵀ + bias, targets), with the gradients computed in the forward, a
+    """Σ cross-entropy(hidden @ weightᵀ + bias, targets) / denominator, with the gradients computed in the forward, a
     chunk at a time, while each chunk's logits exist: no chunk is recomputed in the backward, which only
     scales the stored gradients. Same matmuls as the plain path (logits, grad of hidden, grad of weight
     when it trains)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, with_grads: bool):
+    def forward(ctx, hidden, weight, bias, targets, denominator, chunk_tokens: int, with_grads: bool):
         # Grad mode is off inside forward; with_grads says whether the caller's was on (not under no_grad).
         need_hidden, need_weight, need_bias = (with_grads and need for need in ctx.needs_input_grad[:3])
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -106,6 +106,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # d(sum CE)/d logits = softmax - one-hot, computed in place over the chunk's logits.
             grad_logits = logits.sub_(log_normalizer[:, None]).exp_()
             grad_logits[torch.arange(len(chunk_targets), device=hidden.device), chunk_targets] -= 1
+            grad_logits /= denominator  # scaled before the matmuls, as autograd does on the plain path
             if need_bias:
                 grad_bias += grad_logits.sum(0)
             grad_logits = grad_logits.to(weight.dtype)
@@ -115,7 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t(), chunk)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        return total
+        return total / denominator
 
     @staticmethod
     def backward(ctx, grad_total):
@@ -123,7 +124,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         scale = lambda grad: None if grad is None else grad * grad_total.to(grad.dtype)  # noqa: E731
         if grad_bias is not None:
             grad_bias = grad_bias.to(ctx.bias_dtype)
-        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None
+        return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
@@ -141,15 +142,14 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: 
     if chunk_tokens is None:
         vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
         chunk_tokens = max(1, CHUNK_LOGITS // vocab)
-    linear = _plain_linear(lm_head) if transform is None else None
-    if linear is not None:
-        total = _LinearCrossEntropy.apply(hidden, linear.weight, linear.bias, targets, chunk_tokens,
-                                          torch.is_grad_enabled())
-    else:
-        total = _checkpointed_chunks(hidden, targets, lm_head, chunk_tokens, transform or (lambda logits: logits))
     denominator = num_items_in_batch if num_items_in_batch is not None else max(int(keep.numel()), 1)
     if torch.is_tensor(denominator):
-        denominator = denominator.to(total.device)
+        denominator = denominator.to(hidden.device)
+    linear = _plain_linear(lm_head) if transform is None else None
+    if linear is not None:
+        return _LinearCrossEntropy.apply(hidden, linear.weight, linear.bias, targets, denominator, chunk_tokens,
+                                         torch.is_grad_enabled())
+    total = _checkpointed_chunks(hidden, targets, lm_head, chunk_tokens, transform or (lambda logits: logits))
     return total / denominator
 
 
