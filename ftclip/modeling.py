@@ -148,10 +148,11 @@ def _refuse_kernel_problems(recipe: Recipe, device: torch.device) -> None:
         raise ModelError("; ".join(f"{key}: {message}" for key, message in problems))
 
 
-def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device, on_meta: bool = False):
+def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device, placement: str = "device"):
     """The model ready to train: on the device, quantized and LoRA-wrapped as the recipe says.
-    on_meta: build the architecture on the meta device and read no weights (an FSDP2 rank other than 0,
-    whose shards arrive from rank 0; see Distributed.wrap_from_rank0)."""
+    placement (FSDP2 loading from rank 0, see Distributed.wrap_from_rank0): "meta" builds the architecture on
+    the meta device and reads no weights; "host" reads them but leaves them in host memory (rank 0's copy,
+    broadcast shard by shard; the device never holds all of it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _refuse_kernel_problems(recipe, device)
@@ -163,7 +164,7 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     if quantization is not None:
         options.update(quantization_config=quantization, device_map={"": device})
     try:
-        if on_meta:
+        if placement == "meta":
             config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, **options)
@@ -178,7 +179,7 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
         varlen = use_varlen_sdpa(model.config)  # sdpa per packed example: no dense T×T mask (padding_free.py)
         if varlen:
             model.set_attn_implementation(varlen)
-    if quantization is None and not on_meta:
+    if quantization is None and placement == "device":
         model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
     if recipe.gradient_checkpointing and quantization is None:

@@ -255,7 +255,7 @@ def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dis
     """The model, wrapped for data parallelism, with its trainable parameters (after wrapping: FSDP2
     replaces them with DTensor shards)."""
     if dist.enabled and dist.strategy == "fsdp" and not recipe.quantized:  # bitsandbytes quantizes while loading
-        model = dist.wrap_from_rank0(lambda on_meta: load_model(recipe, recipe_path, device, on_meta), device)
+        model = dist.wrap_from_rank0(lambda placement: load_model(recipe, recipe_path, device, placement), device)
     else:
         model = dist.wrap(load_model(recipe, recipe_path, device))
     trainable = [p for p in model.parameters() if p.requires_grad]
