@@ -111,11 +111,23 @@ def _segments(kwargs: dict, batch_size: int, length: int) -> list[tuple[int, int
     """(row, start, end) of each example, from cu_seq_lens (one flattened row) or from restarting position
     ids; None when the rows are not packed."""
     cu_seq_lens = kwargs.get("cu_seq_lens_q")
-    if cu_seq_lens is not None and batch_size == 1:
-        bounds = cu_seq_lens.tolist()
+    source = cu_seq_lens if cu_seq_lens is not None and batch_size == 1 else kwargs.get("position_ids")
+    if source is None:
+        return None
+    # Every layer gets the same tensor: read it back to the host once per forward, not once per layer.
+    cached = getattr(source, "_ftclip_segments", None)
+    if cached is None or cached[0] != (batch_size, length):
+        cached = ((batch_size, length), _read_segments(source, cu_seq_lens is source, batch_size, length))
+        source._ftclip_segments = cached
+    return cached[1]
+
+
+def _read_segments(source: torch.Tensor, is_cu_seq_lens: bool, batch_size: int, length: int):
+    if is_cu_seq_lens:
+        bounds = source.tolist()
         return [(0, start, end) for start, end in zip(bounds, bounds[1:]) if end > start]
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None or position_ids.shape[-1] != length:
+    position_ids = source
+    if position_ids.shape[-1] != length:
         return None
     position_ids = position_ids.expand(batch_size, -1)
     restarts = torch.diff(position_ids, dim=-1) != 1
