@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test bench bench-step lint quickstart validate assets
+.PHONY: install test bench bench-data bench-step bench-validate lint quickstart validate assets
 
 install:
 	$(PIP) install -q -e '.[dev]'
@@ -17,6 +17,14 @@ bench: install
 bench-step: install
 	$(PIP) install -q -e '.[bench]'
 	$(PYTHON) bench/step_bench.py $(STEP_BENCH_ARGS)
+
+# Data stage vs plain `datasets` (200k generated records; --records N to change): see bench/RESULTS.md.
+bench-data: install
+	$(PYTHON) bench/data_bench.py
+
+# `ftclip validate recipes/*.yaml` against `python3 -c "import yaml, pydantic"`, side by side (issue 17's target: +0.5 s).
+bench-validate: install
+	$(PYTHON) bench/validate_bench.py --torch-reference
 
 lint: install
 	$(PYTHON) -m ruff check ftclip tests bench

@@ -15,7 +15,7 @@ no accumulation, fused AdamW at a constant 2e-4, gradient clipping at norm 1.0, 
 CPU (bf16 on CUDA), no gradient checkpointing, no logging or saving during the timed steps. Each side
 leaves everything else at its defaults (ftclip: chunked cross-entropy; HF: the full-logits loss).
 (a) padded: micro-batches of 4 examples padded to their longest. (b) packed: the examples packed
-first-fit-decreasing into rows of 1,024 tokens (ftclip's pack_examples, the same rows for both), 4 rows per
+best-fit-decreasing into rows of 1,024 tokens (ftclip's data stage, the same rows for both), 4 rows per
 micro-batch; HF gets them as rows with restarting position_ids (its documented packing input), ftclip as
 its own collate gives them.
 
@@ -100,17 +100,15 @@ def write_recipe(folder: Path, mode: str, steps: int, device: str) -> Path:
 
 
 def tokenized_examples(recipe_path: Path):
-    """The training examples as ftclip tokenizes them (and packs them, when the recipe says so)."""
-    from ftclip.batching import pack_examples
-    from ftclip.data import load_examples
+    """The training rows as ftclip's data stage makes them (one example each, or packed best-fit decreasing
+    when the recipe says so): a list of rows, each a list of (input_ids, labels) arrays."""
+    from ftclip.data import prepare
     from ftclip.modeling import load_tokenizer
     from ftclip.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    examples, _ = load_examples(recipe, recipe_path, load_tokenizer(recipe, recipe_path))
-    if recipe.sample_packing:
-        examples, _ = pack_examples(examples, recipe.sequence_len)
-    return recipe, examples
+    data = prepare(recipe, recipe_path, load_tokenizer(recipe, recipe_path))
+    return recipe, data.train.rows(range(len(data.train)))
 
 
 # ---------------------------------------------------------------- the two workers (one subprocess each)
@@ -136,13 +134,14 @@ def run_ftclip(recipe_path: Path, clock: StepClock) -> None:
     from rich.console import Console
 
     import ftclip.train as ftclip_train
+    from ftclip.data.batches import row_tokens
     from ftclip.recipe import load_recipe
 
     real = ftclip_train.forward_backward
 
     def timed(model, group, *args, **kwargs):
         clock.starts.append(time.perf_counter())
-        clock.tokens.append(sum(len(example.input_ids) for batch in group for example in batch))
+        clock.tokens.append(sum(row_tokens(batch) for batch in group))
         return real(model, group, *args, **kwargs)
 
     ftclip_train.forward_backward = timed
@@ -154,7 +153,7 @@ def run_hf(recipe_path: Path, clock: StepClock, device: str) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from ftclip.batching import collate
+    from ftclip.data.batches import collate, row_tokens
     from ftclip.modeling import load_tokenizer
 
     recipe, examples = tokenized_examples(recipe_path)
@@ -162,7 +161,7 @@ def run_hf(recipe_path: Path, clock: StepClock, device: str) -> None:
     batch_tokens: list[int] = []
 
     def collator(batch):
-        batch_tokens.append(sum(len(example.input_ids) for example in batch))
+        batch_tokens.append(row_tokens(batch))
         return collate(batch, pad_id)
 
     class Clock(TrainerCallback):

@@ -33,7 +33,7 @@ STATE_JSON = "trainer_state.json"
 SHARDED = "sharded"  # torch.distributed.checkpoint folder of an FSDP run
 # Recipe keys that do not change what the run computes; everything else must match to resume.
 RESUME_IGNORES = {"output_dir", "logging_steps", "save_steps", "save_total_limit", "max_skipped_steps", "eval_steps",
-                  "dataset_cache_dir"}
+                  "dataset_cache_dir", "saves_per_epoch", "evals_per_epoch", "resume_from_checkpoint"}
 
 RECIPE_FILE = "ftclip_recipe.yaml"
 

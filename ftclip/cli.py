@@ -1,19 +1,27 @@
 """The command line: the only place that turns ftclip's errors into messages and exit codes
-(0 ok, 1 run stopped because it diverged, 2 bad input, 130/143 stopped by SIGINT/SIGTERM)."""
+(0 ok, 1 run stopped because it diverged, 2 bad input, 130/143 stopped by SIGINT/SIGTERM).
+
+Imports: this module's top imports only typer, rich and ftclip's light modules (errors, recipe). torch,
+transformers, datasets, peft and bitsandbytes cost seconds, so they are imported inside the command functions
+that need them (`train`, `merge`, ...), never here or in a helper that `validate`, `schema` or `--help` runs;
+tests/test_cli.py::test_light_commands_import_no_heavy_library checks it."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped
-from ftclip.recipe import Recipe, load_recipe
+from ftclip.overrides import load_recipe_with_overrides
+from ftclip.recipe import Recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -26,9 +34,16 @@ error_console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", show_default=False,
+                 help="Override a recipe key before validation (dotted key, YAML value; repeatable), "
+                      "e.g. --set learning_rate=1e-4 --set datasets.0.path=data.jsonl."),
+]
+
 
 def _fail(error: FtclipError) -> None:
-    error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -43,60 +58,109 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _filesystem_problems(recipe: Recipe, path: Path) -> list[Problem]:
-    """Checks that look at disk but load no weights: data files parse, model folders and ids make sense."""
+def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], list[tuple[str, str]]]:
+    """Checks that look at disk but load no weights and use no network: local data files parse, model folders
+    and ids make sense. Returns problems and notices (e.g. a hub dataset missing from the local cache)."""
     from ftclip.data import check_datasets
     from ftclip.modeling import check_model_source
+    from ftclip.overrides import blame, recipe_overrides
+    from ftclip.recipe import key_line
+    from ftclip.trackers import tracker_problems
+
+    data_problems, notices = check_datasets(recipe, path)
+    found = data_problems + check_model_source(recipe, path) + tracker_problems(recipe)
+    problems = [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
+    return blame(problems, recipe_overrides(recipe)), notices
+
+
+def _notices(recipe: Recipe) -> list[tuple[str, str]]:
+    """Valid, but worth a word, as (key, message): settings that run foreign code, or that this machine cannot run."""
+    from ftclip.optim import optimizer_device_problem, why_no_cuda_without_torch
+
+    notices = [("trust_remote_code", "true runs code shipped with the model")] if recipe.trust_remote_code else []
+    if recipe.optimizer.startswith("paged_"):  # the CUDA probe reads a few files; torch itself is never imported here
+        why_not = why_no_cuda_without_torch()
+        problem = optimizer_device_problem(recipe, why_not is None, why_not or "")
+        if problem:  # device: cpu is an error already; auto/cuda may be meant for another machine
+            notices.append(("optimizer", f"{problem} — `ftclip train` will refuse it here"))
+    return notices
+
+
+def _annotation_property(value: str) -> str:
+    # GitHub's workflow-command escaping (actions/toolkit command.ts escapeProperty).
+    return _annotation_data(value).replace(":", "%3A").replace(",", "%2C")
+
+
+def _annotation_data(value: str) -> str:
+    # GitHub's workflow-command escaping (actions/toolkit command.ts escapeData): the message must stay on one line.
+    return value.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def github_annotation(level: str, file: str, line: int | None, key: str, message: str) -> str:
+    """`::error file=F,line=N,title=KEY::MESSAGE` (or ::warning): GitHub Actions shows it on that line of the
+    pull request's diff. The file is made relative to the checkout (GITHUB_WORKSPACE) when it lies inside it."""
+    path = Path(file)
+    workspace = Path(os.environ.get("GITHUB_WORKSPACE") or Path.cwd())
+    if path.is_absolute() and path.resolve().is_relative_to(workspace.resolve()):
+        path = path.resolve().relative_to(workspace.resolve())
+    properties = [f"file={_annotation_property(path.as_posix())}"]
+    if line:
+        properties.append(f"line={line}")
+    if key:
+        properties.append(f"title={_annotation_property(key)}")
+    return f"::{level} {','.join(properties)}::{_annotation_data(message)}"
+
+
+def _validation_annotations(result: dict) -> list[str]:
     from ftclip.recipe import key_line
 
-    found = check_datasets(recipe, path) + check_model_source(recipe, path)
-    return [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
-
-
-def _notices(recipe: Recipe) -> list[str]:
-    """Valid, but worth a word: settings that run foreign code, or that this machine cannot run."""
-    import torch
-
-    from ftclip.optim import optimizer_device_problem
-
-    notices = ["trust_remote_code: true runs code shipped with the model"] if recipe.trust_remote_code else []
-    problem = optimizer_device_problem(recipe, torch.cuda.is_available())
-    if problem:  # device: cpu is an error already; auto/cuda may be meant for another machine
-        notices.append(f"optimizer: {problem} — `ftclip train` will refuse it here")
-    return notices
+    lines = [github_annotation("error", p.file, p.line, p.key, p.message) for p in result["problems"]]
+    for key, message in result["notices"]:
+        lines.append(github_annotation("warning", result["file"], key_line(result["file"], key), key, message))
+    return lines
 
 
 @app.command()
 def validate(
     recipes: Annotated[list[Path], typer.Argument(help="Recipe files to check.", show_default=False)],
     as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
+    overrides: SetOption = None,
 ) -> None:
-    """Check recipes without loading weights: schema, combinations, data files, model paths. Exit 2 if any is invalid."""
+    """Check recipes without loading weights: schema, combinations, data files, model paths. Exit 2 if any is invalid.
+
+    Under GitHub Actions (GITHUB_ACTIONS=true) each problem is also printed as an ::error/::warning annotation."""
     results = []
     for path in recipes:
         try:
-            recipe = load_recipe(path)
-            problems = _filesystem_problems(recipe, path)
-            notices = _notices(recipe)
+            recipe = load_recipe_with_overrides(path, overrides)
+            problems, data_notices = _filesystem_problems(recipe, path)
+            notices = _notices(recipe) + data_notices
         except RecipeError as error:
             problems, notices = error.problems, []
-        results.append({"file": str(path), "valid": not problems, "problems": problems, "warnings": notices})
+        results.append({"file": str(path), "valid": not problems, "problems": problems, "notices": notices})
     if as_json:
         payload = [
-            {**r, "problems": [{"line": p.line, "key": p.key, "message": p.message} for p in r["problems"]]}
+            {"file": r["file"], "valid": r["valid"],
+             "problems": [{"line": p.line, "key": p.key, "message": p.message} for p in r["problems"]],
+             "warnings": [f"{key}: {message}" for key, message in r["notices"]]}
             for r in results
         ]
         print(json.dumps(payload, indent=2))
     else:
         for result in results:
             if result["valid"]:
-                console.print(f"[green]ok[/]      {result['file']}", highlight=False)
+                console.print(f"[green]ok[/]      {result['file']}", highlight=False, soft_wrap=True)
             else:
-                console.print(f"[red]invalid[/] {result['file']}", highlight=False)
+                console.print(f"[red]invalid[/] {result['file']}", highlight=False, soft_wrap=True)
                 for problem in result["problems"]:
-                    console.print(f"  {problem}", highlight=False, soft_wrap=True)
-            for notice in result["warnings"]:
-                console.print(f"  [yellow]warning:[/] {notice}", highlight=False)
+                    console.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
+            for key, message in result["notices"]:
+                console.print(f"  [yellow]warning:[/] {key}: {escape(message)}", highlight=False, soft_wrap=True)
+    if os.environ.get("GITHUB_ACTIONS") == "true":
+        # The runner reads workflow commands from stdout and stderr alike; stderr keeps --json's stdout parseable.
+        for result in results:
+            for line in _validation_annotations(result):
+                print(line, file=sys.stderr if as_json else sys.stdout, flush=True)
     if not all(result["valid"] for result in results):
         raise typer.Exit(EXIT_BAD_INPUT)
 
@@ -132,6 +196,7 @@ def train(
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if output_dir has checkpoints.")] = False,
     nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun.")] = None,
+    overrides: SetOption = None,
 ) -> None:
     """Load the model, LoRA/QLoRA and data, then train with live progress and save the result.
 
@@ -142,11 +207,11 @@ def train(
     if not _is_rank_zero():
         console.quiet = True  # rank 0 speaks for the run; errors still reach stderr from every rank
     try:
-        recipe = load_recipe(recipe_path)
-        overrides = {k: v for k, v in {"max_steps": max_steps, "output_dir": output_dir}.items() if v is not None}
-        if overrides:
-            recipe = recipe.model_copy(update=overrides)
-        problems = _filesystem_problems(recipe, recipe_path)
+        # --max-steps/--output-dir are shorthands for --set; an explicit --set of the same key comes later and wins.
+        shorthands = ([f"max_steps={max_steps}"] if max_steps is not None else []) + (
+            [f"output_dir={json.dumps(output_dir)}"] if output_dir is not None else [])
+        recipe = load_recipe_with_overrides(recipe_path, shorthands + (overrides or []))
+        problems, _ = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
         _quiet_libraries()
@@ -154,6 +219,8 @@ def train(
 
         if resume and no_resume:
             raise FtclipError("--resume and --no-resume contradict each other; pass one")
+        if resume is None and not no_resume and recipe.resume_from_checkpoint:
+            resume = Path(recipe.resume_from_checkpoint)  # the recipe's spelling of --resume
         result = run_training(recipe, recipe_path, console, resume=False if no_resume else resume)
     except FtclipError as error:
         _fail(error)
@@ -212,36 +279,61 @@ def report(
 
 
 @app.command()
-def preprocess(recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose data to tokenize.")]) -> None:
-    """Tokenize the recipe's datasets into the on-disk cache (the step `train` then skips), and show the numbers."""
+def preprocess(
+    recipe_path: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe whose data to tokenize.")],
+    show: Annotated[int, typer.Option(min=0, help="Print the first N tokenized examples, trained tokens highlighted.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="With --show: one JSON object per example "
+                                          '{"input_ids": [...], "labels": [...]} (-100 = not trained), nothing else.')] = False,
+    overrides: SetOption = None,
+) -> None:
+    """Tokenize (and pack) the recipe's datasets into the on-disk cache, the step `train` then skips; print the
+    counts and the speed, and with --show what is trained."""
+    import resource
+    import time
+
     try:
-        recipe = load_recipe(recipe_path)
-        problems = _filesystem_problems(recipe, recipe_path)
+        recipe = load_recipe_with_overrides(recipe_path, overrides)
+        problems, notices = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
         _quiet_libraries()
-        from ftclip.batching import pack_examples
-        from ftclip.data import split_examples
-        from ftclip.data_cache import cached_examples
+        from ftclip.data import prepare
         from ftclip.modeling import load_tokenizer
-        from ftclip.progress import tokenizing_progress
 
         tokenizer = load_tokenizer(recipe, recipe_path)
-        outcome = {}
-        examples = cached_examples(recipe, recipe_path, tokenizer, tokenizing_progress(console),
-                                   report=lambda path, hit: outcome.update(path=path, hit=hit))
-        train_examples, val_examples = split_examples(examples, recipe)
+        started = time.perf_counter()
+        data = prepare(recipe, recipe_path, tokenizer)
+        seconds = time.perf_counter() - started
     except FtclipError as error:
         _fail(error)
-    tokens = sum(len(e.input_ids) for e in examples)
-    trained = sum(e.trained_tokens for e in examples)
-    console.print(f"{len(examples)} examples ({len(train_examples)} train, {len(val_examples)} held out), "
-                  f"{tokens:,} tokens of which {trained:,} trained on; longest {max(len(e.input_ids) for e in examples)} "
+    examples = data.examples
+    if show:
+        from ftclip.show import show_examples
+
+        shown = range(min(show, len(examples)))
+        show_examples(console, tokenizer, ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown),
+                      as_json=as_json)
+        if as_json:
+            return
+    for note in data.notes:
+        console.print(f"[yellow]warning:[/] {note}", highlight=False)
+    trained = int(examples.trained.sum())
+    console.print(f"{len(examples):,} examples ({len(data.train.members):,} train, {len(data.val):,} held out), "
+                  f"{examples.tokens:,} tokens of which {trained:,} trained on; longest {int(examples.lengths.max())} "
                   f"of sequence_len {recipe.sequence_len}", highlight=False)
-    if recipe.sample_packing:
-        _, stats = pack_examples(train_examples, recipe.sequence_len)
-        console.print(f"packing: {stats.examples} examples in {stats.rows} rows, efficiency {stats.efficiency:.0%}")
-    console.print(("cache hit" if outcome["hit"] else "cached") + f": {outcome['path']}", highlight=False)
+    if data.packing:
+        stats = data.packing
+        console.print(f"packing: {stats.examples:,} examples in {stats.rows:,} rows, efficiency {stats.efficiency:.1%}")
+    if data.hit:
+        console.print(f"cache hit: {data.cache} (opened in {seconds:.2f} s)", highlight=False)
+    else:
+        console.print(f"tokenized {data.records:,} records in {data.seconds:.1f} s: {data.records / data.seconds:,.0f} "
+                      f"records/s, {examples.tokens / data.seconds:,.0f} tokens/s", highlight=False)
+        console.print(f"cached: {data.cache}", highlight=False)
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    console.print(f"peak memory: {own:,.0f} MB" + (f" (largest child process {workers:,.0f} MB)" if workers else ""),
+                  highlight=False)
 
 
 @app.command()
@@ -249,16 +341,69 @@ def merge(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A LoRA run's output_dir (or an adapter folder).")],
     output: Annotated[Path | None, typer.Option(help="Where to save the merged model (default: RUN_DIR/merged).")] = None,
     base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+    dtype: Annotated[str, typer.Option(help="Precision to save in: auto (as the run trained), bf16, fp16 or fp32.")] = "auto",
 ) -> None:
     """Merge the LoRA adapter into its base model and save a model that loads with plain transformers."""
     _quiet_libraries()
     from ftclip.merge import merge_adapter
 
     try:
-        saved = merge_adapter(run_dir, output, base_model)
+        saved = merge_adapter(run_dir, output, base_model, dtype,
+                              report=lambda message: console.print(message, highlight=False))
     except FtclipError as error:
         _fail(error)
     console.print(f"[green]merged[/]: {saved}  (AutoModelForCausalLM.from_pretrained({str(saved)!r}))", highlight=False)
+
+
+@app.command()
+def chat(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR|MODEL_DIR",
+                                            help="A run's output_dir, or an adapter, merged or model folder.")],
+    prompt: Annotated[str | None, typer.Option(help="Answer this once, print the reply and exit (for scripts).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
+    temperature: Annotated[float, typer.Option(min=0, help="0: greedy (the same reply every time); >0: sample.")] = 0.0,
+    base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+) -> None:
+    """Talk to what a run trained: base model + adapter (or a merged/full model), prompts formatted as in training
+    (chat template, or alpaca for alpaca data), replies streamed. Interactive unless --prompt; chat turns keep history."""
+    import sys
+
+    _quiet_libraries()
+    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, reply
+
+    try:
+        source = find_chat_source(run_dir, base_model)
+        model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
+    except FtclipError as error:
+        _fail(error)
+    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer))
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    if prompt is not None:
+        reply(model, tokenizer, conversation, prompt, max_new_tokens, temperature, write)
+        write("\n")
+        return
+    loaded = f"{source.base_model} + adapter {source.folder}" if source.base_model else str(source.folder)
+    console.print(f"[bold]ftclip chat[/]: {loaded}, {conversation.style} prompts. /reset forgets the conversation; "
+                  "/quit or Ctrl-D ends it.", highlight=False)
+    while True:
+        try:
+            message = console.input("[bold cyan]you>[/] ").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if message in ("/quit", "/exit"):
+            break
+        if message == "/reset":
+            conversation.turns.clear()
+            continue
+        if message:
+            console.print("[bold green]model>[/] ", end="")
+            reply(model, tokenizer, conversation, message, max_new_tokens, temperature, write)
+            write("\n")
+    write("\n")
 
 
 @app.command()
@@ -267,3 +412,59 @@ def schema() -> None:
     print(json.dumps(Recipe.model_json_schema(), indent=2))
 
 
+
+
+@app.command("import-axolotl")
+def import_axolotl(
+    configs: Annotated[list[Path], typer.Argument(metavar="IN.yml...", help="Axolotl config files.", show_default=False)],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Where to write the recipe (one input only).")] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", help="Folder for the recipes (default: next to each input).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Convert Axolotl configs to ftclip recipes, with a per-key report: mapped, dropped (no effect on what is
+    trained), refused (changes training; nothing is written for that config). Exit 2 if any was not written."""
+    from ftclip.axolotl import import_config, output_paths, write_atomically
+
+    if output is not None and (len(configs) > 1 or output_dir is not None):
+        _fail(FtclipError("-o names one output file: pass one config, or use --output-dir for several"))
+    results = []
+    for source, target in zip(configs, output_paths(configs, output, output_dir)):
+        result = import_config(source, target)
+        if result.ok:
+            try:
+                write_atomically(target, result.text)
+            except OSError as error:
+                result.problems.append(f"cannot write {target}: {error}")
+        results.append(result)
+    if as_json:
+        print(json.dumps([result.as_json() for result in results], indent=2))
+    else:
+        for result in results:
+            _print_import(result)
+    written = sum(result.ok for result in results)
+    if not as_json and len(results) > 1:
+        console.print(f"{written} of {len(results)} configs written", highlight=False)
+    if written < len(results):
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _print_import(result) -> None:
+    if result.ok:
+        kind = " (already an ftclip recipe: copied unchanged)" if result.native else ""
+        console.print(f"[green]written[/] {result.output}  ← {result.source}{kind}", highlight=False)
+    elif result.refused:
+        console.print(f"[red]refused[/] {result.source}: nothing written", highlight=False)
+    else:
+        console.print(f"[red]invalid[/] {result.source}: nothing written", highlight=False)
+    if result.native:
+        return
+    for old, new, note in result.mapped:
+        console.print(f"  mapped   {old} → {new}" + (f"  ({note})" if note else ""), highlight=False, soft_wrap=True)
+    for key, why in result.dropped:
+        console.print(f"  dropped  {key}: {why}", highlight=False, soft_wrap=True)
+    for key, why in result.refused:
+        console.print(f"  [red]refused[/]  {key}: {why}", highlight=False, soft_wrap=True)
+    for problem in result.problems:
+        console.print(f"  [red]problem[/]  {problem}", highlight=False, soft_wrap=True)

@@ -48,6 +48,10 @@ class ResumeError(FtclipError):
     """A checkpoint exists but cannot continue this recipe (the run-changing settings differ)."""
 
 
+class TrackerError(FtclipError):
+    """A tracker the recipe names (W&B, MLflow) cannot start."""
+
+
 class RunStopped(Exception):
     """Training stopped early after saving a checkpoint: a signal (exit 130/143) or too many non-finite
     steps in a row (exit 1). Not an FtclipError: the input was fine."""

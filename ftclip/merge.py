@@ -2,18 +2,25 @@
 save a plain transformers model that loads without peft or ftclip.
 
 The base is loaded unquantized even for a QLoRA run: merging into 4-bit weights would round the adapter's
-update away (and peft can only dequantize-then-merge lossy); the merged model is saved in the run's
-precision (bf16/fp16, else fp32)."""
+update away (and peft can only dequantize-then-merge lossy); the merged model is saved in the precision the
+run trained in (`bf16: auto` as it resolved on the training device, recorded in the saved recipe), or in
+`--dtype`. transformers writes that dtype into config.json, so the config and the safetensors agree."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import yaml
 
 from ftclip.checkpoint import RECIPE_FILE, atomic_directory
 from ftclip.errors import ModelError, OutputError
+from ftclip.modeling import grow_embeddings
+from ftclip.recipe import AUTO_PRECISION_NOTE
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -27,19 +34,38 @@ def find_adapter(run_dir: Path) -> Path:
                      "a full fine-tune's model/ folder is already a plain model")
 
 
-def _precision(adapter: Path):
-    import torch
-
+def merge_precision(adapter: Path, requested: str = "auto") -> tuple[str, str]:
+    """(torch dtype name, why): `requested` (bf16/fp16/fp32) wins; `auto` takes the run's precision from the
+    recipe saved with the adapter, `bf16: auto` as the training device resolved it."""
+    if requested != "auto":
+        if requested not in DTYPES:
+            raise ModelError(f"--dtype {requested}: choose auto, {', '.join(DTYPES)}")
+        return DTYPES[requested], f"--dtype {requested}"
     recipe_file = adapter / RECIPE_FILE
-    saved = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
-    if saved.get("bf16") is True:
-        return torch.bfloat16
+    if not recipe_file.is_file():
+        return "float32", f"no {RECIPE_FILE} beside the adapter to say how it trained"
+    text = recipe_file.read_text(encoding="utf-8")
+    saved = yaml.safe_load(text) or {}
     if saved.get("fp16"):
-        return torch.float16
-    return torch.float32
+        return "float16", "the run trained with fp16: true"
+    if saved.get("bf16") is True:
+        return "bfloat16", "the run trained with bf16: true"
+    if saved.get("bf16") == "auto":
+        pattern = re.escape(AUTO_PRECISION_NOTE).replace(re.escape("{dtype}"), r"(\w+)")
+        recorded = re.search(pattern, text)
+        if recorded and recorded.group(1) in DTYPES.values():
+            return recorded.group(1), f"the run's bf16: auto resolved to {recorded.group(1)} on its device"
+        import torch  # a run saved before the resolution was recorded: resolve as training would here
+
+        here = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+        return here, "bf16: auto resolved on this machine (the run did not record its own); --dtype to choose"
+    return "float32", "the run trained in fp32"
 
 
-def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | None = None) -> Path:
+def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | None = None, dtype: str = "auto",
+                  report=lambda message: None) -> Path:
+    """Merge and save; `report(message)` hears which precision was chosen and why."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -51,16 +77,22 @@ def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | N
     if not (Path(base) / "config.json").is_file() and Path(base).is_absolute():
         raise ModelError(f"the adapter's base model {base} is gone (no config.json); pass --base-model")
     output = Path(output) if output else Path(run_dir) / "merged"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=_precision(adapter))
-        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load {base} with the adapter {adapter}: {error}") from None
+    dtype_name, why = merge_precision(adapter, dtype)
+    report(f"saving in {dtype_name} ({why})")
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype_name))
+        grow_embeddings(model, tokenizer)  # an adapter trained with added tokens saved the larger embeddings
+        merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ModelError(f"cannot load {base} with the adapter {adapter}: {error}") from None
     try:
         with atomic_directory(output) as staging:
             merged.save_pretrained(staging)
-            AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if (adapter / RECIPE_FILE).is_file():  # how the run trained: its precision, its prompt format (chat)
+                shutil.copy(adapter / RECIPE_FILE, staging / RECIPE_FILE)
     except OSError as error:
         raise OutputError(f"cannot write {output}: {error.strerror or error}") from None
     return output

@@ -1,23 +1,37 @@
-"""Optimizer and learning-rate schedule, built from the recipe for the trainable parameters."""
+"""Optimizer and learning-rate schedule, built from the recipe for the trainable parameters.
+
+Imports torch only inside the builders: `validate` asks `optimizer_device_problem` and must stay light."""
 
 from __future__ import annotations
 
-import torch
+import ast
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ftclip.errors import ModelError
-from ftclip.recipe import Recipe
+from ftclip.recipe import Recipe, schedule_steps
+
+if TYPE_CHECKING:
+    import torch
 
 # transformers' scheduler names; "constant" still honours warmup_steps.
 _SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 def build_optimizer(recipe: Recipe, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    import torch
+
     lr, decay = recipe.learning_rate, recipe.weight_decay
+    adam = {"betas": (recipe.adam_beta1, recipe.adam_beta2), "eps": recipe.adam_epsilon}
     if recipe.optimizer == "adamw_torch":
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay, **adam)
     if recipe.optimizer == "adamw_torch_fused":
         # Fused: one kernel per step, and it applies ftclip's clip scale and non-finite skip itself.
-        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay, fused=True)
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay, fused=True, **adam)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, weight_decay=decay, fused=True)
     try:
@@ -26,7 +40,7 @@ def build_optimizer(recipe: Recipe, parameters: list[torch.nn.Parameter]) -> tor
         raise ModelError(f"optimizer: {recipe.optimizer} needs bitsandbytes ({error})") from None
     optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                   "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
-    return optimizers[recipe.optimizer](parameters, lr=lr, weight_decay=decay)
+    return optimizers[recipe.optimizer](parameters, lr=lr, weight_decay=decay, **adam)
 
 
 PAGED_NEEDS_CUDA = (
@@ -35,7 +49,7 @@ PAGED_NEEDS_CUDA = (
 )
 
 
-def optimizer_device_problem(recipe: Recipe, cuda_available: bool) -> str | None:
+def optimizer_device_problem(recipe: Recipe, cuda_available: bool, why_no_cuda: str = "this machine has none") -> str | None:
     """Why the recipe's optimizer cannot run on the device it will get, or None. bitsandbytes itself only
     warns and silently drops the paging on the CPU; a recipe asking for paging should hear that it is moot."""
     if not recipe.optimizer.startswith("paged_"):
@@ -43,16 +57,72 @@ def optimizer_device_problem(recipe: Recipe, cuda_available: bool) -> str | None
     if recipe.device == "cpu":
         return PAGED_NEEDS_CUDA.format(name=recipe.optimizer, why="the recipe sets device: cpu")
     if not cuda_available:
-        return PAGED_NEEDS_CUDA.format(name=recipe.optimizer, why="this machine has none")
+        return PAGED_NEEDS_CUDA.format(name=recipe.optimizer, why=why_no_cuda)
     return None
+
+
+def why_no_cuda_without_torch() -> str | None:
+    """None when `torch.cuda.is_available()` would most likely say True, else the reason it would not, found
+    without importing torch (seconds of `validate`'s time, on every commit). Exact for the common cases: a
+    CPU-only torch build (read from torch/version.py), GPUs hidden by CUDA_VISIBLE_DEVICES, and a machine
+    without an NVIDIA (or ROCm) driver. It cannot see a broken driver; `train` asks torch itself and refuses then."""
+    torch = sys.modules.get("torch")
+    if torch is not None:  # already paid for: ask it
+        return None if torch.cuda.is_available() else "this machine has none"
+    build = _torch_build_accelerators()
+    if build is not None and not (build["cuda"] or build["hip"]):
+        return f"the installed torch {build['__version__']} is a CPU-only build"
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return "CUDA_VISIBLE_DEVICES hides every GPU"
+    if _gpu_driver_present(nvidia=build is None or bool(build["cuda"]), rocm=build is None or bool(build["hip"])):
+        return None
+    return "this machine has none"
+
+
+def _torch_build_accelerators() -> dict[str, str | None] | None:
+    """torch/version.py's `__version__`, `cuda` and `hip` (the last two None in a CPU build), read as text;
+    None when it can't be read."""
+    spec = importlib.util.find_spec("torch")  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    try:
+        tree = ast.parse((Path(spec.submodule_search_locations[0]) / "version.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    found = {}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                if isinstance(target, ast.Name) and target.id in ("__version__", "cuda", "hip"):
+                    found[target.id] = node.value.value
+    return found if set(found) == {"__version__", "cuda", "hip"} else None
+
+
+def _gpu_driver_present(nvidia: bool, rocm: bool) -> bool:
+    """A GPU the torch build can use: an NVIDIA driver with at least one GPU (Linux /proc and /dev, WSL's
+    /dev/dxg, else nvidia-smi on PATH, as on Windows), or for a ROCm build the ROCm device /dev/kfd."""
+    if rocm and Path("/dev/kfd").exists():
+        return True
+    if not nvidia:
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    if gpus.is_dir() and any(gpus.iterdir()):
+        return True
+    if any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/dxg").exists():
+        return True
+    return shutil.which("nvidia-smi") is not None
 
 
 def build_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, total_steps: int):
     from transformers import get_scheduler
 
+    name, options = _SCHEDULES[recipe.lr_scheduler], None
+    if recipe.lr_scheduler == "cosine" and recipe.min_lr_ratio:
+        name, options = "cosine_with_min_lr", {"min_lr_rate": recipe.min_lr_ratio}
     return get_scheduler(
-        _SCHEDULES[recipe.lr_scheduler],
+        name,
         optimizer,
-        num_warmup_steps=recipe.warmup_steps,
+        num_warmup_steps=schedule_steps(recipe, total_steps).warmup_steps,
         num_training_steps=total_steps,
+        scheduler_specific_kwargs=options,
     )

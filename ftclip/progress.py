@@ -5,19 +5,17 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections import deque
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.console import Console, ConsoleOptions
+from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
+from rich.text import Text
 
 from ftclip.checkpoint import write_text_atomically
 
@@ -94,51 +92,151 @@ class TensorBoardLog:
             self.writer.close()
 
 
-class TrainingView:
-    """Live progress: step/total, loss, pre-clip grad norm, whether it clipped, lr, tokens/s, ETA."""
+def _clock(seconds: float | None) -> str:
+    """h:mm:ss, as rich's time columns write it; -:--:-- while unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-:--:--"
+    return str(timedelta(seconds=max(0, int(seconds))))
 
-    def __init__(self, console: Console, total_steps: int, completed: int = 0):
+
+def _fit_fields(fields: list[tuple[int, Text]], width: int, separator: str = "  ") -> list[Text]:
+    """The fields, in their order, after dropping the least important (lowest `keep`) until they fit `width`."""
+    kept = list(fields)
+    while len(kept) > 1 and sum(t.cell_len for _, t in kept) + len(separator) * (len(kept) - 1) > width:
+        kept.remove(min(kept, key=lambda field: field[0]))  # the first of equals goes first
+    return [text for _, text in kept]
+
+
+def _clip_state(record: dict[str, Any] | None, with_post_clip: bool) -> Text:
+    """The last step's pre-clip norm and whether it was clipped (to what, with `with_post_clip`)."""
+    if record is None:
+        return Text("grad-norm -")
+    norm = Text(f"grad-norm {_number(record['grad_norm'])} ")
+    if not record["clipped"]:
+        return norm.append("not clipped")
+    return norm.append(f"clipped to {_number(record['post_clip_norm'])}" if with_post_clip else "clipped", "yellow")
+
+
+class _LiveLine:
+    """The redrawn progress line, laid out for the width it is drawn at: step N/M, ETA, the pre-clip norm and
+    whether it clipped, loss and the bar always; the label, elapsed time, lr and tok/s only while there is room."""
+
+    BAR_MIN, BAR_MAX = 10, 40
+
+    def __init__(self, view: TrainingView):
+        self.view = view
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions):
+        view, record, width = self.view, self.view.last_record, options.max_width
+        steps = f"{view.completed}/{view.total_steps}"
+        bar_slot = Text(" " * self.BAR_MIN)  # stands in for the bar while the fields are chosen
+        fields = [
+            (40, Text("train", "bold")),
+            (100, Text(steps)),
+            (60, bar_slot),
+            (70, Text(f"loss {_number(record['loss'])}" if record else "loss -")),
+            (80, _clip_state(record, with_post_clip=False)),
+            (20, Text(f"lr {record['lr']:.2e}" if record else "lr -")),
+            (10, Text(f"{record['tokens_per_s']:.0f} tok/s" if record else "- tok/s")),
+            (30, Text(_clock(view.elapsed()))),
+            (90, Text(f"eta {_clock(view.eta())}")),
+        ]
+        kept = _fit_fields(fields, width, separator=" ")
+        spare = width - (sum(t.cell_len for t in kept) + len(kept) - 1)
+        grid = Table.grid(padding=(0, 1))
+        cells = []
+        for text in kept:
+            if text is bar_slot:
+                bar_width = min(self.BAR_MAX, self.BAR_MIN + max(0, spare))
+                cells.append(ProgressBar(total=view.total_steps, completed=view.completed, width=bar_width))
+                grid.add_column(width=bar_width, no_wrap=True)
+            else:
+                cells.append(text)
+                grid.add_column(no_wrap=True, overflow="ellipsis")
+        grid.add_row(*cells)
+        yield grid
+
+
+class TrainingView:
+    """What the person at the terminal sees while training.
+
+    A terminal gets a redrawn line (`_LiveLine`) that fits its width, plus one line per logging step: the wide,
+    full-detail form when it fits, else a compact form with the most useful fields. Anything else (CI logs,
+    `| tee`, a file) gets no redrawn line and no control sequences: one plain line per logging step, with the ETA
+    in it. rich decides which is which (`Console.is_interactive`: a TTY, not TERM=dumb; TTY_INTERACTIVE=0/1
+    overrides) and drops colour under NO_COLOR. Everything stays in metrics.jsonl whatever is shown here."""
+
+    RECENT_STEPS = 50  # the ETA follows the speed of the last this many steps
+
+    def __init__(self, console: Console, total_steps: int, completed: int = 0, clock=time.monotonic):
         self.console = console
-        self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("grad-norm {task.fields[grad_norm]}{task.fields[clipped]}"),
-            TextColumn("lr {task.fields[lr]}"),
-            TextColumn("{task.fields[tokens_per_s]} tok/s"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task = self.progress.add_task(
-            "train", total=total_steps, completed=completed, loss="-", grad_norm="-", clipped="", lr="-", tokens_per_s="-"
-        )
+        self.total_steps = total_steps
+        self.completed = completed
+        self.last_record: dict[str, Any] | None = None
+        self.interactive = console.is_interactive
+        self.status_line = _LiveLine(self)  # what the terminal redraws; a renderable, so tests can print it
+        self._clock = clock
+        self._started = clock()
+        self._step_times: deque[float] = deque([self._started], maxlen=self.RECENT_STEPS + 1)
+        self._live = Live(self.status_line, console=console, refresh_per_second=4) if self.interactive else None
 
     def __enter__(self) -> TrainingView:
-        self.progress.__enter__()
+        if self._live is not None:
+            self._live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
+        if self._live is not None:
+            self._live.__exit__(*exc)
 
     def advance(self) -> None:
-        self.progress.update(self.task, advance=1)
+        self.completed += 1
+        self._step_times.append(self._clock())
+
+    def elapsed(self) -> float:
+        return self._clock() - self._started
+
+    def eta(self) -> float | None:
+        """Seconds left at the recent pace, counting down between steps; None before the first step."""
+        if len(self._step_times) < 2:
+            return None
+        seconds_per_step = (self._step_times[-1] - self._step_times[0]) / (len(self._step_times) - 1)
+        since_last = self._clock() - self._step_times[-1]
+        return max(0.0, (self.total_steps - self.completed) * seconds_per_step - since_last)
 
     def logged(self, record: dict[str, Any]) -> None:
-        clipped = " [yellow](clipped)" if record["clipped"] else ""
-        self.progress.update(
-            self.task,
-            loss=_number(record["loss"]),
-            grad_norm=_number(record["grad_norm"]),
-            clipped=clipped,
-            lr=f"{record['lr']:.2e}",
-            tokens_per_s=f"{record['tokens_per_s']:.0f}",
-        )
+        self.last_record = record
+        self.console.print(self.step_line(record, self.console.width), highlight=False, soft_wrap=True)
+
+    def step_line(self, record: dict[str, Any], width: int) -> Text:
+        """One logged step as one line of at most `width` columns."""
+        wide = self._wide_step_line(record)
+        if wide.cell_len <= width:
+            return wide
+        digits = len(str(record["total_steps"]))
+        fields = [
+            (100, Text(f"step {record['step']:>{digits}}/{record['total_steps']}")),
+            (90, Text(f"loss {_number(record['loss'])}")),
+            (95, _clip_state(record, with_post_clip=True)),
+            (60, Text(f"clip-rate {record['clip_rate']:.0%}")),
+            (30, Text(f"window {_number(record['grad_norm_min'])}–{_number(record['grad_norm_max'])}")),
+            (20, Text(f"lr {record['lr']:.2e}")),
+            (10, Text(f"{record['tokens_per_s']:.0f} tok/s")),
+        ]
+        if record.get("clip_threshold") is not None:
+            fields.insert(4, (40, Text(f"threshold {_number(record['clip_threshold'])}")))
+        if record["skipped_steps"]:
+            # cumulative, so on the next line again if an eval-loss crowds it out of this one
+            fields.insert(3, (84, Text(f"skipped {record['skipped_steps']}", "red")))
+        if "eval_loss" in record:
+            fields.insert(2, (85, Text(f"eval-loss {_number(record['eval_loss'])}")))
+        if not self.interactive:  # no redrawn line shows it: worth more than the window's clip rate
+            fields.append((80, Text(f"eta {_clock(self.eta())}")))
+        return Text("  ").join(_fit_fields(fields, width))
+
+    def _wide_step_line(self, record: dict[str, Any]) -> Text:
         clip_state = f"clipped, coef {record['clip_coef']:.3g}" if record["clipped"] else "not clipped"
-        self.progress.console.print(
+        return Text(
             f"step {record['step']:>5}/{record['total_steps']}  loss {_number(record['loss'])}  "
             f"grad-norm pre-clip {_number(record['grad_norm'])} "
             f"(window min {_number(record['grad_norm_min'])} mean {_number(record['grad_norm_mean'])} "
@@ -148,13 +246,14 @@ class TrainingView:
             + f"clip-rate {record['clip_rate']:.0%}  "
             + (f"skipped {record['skipped_steps']}  " if record["skipped_steps"] else "")
             + f"lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
-            + (f"  eval-loss {_number(record['eval_loss'])}" if "eval_loss" in record else ""),
-            highlight=False,
+            + (f"  eval-loss {_number(record['eval_loss'])}" if "eval_loss" in record else "")
+            + ("" if self.interactive else f"  eta {_clock(self.eta())}")
         )
 
     def warn(self, message: str, loud: bool = False) -> None:
         label = "[bold red]WARNING:[/]" if loud else "[yellow]warning:[/]"
-        self.progress.console.print(f"{label} {message}", highlight=False)
+        # A log keeps each warning on one line (greppable); a terminal wraps it at words.
+        self.console.print(f"{label} {message}", highlight=False, soft_wrap=not self.interactive)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -164,13 +263,3 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for key, value in summary.items():
         table.add_row(key, _number(value) if isinstance(value, float) else str(value))
     return table
-
-
-def tokenizing_progress(console: Console):
-    """A `progress(records, name)` wrapper for data.tokenize_datasets: a rich bar per dataset file."""
-    from rich.progress import track
-
-    def wrap(records, name):
-        return track(records, description=f"tokenizing {name}", console=console, transient=True)
-
-    return wrap

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_serializer,
     field_validator,
@@ -23,7 +26,28 @@ from ftclip.errors import Problem, RecipeError
 
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd")
 SCHEDULERS = ("constant", "linear", "cosine")
+# Hugging Face's names for what ftclip has under another name (accepted as aliases).
+OPTIMIZER_ALIASES = {"adamw_bnb_8bit": "adamw_8bit", "adamw_hf": "adamw_torch"}
+SCHEDULER_ALIASES = {"constant_with_warmup": "constant", "cosine_with_min_lr": "cosine"}
 DATASET_TYPES = ("alpaca", "completion", "chat")
+# Hugging Face names ftclip has no equivalent for, refused by name (the rest get pydantic's list of choices).
+FOREIGN_OPTIMIZERS = {
+    "adamw_torch_8bit": "torchao's 8-bit AdamW; ftclip's 8-bit AdamW is bitsandbytes' adamw_8bit (the same algorithm)",
+    "adamw_torch_4bit": "torchao's 4-bit AdamW; ftclip has no 4-bit optimizer state (adamw_8bit is the smallest)",
+    **{name: "not an optimizer ftclip has (adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, "
+             "paged_adamw_32bit, sgd)"
+       for name in ("adafactor", "adagrad", "adalomo", "adamw_anyprecision", "ademamix", "ademamix_8bit", "apollo_adamw",
+                    "galore_adamw", "galore_adamw_8bit", "grokadamw", "lion_32bit", "lion_8bit", "lomo", "muon",
+                    "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop",
+                    "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit", "schedule_free_adamw", "schedule_free_radam",
+                    "schedule_free_sgd", "stable_adamw", "optimi_adamw", "ao_adamw_8bit", "ao_adamw_4bit",
+                    "ao_adamw_fp8", "adopt_adamw", "came_pytorch", "dion", "flash_adamw")},
+}
+FOREIGN_SCHEDULERS = {
+    name: "a Hugging Face/Axolotl schedule ftclip does not have (constant, linear, cosine with optional min_lr_ratio)"
+    for name in ("cosine_with_restarts", "polynomial", "inverse_sqrt", "reduce_lr_on_plateau", "warmup_stable_decay",
+                 "one_cycle", "rex", "constant_with_min_lr", "cosine_warmup_with_min_lr")
+}
 
 
 class DatasetSpec(BaseModel):
@@ -140,9 +164,40 @@ class GradientClipping(BaseModel):
         return self
 
 
+def _without_empty_values(data: dict) -> dict:
+    """`key:` left empty means "not set" (the default applies), as in Axolotl, at every level of the recipe."""
+    cleaned = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            value = _without_empty_values(value)
+        elif isinstance(value, list):
+            value = [_without_empty_values(item) if isinstance(item, dict) else item for item in value]
+        cleaned[key] = value
+    return cleaned
+
+
+def _distributed_from_axolotl(data: dict) -> dict:
+    """Axolotl's deepspeed / fsdp / fsdp_config / fsdp_version become distributed.strategy where the meaning
+    matches (ZeRO-3 or FULL_SHARD: fsdp; ZeRO-1/2 or NO_SHARD: ddp); the launcher stays torchrun."""
+    from ftclip.axolotl import DISTRIBUTED_KEYS, distributed_strategy  # lazy: ftclip.axolotl imports this module
+
+    given = {key: data.pop(key) for key in DISTRIBUTED_KEYS if key in data}
+    strategy, refusal, key = distributed_strategy(given)
+    if refusal:
+        raise ValueError(f"{key}: {refusal}")
+    if strategy is not None:
+        if "distributed" in data:
+            raise ValueError(f"{key}: distributed is given too; keep one (distributed: {{strategy: {strategy}}})")
+        data["distributed"] = {"strategy": strategy}
+    return data
+
+
 def _clipping_from_shorthand(value: Any) -> Any:
-    """A bare number is a norm threshold (Axolotl/HF style); false, 0 and 'off' mean no clipping."""
-    if value is None or value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+    """A bare number is a norm threshold (Axolotl/HF style); false, 0 and 'off' mean no clipping.
+    (An empty value never gets here: it means the default, norm clipping at 1.0.)"""
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
         return {"mode": "off"}
     if isinstance(value, bool):
         return {"mode": "norm"}
@@ -178,14 +233,20 @@ class Recipe(BaseModel):
     lora_r: int = Field(8, gt=0, description="LoRA rank.")
     lora_alpha: int = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    lora_target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="Module names to adapt (e.g. [q_proj, v_proj]) or all-linear."
+    lora_target_modules: list[str] | str = Field(
+        "all-linear",
+        description="Module names to adapt (e.g. [q_proj, v_proj]), all-linear, or a regex string matched against "
+        "each module's full name (peft's full match, e.g. '.*\\.(q|v)_proj').",
     )
     lora_target_linear: bool | None = Field(
         None, description="Axolotl's spelling: true means lora_target_modules: all-linear."
     )
     lora_modules_to_save: list[str] | None = Field(
         None, description="Modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head])."
+    )
+    lora_model_dir: str | None = Field(
+        None, description="An existing LoRA adapter folder to continue training (relative to the recipe); "
+        "its rank, alpha and targets are the adapter's own."
     )
     load_in_4bit: bool = Field(False, description="Quantize the base to 4 bits with bitsandbytes (QLoRA).")
     load_in_8bit: bool = Field(False, description="Quantize the base to 8 bits with bitsandbytes.")
@@ -203,7 +264,8 @@ class Recipe(BaseModel):
         False, description="Pack several examples into each sequence_len row (no attention across them)."
     )
     dataset_cache_dir: str | None = Field(
-        None, description="Where tokenized data is cached (relative to cwd); default ~/.cache/ftclip/tokenized."
+        None, description="Where tokenized data is cached (relative to cwd); default ~/.cache/ftclip/tokenized. "
+        "Alias: dataset_prepared_path."
     )
     dataset_processes: int | None = Field(
         None, gt=0, description="Processes that tokenize in parallel; default: the CPU count, at most 8."
@@ -232,8 +294,20 @@ class Recipe(BaseModel):
             "are bitsandbytes' (paged ones need CUDA).",
         )
     )
-    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="LR decay after warmup.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
+        "cosine", description="LR decay after warmup. Hugging Face's constant_with_warmup and cosine_with_min_lr "
+        "are accepted as constant and cosine."
+    )
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="cosine: decay to this share of learning_rate instead of 0 (Axolotl: cosine_min_lr_ratio)."
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup, in optimizer steps.")
+    warmup_ratio: float | None = Field(
+        None, ge=0, lt=1, description="Linear warmup as a share of the run's optimizer steps (instead of warmup_steps)."
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's second-moment decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW's epsilon.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     gradient_clipping: GradientClipping = Field(
         default_factory=GradientClipping,
@@ -246,6 +320,12 @@ class Recipe(BaseModel):
     fp16: bool = Field(False, description="float16 weights (adapters train in fp32).")
     fp32: bool = Field(False, description="float32 weights (the default when neither bf16 nor fp16 is set).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    gradient_checkpointing_kwargs: dict[str, Any] | None = Field(
+        None, description="Passed to transformers' gradient_checkpointing_enable; default {use_reentrant: false}."
+    )
+    tf32: bool | Literal["auto"] = Field(
+        False, description="Let CUDA float32 matmuls use TF32 (faster, ~10-bit mantissa); auto = when the GPU has it."
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
         "sdpa", description="Attention kernel (transformers' attn_implementation); flash_attention_2 needs flash-attn and CUDA."
     )
@@ -267,7 +347,16 @@ class Recipe(BaseModel):
         None, gt=0, description="Checkpoint every N optimizer steps to output_dir/checkpoints/step-N (resumable)."
     )
     save_total_limit: int | None = Field(
-        3, gt=0, description="Keep only the newest N checkpoints (null keeps all)."
+        3, ge=0, description="Keep only the newest N checkpoints (0 keeps all)."
+    )
+    saves_per_epoch: int | None = Field(
+        None, gt=0, description="Checkpoint N times per epoch (instead of save_steps)."
+    )
+    evals_per_epoch: int | None = Field(
+        None, ge=0, description="Eval loss N times per epoch (instead of eval_steps); 0 = only at the end."
+    )
+    resume_from_checkpoint: str | None = Field(
+        None, description="Resume from this checkpoint folder (relative to cwd), as `ftclip train --resume` does."
     )
     max_skipped_steps: int = Field(
         10, gt=0, description="Abort (with a checkpoint) after this many non-finite steps in a row."
@@ -288,19 +377,63 @@ class Recipe(BaseModel):
     mlflow_experiment_name: str | None = Field(None, description="MLflow experiment.")
     mlflow_run_name: str | None = Field(None, description="MLflow run name.")
 
+    # The command line's `--set KEY=VALUE` overrides already applied (ftclip.overrides), recorded by dump_recipe.
+    _overrides: list = PrivateAttr(default_factory=list)
+    # What `bf16: auto` resolved to on the training device (e.g. "bfloat16"), recorded by dump_recipe for merge.
+    _trained_dtype: str | None = PrivateAttr(default=None)
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_chat_template(cls, value: str) -> str:
+        from ftclip.chat_templates import CHAT_TEMPLATE_CHOICES
+
+        if value not in CHAT_TEMPLATE_CHOICES:
+            raise ValueError(f"unknown chat template {value!r}; allowed: {', '.join(CHAT_TEMPLATE_CHOICES)} "
+                             "(jinja: a literal template in chat_template_jinja)")
+        return value
+
     @field_validator("lora_target_modules", mode="before")
     @classmethod
     def _target_modules(cls, value: Any) -> Any:
         if value == "all-linear" or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
             return value
-        raise ValueError("must be a list of module names (e.g. [q_proj, v_proj]) or all-linear")
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as error:
+                raise ValueError(f"{value!r} is not a valid regular expression ({error})") from None
+            return value
+        raise ValueError("must be a list of module names (e.g. [q_proj, v_proj]), all-linear, or a regex string")
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_alias(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in OPTIMIZER_ALIASES:
+            return OPTIMIZER_ALIASES[value]
+        if isinstance(value, str) and value in FOREIGN_OPTIMIZERS:
+            raise ValueError(f"{value} is {FOREIGN_OPTIMIZERS[value]}")
+        return value
+
+    @field_validator("lr_scheduler", mode="before")
+    @classmethod
+    def _scheduler_alias(cls, value: Any) -> Any:
+        if isinstance(value, str) and value in SCHEDULER_ALIASES:
+            return SCHEDULER_ALIASES[value]
+        if isinstance(value, str) and value in FOREIGN_SCHEDULERS:
+            raise ValueError(f"{value} is {FOREIGN_SCHEDULERS[value]}")
+        return value
 
     @model_validator(mode="before")
     @classmethod
     def _aliases(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = dict(data)
+        data = _without_empty_values(data)
+        if "dataset_prepared_path" in data:
+            if "dataset_cache_dir" in data:
+                raise ValueError("dataset_cache_dir and dataset_prepared_path (its Axolotl alias) are both given; keep one")
+            data["dataset_cache_dir"] = data.pop("dataset_prepared_path")
+        data = _distributed_from_axolotl(data)
         if "max_grad_norm" in data:
             if "gradient_clipping" in data:
                 raise ValueError(
@@ -326,6 +459,38 @@ class Recipe(BaseModel):
     @property
     def quantized(self) -> bool:
         return self.load_in_4bit or self.load_in_8bit or self.adapter == "qlora"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Step settings the recipe gives relative to the run's length, in optimizer steps."""
+
+    warmup_steps: int
+    save_steps: int | None
+    eval_steps: int | None
+
+
+def schedule_steps(recipe: Recipe, total_steps: int) -> Schedule:
+    """The one place where warmup_ratio, saves_per_epoch and evals_per_epoch become step counts, as Axolotl
+    and Hugging Face compute them: warmup = int(ratio × steps); a per-epoch count N saves/evaluates every
+    ceil(steps / (N × num_epochs)) steps."""
+    warmup = int(recipe.warmup_ratio * total_steps) if recipe.warmup_ratio is not None else recipe.warmup_steps
+
+    def every(per_epoch: int | None, fixed: int | None) -> int | None:
+        if not per_epoch:
+            return fixed
+        return max(1, math.ceil(total_steps / (per_epoch * recipe.num_epochs)))
+
+    evals = every(recipe.evals_per_epoch, recipe.eval_steps) if recipe.val_set_size else None
+    return Schedule(warmup, every(recipe.saves_per_epoch, recipe.save_steps), evals)
+
+
+def resolve_schedule(recipe: Recipe, total_steps: int) -> Recipe:
+    """The recipe with save_steps and eval_steps derived from saves_per_epoch/evals_per_epoch, once the step
+    count is known. Warmup stays a ratio in the recipe (a resumed run compares recipes before it counts
+    steps); the scheduler asks schedule_steps for it."""
+    schedule = schedule_steps(recipe, total_steps)
+    return recipe.model_copy(update={"save_steps": schedule.save_steps, "eval_steps": schedule.eval_steps})
 
 
 def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
@@ -354,8 +519,22 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
                                       "but device is cpu; use adamw_8bit"))
     if recipe.eval_steps and not recipe.val_set_size:
         problems.append(("eval_steps", "needs a held-out set: set val_set_size (e.g. 0.05)"))
+    if recipe.warmup_ratio is not None and recipe.warmup_steps:
+        problems.append(("warmup_ratio", "warmup_steps and warmup_ratio are both set; keep one"))
+    if recipe.saves_per_epoch and recipe.save_steps:
+        problems.append(("saves_per_epoch", "save_steps and saves_per_epoch are both set; keep one"))
+    if recipe.evals_per_epoch is not None and recipe.eval_steps:
+        problems.append(("evals_per_epoch", "eval_steps and evals_per_epoch are both set; keep one"))
+    if recipe.min_lr_ratio and recipe.lr_scheduler != "cosine":
+        problems.append(("min_lr_ratio", f"applies to lr_scheduler: cosine, not {recipe.lr_scheduler}"))
+    if recipe.lora_model_dir and recipe.adapter is None:
+        problems.append(("lora_model_dir", "continues a LoRA adapter; set adapter: lora or adapter: qlora"))
     if recipe.warmup_steps and recipe.max_steps and recipe.warmup_steps >= recipe.max_steps:
         problems.append(("warmup_steps", f"{recipe.warmup_steps} >= max_steps {recipe.max_steps}; the LR never peaks"))
+    if recipe.chat_template == "jinja" and not recipe.chat_template_jinja:
+        problems.append(("chat_template", "jinja needs the template text in chat_template_jinja"))
+    if recipe.chat_template_jinja and recipe.chat_template not in ("jinja", "tokenizer_default"):
+        problems.append(("chat_template_jinja", f"given, but chat_template is {recipe.chat_template}; keep one of them"))
     return problems
 
 
@@ -393,7 +572,7 @@ _OTHER_TOOLS_NAMES = {
 _NESTED_MODELS: dict[str, type[BaseModel]] = {
     "datasets": DatasetSpec, "gradient_clipping": GradientClipping, "special_tokens": SpecialTokens,
 }
-_ALIASES = {"gradient_clipping": "max_grad_norm"}
+_ALIASES = {"gradient_clipping": "max_grad_norm", "dataset_cache_dir": "dataset_prepared_path"}
 
 
 def _model_at(loc: tuple) -> type[BaseModel]:
@@ -402,7 +581,7 @@ def _model_at(loc: tuple) -> type[BaseModel]:
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:
     keys = list(model.model_fields)
-    return keys + ["max_grad_norm"] if model is Recipe else keys
+    return keys + ["max_grad_norm", "dataset_prepared_path"] if model is Recipe else keys
 
 
 _UNION_TAGS = {"bool", "int", "float", "str", "list", "dict", "none"}
@@ -432,6 +611,12 @@ def _describe(error: dict) -> str:
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
         loc = error["loc"]
+        if _model_at(loc) in (Recipe, DatasetSpec):
+            from ftclip.axolotl import unknown_key_message  # lazy: ftclip.axolotl imports this module
+
+            known = unknown_key_message(str(loc[-1]), dataset=_model_at(loc) is DatasetSpec, value=error.get("input"))
+            if known:
+                return known
         allowed = _allowed_keys(_model_at(loc))
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
         if not close and _model_at(loc) is Recipe and loc[-1] in _OTHER_TOOLS_NAMES:
@@ -454,6 +639,10 @@ def problems_from_validation(error: ValidationError, file: str, lines: dict) -> 
         key = ".".join(str(part) for part in loc) or "recipe"
         if not loc and "max_grad_norm" in item["msg"]:
             key, loc = "max_grad_norm", ("max_grad_norm",)
+        for alias in ("deepspeed", "fsdp_config", "fsdp", "dataset_prepared_path"):  # model-level alias errors
+            if not loc and item["msg"].removeprefix("Value error, ").startswith(alias):
+                key, loc = alias, (alias,)
+                break
         problems.append(Problem(file, key, _describe(item), _line_of(loc, lines)))
     return problems
 
@@ -519,8 +708,15 @@ def resolve_input_path(value: str, recipe_path: str | Path | None) -> Path:
     return Path(recipe_path).resolve().parent / candidate
 
 
+AUTO_PRECISION_NOTE = "# bf16: auto resolved to {dtype} on the training device"
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    # The overrides as comments: the values below already include them; the comments say where they came from.
+    header = "".join(f"# --set {override.text}\n" for override in recipe._overrides)
+    if recipe.precision == "auto" and recipe._trained_dtype:
+        header += AUTO_PRECISION_NOTE.format(dtype=recipe._trained_dtype) + "\n"
+    return header + yaml.safe_dump(recipe.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
 def keys_markdown() -> str:

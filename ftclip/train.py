@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from ftclip.batching import collate, micro_batches, pack_examples
 from ftclip.checkpoint import (
     TrainingState,
     is_complete,
@@ -40,16 +39,19 @@ from ftclip.checkpoint import (
     save_sharded_checkpoint,
 )
 from ftclip.clip import ClipOutcome, GradientClipper
-from ftclip.data import Example, load_examples
+from ftclip.data.batches import Row, Rows, collate, micro_batches, row_tokens, trained_tokens
+from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.loss import loss_function
-from ftclip.modeling import load_model, load_tokenizer, pick_device
+from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
-from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table, tokenizing_progress
-from ftclip.recipe import Recipe
+from ftclip.padding_free import collate_flattened
+from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
+from ftclip.recipe import Recipe, resolve_schedule
+from ftclip.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -103,47 +105,61 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def micro_batch_stream(examples: list[Example], recipe: Recipe, world_size: int = 1, epoch: int = 0, skip: int = 0
-                       ) -> Iterator[tuple[int, int, list[Example]]]:
+def micro_batch_stream(rows: Rows, recipe: Recipe, world_size: int = 1, epoch: int = 0, skip: int = 0
+                       ) -> Iterator[tuple[int, int, list[Row]]]:
     """(epoch, global micro-batches consumed in that epoch, global micro-batch) forever, reshuffled each
     epoch, starting `skip` micro-batches into `epoch` (a resumed run). A global micro-batch holds
     micro_batch_size examples per rank; the loop stops the stream by counting optimizer steps."""
     while True:
-        batches = micro_batches(examples, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size)
+        batches = micro_batches(rows, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size)
         for index, batch in enumerate(batches):
             if index >= skip:
                 yield epoch, index + 1, batch
         epoch, skip = epoch + 1, 0
 
 
-def count_steps(recipe: Recipe, train_examples: int, world_size: int = 1) -> int:
+def count_steps(recipe: Recipe, train_rows: int, world_size: int = 1) -> int:
     if recipe.max_steps:
         return recipe.max_steps
-    padded = math.ceil(train_examples / world_size) * world_size  # every rank gets a share of the last batch
+    padded = math.ceil(train_rows / world_size) * world_size  # every rank gets a share of the last batch
     micro_batches_per_epoch = math.ceil(padded / (recipe.micro_batch_size * world_size))
     return max(1, math.ceil(recipe.num_epochs * micro_batches_per_epoch / recipe.gradient_accumulation_steps))
+
+
+def describe_data(data) -> str:
+    """One line on where the tokens came from and, with packing, how full the rows are."""
+    source = "cache hit" if data.hit else f"tokenized {data.records:,} records in {data.seconds:.1f} s"
+    line = "".join(f"warning: {note}\n" for note in data.notes)
+    line += f"data: {len(data.examples):,} examples, {data.examples.tokens:,} tokens ({source}: {data.cache})"
+    if data.packing:
+        packing = data.packing
+        line += (f"\npacking: {packing.examples} examples in {packing.rows} rows of {packing.capacity} tokens, "
+                 f"{packing.efficiency:.0%} of the slots hold real tokens")
+    return line
 
 
 def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
 
 
-def forward_backward(model, group: list[list[Example]], pad_id: int, device: torch.device,
-                     dist: Distributed | None = None, compute_loss=None) -> torch.Tensor:
+def forward_backward(model, group: list[list[Row]], pad_id: int, device: torch.device,
+                     dist: Distributed | None = None, compute_loss=None, flatten_packed: bool = False) -> torch.Tensor:
     """Accumulate gradients over the micro-batches of one optimizer step. Each micro-batch's summed token
     loss is divided by the token count of the *whole* step (all micro-batches, all ranks), so accumulation
     and data parallelism give the gradient of one big batch: a mean over tokens, not a mean of means.
     (DDP and FSDP average gradients over ranks, hence the count divided by the world size.) Gradients are
     reduced across ranks once, on the last micro-batch. compute_loss(model, inputs, num_items_in_batch):
-    ftclip.loss's (chunked by default); None is the plain `model(**inputs).loss`."""
+    ftclip.loss's (chunked by default); None is the plain `model(**inputs).loss`. flatten_packed: packed rows
+    go to the model padding-free, as one flattened row with per-example positions and cu_seq_lens."""
     dist = dist or Distributed()
-    trained_tokens = sum(example.trained_tokens for batch in group for example in batch)
-    items = trained_tokens / dist.world_size if dist.enabled else trained_tokens
+    step_tokens = sum(trained_tokens(batch) for batch in group)
+    items = step_tokens / dist.world_size if dist.enabled else step_tokens
     step_loss = torch.zeros((), device=device)
     for index, global_batch in enumerate(group):
         batch = dist.local_slice(global_batch)
         with dist.gradient_sync(model, sync=index == len(group) - 1):
-            inputs = _on_device(collate(batch, pad_id), device)
+            inputs = collate_flattened(batch, pad_id) if flatten_packed else collate(batch, pad_id)
+            inputs = _on_device(inputs, device)
             if compute_loss is None:
                 loss = model(**inputs, num_items_in_batch=items).loss
             else:
@@ -154,15 +170,15 @@ def forward_backward(model, group: list[list[Example]], pad_id: int, device: tor
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[Example], recipe: Recipe, pad_id: int, device: torch.device) -> float:
+def evaluate(model, held_out: Rows, recipe: Recipe, pad_id: int, device: torch.device) -> float:
     """Token-mean loss over the held-out set. Every rank evaluates all of it: FSDP needs each forward on
     every rank anyway, and the answer is then the same everywhere with no reduction."""
     model.eval()
     compute_loss = loss_function(recipe)
     total_loss, total_tokens = torch.zeros((), device=device), 0
-    for start in range(0, len(examples), recipe.micro_batch_size):
-        batch = examples[start : start + recipe.micro_batch_size]
-        tokens = sum(example.trained_tokens for example in batch)
+    for start in range(0, len(held_out), recipe.micro_batch_size):
+        batch = held_out.rows(range(start, min(start + recipe.micro_batch_size, len(held_out))))
+        tokens = trained_tokens(batch)
         inputs = _on_device(collate(batch, pad_id), device)
         total_loss += compute_loss(model, inputs, tokens) * tokens
         total_tokens += tokens
@@ -251,13 +267,14 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
     return checkpoint
 
 
-def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dist: Distributed):
+def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dist: Distributed, tokenizer=None, note=None):
     """The model, wrapped for data parallelism, with its trainable parameters (after wrapping: FSDP2
     replaces them with DTensor shards)."""
     if dist.enabled and dist.strategy == "fsdp" and not recipe.quantized:  # bitsandbytes quantizes while loading
-        model = dist.wrap_from_rank0(lambda placement: load_model(recipe, recipe_path, device, placement), device)
+        model = dist.wrap_from_rank0(
+            lambda placement: load_model(recipe, recipe_path, device, tokenizer, note, placement=placement), device)
     else:
-        model = dist.wrap(load_model(recipe, recipe_path, device))
+        model = dist.wrap(load_model(recipe, recipe_path, device, tokenizer, note))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise DataError("the model has no trainable parameters")
@@ -318,26 +335,28 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     checkpoint = _find_resume_point(recipe, output_dir, resume, console, clean=dist.is_main)
     seed_everything(recipe.seed)
     device = dist.device(pick_device(recipe))
+    if recipe.precision == "auto":  # the saved recipe records what auto meant here, so merge saves the same
+        recipe = recipe.model_copy()
+        recipe._trained_dtype = str(weight_dtype(recipe, device)).removeprefix("torch.")
     problem = optimizer_device_problem(recipe, torch.cuda.is_available())
     if problem:
         raise ModelError(f"optimizer: {problem}")
 
     tokenizer = load_tokenizer(recipe, recipe_path)
-    train_examples, val_examples = load_examples(recipe, recipe_path, tokenizer, tokenizing_progress(console))
-    example_count = len(train_examples)
-    if recipe.sample_packing:
-        train_examples, packing = pack_examples(train_examples, recipe.sequence_len)
-        console.print(f"packing: {packing.examples} examples in {packing.rows} rows of {recipe.sequence_len} tokens, "
-                      f"{packing.efficiency:.0%} of the slots hold real tokens")
-    total_steps = count_steps(recipe, len(train_examples), dist.world_size)
+    data = prepare(recipe, recipe_path, tokenizer, dist)
+    console.print(describe_data(data), highlight=False)
+    train_rows, held_out = data.train, data.val
+    example_count = len(data.examples) - len(held_out)
+    total_steps = count_steps(recipe, len(train_rows), dist.world_size)
+    recipe = resolve_schedule(recipe, total_steps)  # saves/evals per epoch become step counts
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
     console.print(
-        f"[bold]ftclip[/] {example_count} training examples, {len(val_examples)} held out; "
+        f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "
         f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps}{ranks} "
         f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
     )
 
-    model, trainable = _load_trainable_model(recipe, recipe_path, device, dist)
+    model, trainable = _load_trainable_model(recipe, recipe_path, device, dist, tokenizer, console.print)
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     sharded = dist.strategy == "fsdp" and dist.enabled
@@ -351,10 +370,11 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                       "pass --no-resume to start over")
 
     pad_id = tokenizer.pad_token_id
-    batches = micro_batch_stream(train_examples, recipe, dist.world_size, state.epoch, state.batch_in_epoch)
+    batches = micro_batch_stream(train_rows, recipe, dist.world_size, state.epoch, state.batch_in_epoch)
     records = _earlier_records(output_dir / METRICS_FILE, state.step) if checkpoint else []
     metrics = MetricsLog(output_dir / METRICS_FILE, keep=records) if dist.is_main else NullLog()
     tensorboard = TensorBoardLog(output_dir / "tensorboard") if dist.is_main else NullLog()
+    trackers = open_trackers(recipe, output_dir) if dist.is_main else NullLog()  # W&B, MLflow: as the recipe says
     monitor = ClipMonitor(recipe.gradient_clipping.mode)
     counters = dict(state.counters)
     eval_loss = None
@@ -388,14 +408,16 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         for notice in monitor.observe(steps) + (monitor.finish(step) if step == total_steps else []):
             view.warn(notice.message, loud=notice.loud)
         record["spike_steps"] = [spike.step for spike in monitor.spike_log[spikes_before:]]
-        if val_examples and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
-            record["eval_loss"] = evaluate(model, val_examples, recipe, pad_id, device)
+        if held_out and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
+            record["eval_loss"] = evaluate(model, held_out, recipe, pad_id, device)
         metrics.write(record)
         tensorboard.write(record)
+        trackers.write(record)
         records.append(record)
         view.logged(record)
         return record
 
+    compute_loss = loss_function(recipe)
     model.train()
     try:
         with TrainingView(console, total_steps, completed=state.step) as view, StopRequests(
@@ -407,7 +429,8 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                 for _ in range(recipe.gradient_accumulation_steps):
                     epoch, batch_in_epoch, batch = next(batches)
                     group.append(batch)
-                step_loss = forward_backward(model, group, pad_id, device, dist, loss_function(recipe))
+                step_loss = forward_backward(model, group, pad_id, device, dist, compute_loss,
+                                             flatten_packed=recipe.sample_packing)
 
                 outcome = clipper.clip()
                 clipper.optimizer_step(outcome)
@@ -416,7 +439,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
 
                 window.losses.append(step_loss)
                 window.outcomes.append(outcome)
-                window.tokens += sum(len(e.input_ids) for batch in group for e in batch)
+                window.tokens += sum(row_tokens(batch) for batch in group)
                 view.advance()
                 # All ranks stop at the same step, whichever of them got the signal.
                 stop_signal = dist.agree_max(int(stop.received or 0))
@@ -445,9 +468,10 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     finally:
         metrics.close()
         tensorboard.close()
+        trackers.close()
 
-    if val_examples and eval_loss is None:  # resumed from a checkpoint taken at the very last step
-        eval_loss = evaluate(model, val_examples, recipe, pad_id, device)
+    if held_out and eval_loss is None:  # resumed from a checkpoint taken at the very last step
+        eval_loss = evaluate(model, held_out, recipe, pad_id, device)
     destination = output_dir / ("adapter" if recipe.adapter else "model")
     artifact = save_final(model, tokenizer, recipe, destination, dist)
     result = TrainResult(

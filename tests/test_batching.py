@@ -1,41 +1,45 @@
-"""Sample packing: several examples per row, no attention across them, the same per-example loss."""
+"""Sample packing: several examples per row, no attention across them, the same per-example loss; best-fit
+decreasing packs as full as first-fit and scales as N log N."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ALPACA
+from conftest import ALPACA, write_jsonl
 from rich.console import Console
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from ftclip.batching import collate, pack_examples
-from ftclip.data import IGNORE_INDEX, tokenize_record
-from ftclip.recipe import load_recipe
+from ftclip.data import IGNORE_INDEX, prepare
+from ftclip.data.batches import collate, trained_tokens
+from ftclip.data.pack import pack_best_fit
+from ftclip.recipe import Recipe, load_recipe
 from ftclip.train import train
 
 
 @pytest.fixture(scope="module")
-def model_and_examples(tiny_model_dir):
+def model_and_data(tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("packing")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    examples = [tokenize_record(r, "alpaca", tokenizer, 128, False) for r in ALPACA]
-    return model, tokenizer, examples
+    data_file = write_jsonl(folder / "alpaca.jsonl", ALPACA)
+    recipe = Recipe(base_model="x", datasets=[{"path": str(data_file), "type": "alpaca"}], sequence_len=128,
+                    sample_packing=True, dataset_cache_dir=str(folder / "cache"))
+    return model, tokenizer, prepare(recipe, None, tokenizer)
 
 
-def test_packing_puts_several_examples_in_a_row_and_masks_boundaries(model_and_examples):
-    _, _, examples = model_and_examples
-    packed, stats = pack_examples(examples, 128)
-    assert len(packed) < len(examples) and max(len(row.segments) for row in packed) >= 2
-    assert sorted(n for row in packed for n in row.segments) == sorted(len(e.input_ids) for e in examples)
-    assert all(len(row.input_ids) <= 128 for row in packed)
-    assert stats.efficiency == sum(len(e.input_ids) for e in examples) / (len(packed) * 128)
-    assert sum(row.trained_tokens for row in packed) == sum(e.trained_tokens for e in examples)
-    for row in packed:  # every example's first position is not a target
-        start = 0
-        for size in row.segments:
-            assert row.labels[start] == IGNORE_INDEX
-            start += size
+def test_packing_puts_several_examples_in_a_row_and_masks_boundaries(model_and_data):
+    _, _, data = model_and_data
+    packed, examples = data.train, data.examples
+    assert len(packed) < len(examples) and max(len(packed.example_indices(r)) for r in range(len(packed))) >= 2
+    assert sorted(packed.members.tolist()) == list(range(len(examples)))
+    rows = packed.rows(range(len(packed)))
+    assert all(sum(len(ids) for ids, _ in row) <= 128 for row in rows)
+    assert data.packing.efficiency == examples.tokens / (len(packed) * 128)
+    assert trained_tokens(rows) == int(examples.trained.sum())
+    for row in rows:  # every example's first position is not a target
+        assert all(labels[0] == IGNORE_INDEX for _, labels in row)
 
 
 def per_token_losses(logits, labels):
@@ -43,30 +47,49 @@ def per_token_losses(logits, labels):
 
 
 @torch.no_grad()
-def test_packed_logits_and_losses_equal_unpacked(model_and_examples):
-    model, tokenizer, examples = model_and_examples
-    packed, _ = pack_examples(examples, 128)
-    batch = collate(packed, tokenizer.pad_token_id)
+def test_packed_logits_and_losses_equal_unpacked(model_and_data):
+    model, tokenizer, data = model_and_data
+    rows = data.train.rows(range(len(data.train)))
+    batch = collate(rows, tokenizer.pad_token_id)
     assert "attention_mask" not in batch and batch["position_ids"][0, 0] == 0
     logits = model(**batch).logits
-    by_content = {tuple(e.input_ids): e for e in examples}
     checked = 0
-    for row_index, row in enumerate(packed):
+    for row_index, row in enumerate(rows):
         start = 0
-        for size in row.segments:
-            ids = row.input_ids[start:start + size]
-            alone = by_content[tuple(ids)]
-            alone_logits = model(input_ids=torch.tensor([alone.input_ids])).logits[0]
+        for example in data.train.example_indices(row_index).tolist():
+            alone_ids = data.examples.input_ids(example).astype(np.int64)
+            size = len(alone_ids)
+            alone_logits = model(input_ids=torch.from_numpy(alone_ids)[None]).logits[0]
             packed_logits = logits[row_index, start:start + size]
             torch.testing.assert_close(packed_logits, alone_logits, atol=2e-5, rtol=1e-4)
             torch.testing.assert_close(
                 per_token_losses(packed_logits, batch["labels"][row_index, start:start + size]),
-                per_token_losses(alone_logits, torch.tensor(alone.labels)),
+                per_token_losses(alone_logits, torch.from_numpy(data.examples.labels(example).astype(np.int64))),
                 atol=2e-5, rtol=1e-4,
             )
             start += size
             checked += 1
-    assert checked == len(examples)
+    assert checked == len(data.examples)
+
+
+def test_best_fit_fills_rows_and_keeps_every_example():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 900, size=5000)
+    offsets, members = pack_best_fit(lengths, 2048)
+    assert sorted(members.tolist()) == list(range(5000))
+    sums = np.add.reduceat(lengths[members], offsets[:-1])
+    assert sums.max() <= 2048
+    assert lengths.sum() / (len(sums) * 2048) > 0.99
+    again = pack_best_fit(lengths, 2048)  # deterministic
+    assert np.array_equal(again[0], offsets) and np.array_equal(again[1], members)
+
+
+def test_best_fit_takes_the_tightest_row():
+    # Longest first: 10 fills a row; 7 opens one (room 3); 5 opens one (room 5); the first 3 goes where it fits
+    # exactly (room 3), not into the first row with room; the second 3 and the 2 fill the last row.
+    offsets, members = pack_best_fit(np.array([5, 3, 2, 10, 7, 3]), 10)
+    rows = [members[offsets[r]:offsets[r + 1]].tolist() for r in range(len(offsets) - 1)]
+    assert rows == [[3], [4, 1], [0, 5, 2]]
 
 
 def test_packed_training_step_matches_unpacked(make_recipe, tmp_path):

@@ -21,7 +21,7 @@ from ftclip.errors import OutputError, ResumeError, RunStopped
 from ftclip.recipe import load_recipe
 
 # Dropout on, so the exact-resume check also covers the RNG state.
-RUN = dict(max_steps=10, save_steps=2, save_total_limit=None, lora_dropout=0.1, micro_batch_size=2,
+RUN = dict(max_steps=10, save_steps=2, save_total_limit=0, lora_dropout=0.1, micro_batch_size=2,
            gradient_accumulation_steps=2, logging_steps=1, lr_scheduler="cosine", warmup_steps=2)
 
 

@@ -1,45 +1,82 @@
-"""Datasets: record checks name the file and record, prompts are masked, splits are deterministic."""
+"""The data stage: records are checked and masked, sources load through `datasets` (files, folders laid out like
+hub repos, save_to_disk folders, hub ids from the local cache), the Arrow cache is keyed by what decides the
+tokens and is never trusted half-written, splits are deterministic, and the new path gives exactly the old
+tokens."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 import pytest
-from conftest import ALPACA, QUICKSTART_MODEL, write_jsonl
+from conftest import ALPACA, QUICKSTART_MODEL, REPO, write_jsonl
 from transformers import AutoTokenizer
 
-from ftclip.batching import collate
-from ftclip.data import IGNORE_INDEX, load_dataset_records, load_examples, tokenize_record
+from ftclip.data import IGNORE_INDEX, check_datasets, prepare
+from ftclip.data.batches import collate
+from ftclip.data.cache import BUILD_LOG, MANIFEST
+from ftclip.data.sources import check_source
+from ftclip.data.tokenize import TokenizeSettings, tokenize_batch
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec, Recipe
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(QUICKSTART_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART_MODEL)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
-def decode_trained(tokenizer, example):
-    return tokenizer.decode([t for t, label in zip(example.input_ids, example.labels) if label != IGNORE_INDEX])
+def tokenize_record(record, kind, tokenizer, sequence_len, train_on_inputs):
+    out = tokenize_batch({key: [value] for key, value in record.items()}, tokenizer,
+                         TokenizeSettings(DatasetSpec(path="x", type=kind), sequence_len, train_on_inputs))
+    assert out["problem"] == [None], out["problem"]
+    return out["input_ids"][0], out["labels"][0]
+
+
+def decode_trained(tokenizer, ids, labels):
+    return tokenizer.decode([t for t, label in zip(ids, labels) if label != IGNORE_INDEX])
+
+
+def recipe_for(tmp_path, datasets, **changes) -> Recipe:
+    fields = dict(base_model="x", datasets=datasets, dataset_cache_dir=str(tmp_path / "cache"))
+    return Recipe(**{**fields, **changes})
+
+
+def all_tokens(data) -> list[tuple[list[int], list[int]]]:
+    examples = data.examples
+    return [(examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in range(len(examples))]
+
+
+# ---------------------------------------------------------------- masking
 
 
 def test_alpaca_masks_the_prompt(tokenizer):
-    example = tokenize_record(ALPACA[1], "alpaca", tokenizer, 512, train_on_inputs=False)
-    assert example.input_ids[0] == tokenizer.bos_token_id
-    assert example.input_ids[-1] == tokenizer.eos_token_id
-    assert decode_trained(tokenizer, example).strip() == "cold</s>"
-    prompt_length = example.labels.index(next(label for label in example.labels if label != IGNORE_INDEX))
-    assert "### Response:" in tokenizer.decode(example.input_ids[:prompt_length])
-    assert all(label == IGNORE_INDEX for label in example.labels[:prompt_length])
+    ids, labels = tokenize_record(ALPACA[1], "alpaca", tokenizer, 512, train_on_inputs=False)
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    assert decode_trained(tokenizer, ids, labels).strip() == "cold</s>"
+    prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert "### Response:" in tokenizer.decode(ids[:prompt_length])
 
 
 def test_train_on_inputs_trains_everything(tokenizer):
-    example = tokenize_record(ALPACA[1], "alpaca", tokenizer, 512, train_on_inputs=True)
-    assert example.labels == example.input_ids
+    ids, labels = tokenize_record(ALPACA[1], "alpaca", tokenizer, 512, train_on_inputs=True)
+    assert labels == ids
 
 
 def test_completion_trains_all_text(tokenizer):
-    example = tokenize_record({"text": "One cat, two cats."}, "completion", tokenizer, 512, False)
-    assert example.labels == example.input_ids
-    assert tokenizer.decode(example.input_ids, skip_special_tokens=True) == "One cat, two cats."
+    ids, labels = tokenize_record({"text": "One cat, two cats."}, "completion", tokenizer, 512, False)
+    assert labels == ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "One cat, two cats."
 
 
 CHAT = {"messages": [
@@ -52,12 +89,11 @@ CHAT = {"messages": [
 
 
 def test_chat_trains_only_assistant_turns(tokenizer):
-    example = tokenize_record(CHAT, "chat", tokenizer, 512, train_on_inputs=False)
-    trained = decode_trained(tokenizer, example)
+    ids, labels = tokenize_record(CHAT, "chat", tokenizer, 512, train_on_inputs=False)
+    trained = decode_trained(tokenizer, ids, labels)
     assert "Lima." in trained and "Santiago." in trained
     assert "Capital" not in trained and "Be brief" not in trained and "Chile" not in trained
-    rendered = tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
-    assert tokenizer.decode(example.input_ids) == rendered
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
 
 
 def test_sharegpt_conversations_match_openai_messages(tokenizer):
@@ -69,8 +105,42 @@ def test_sharegpt_conversations_match_openai_messages(tokenizer):
 
 
 def test_truncation_to_sequence_len(tokenizer):
-    example = tokenize_record(ALPACA[0], "alpaca", tokenizer, 10, False)
-    assert len(example.input_ids) == len(example.labels) == 10
+    ids, labels = tokenize_record(ALPACA[0], "alpaca", tokenizer, 10, False)
+    assert len(ids) == len(labels) == 10
+
+
+# ---------------------------------------------------------------- golden: the datasets path gives the old tokens
+
+
+GOLDEN = json.loads((REPO / "tests" / "fixtures" / "golden_tokens.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(GOLDEN["cases"]))
+def test_same_tokens_as_before_the_datasets_layer(tmp_path, tokenizer, case):
+    path, kind, sequence_len, train_on_inputs = case.split("|")
+    recipe = recipe_for(tmp_path, [{"path": str(REPO / path), "type": kind}], sequence_len=int(sequence_len),
+                        train_on_inputs=train_on_inputs == "True")
+    tokens = all_tokens(prepare(recipe, None, tokenizer))
+    expected = GOLDEN["cases"][case]
+    assert len(tokens) == expected["count"]
+    if kind != "chat" or train_on_inputs == "True":
+        assert list(tokens[0]) == expected["first"]
+        assert hashlib.sha256(json.dumps([list(t) for t in tokens]).encode()).hexdigest() == expected["sha256"]
+        return
+    # Chat: the same ids. The old prefix method also trained the newline the template writes after each
+    # assistant's </s>, which the model never generates (it stops at </s>); that newline is the only change.
+    total_changed = 0
+    for (ids, labels), (old_ids, old_labels) in zip(tokens, expected["examples"]):
+        assert ids == old_ids
+        changed = [i for i, (new, old) in enumerate(zip(labels, old_labels)) if new != old]
+        assert all(labels[i] == IGNORE_INDEX and tokenizer.decode([old_labels[i]]) == "\n"
+                   and tokenizer.decode([ids[i - 1]]) == "</s>" for i in changed)
+        assert len(changed) <= tokenizer.decode(ids).count("<|assistant|>")  # at most one per assistant turn
+        total_changed += len(changed)
+    assert total_changed > 0 or int(sequence_len) < 128  # short rows may cut every reply before its </s>
+
+
+# ---------------------------------------------------------------- record checks: validate and train name the record
 
 
 @pytest.mark.parametrize(
@@ -85,98 +155,263 @@ def test_truncation_to_sequence_len(tokenizer):
         ("alpaca", ["not", "an", "object"], "must be a JSON object"),
     ],
 )
-def test_malformed_record_names_file_and_record(tmp_path, kind, record, fragment):
-    path = write_jsonl(tmp_path / "data.jsonl", [ALPACA[0] if kind == "alpaca" else {"text": "ok"}, record])
-    if kind == "chat":
-        path = write_jsonl(tmp_path / "data.jsonl", [CHAT, record])
-    with pytest.raises(DataError) as caught:
-        load_dataset_records(DatasetSpec(path=str(path), type=kind), None)
-    assert f"{path}: record 2: " in str(caught.value) and fragment in str(caught.value)
+def test_malformed_record_names_file_and_record(tmp_path, tokenizer, kind, record, fragment):
+    first = {"alpaca": ALPACA[0], "completion": {"text": "ok"}, "chat": CHAT}[kind]
+    path = write_jsonl(tmp_path / "data.jsonl", [first, record])
+    spec = {"path": str(path), "type": kind}
+    with pytest.raises(DataError) as at_validate:
+        check_source(DatasetSpec(**spec), None)
+    with pytest.raises(DataError) as at_train:
+        prepare(recipe_for(tmp_path, [spec]), None, tokenizer)
+    for caught in (at_validate, at_train):
+        assert f"{path}: record 2: " in str(caught.value) and fragment in str(caught.value)
+    assert not any((tmp_path / "cache").glob(f"*/{MANIFEST}"))  # nothing cached for bad data
 
 
-def test_invalid_json_line_is_located(tmp_path):
+def test_invalid_json_line_is_located(tmp_path, tokenizer):
     path = tmp_path / "data.jsonl"
     path.write_text('{"text": "ok"}\n{"text": oops}\n')
     with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
-        load_dataset_records(DatasetSpec(path=str(path), type="completion"), None)
+        check_source(DatasetSpec(path=str(path), type="completion"), None)
+    with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
+        prepare(recipe_for(tmp_path, [{"path": str(path), "type": "completion"}]), None, tokenizer)
 
 
 def test_missing_file_and_wrong_suffix(tmp_path):
     with pytest.raises(DataError, match="no such dataset file"):
-        load_dataset_records(DatasetSpec(path=str(tmp_path / "nope.jsonl"), type="alpaca"), None)
-    (tmp_path / "data.csv").write_text("a,b\n")
-    with pytest.raises(DataError, match="use .jsonl, .json or .parquet"):
-        load_dataset_records(DatasetSpec(path=str(tmp_path / "data.csv"), type="alpaca"), None)
+        check_source(DatasetSpec(path=str(tmp_path / "nope.jsonl"), type="alpaca"), None)
+    (tmp_path / "data.txt").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type '.txt'"):
+        check_source(DatasetSpec(path=str(tmp_path / "data.txt"), type="alpaca"), None)
 
 
-def test_json_list_file(tmp_path):
-    import json
+# ---------------------------------------------------------------- sources through `datasets`
 
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps(ALPACA))
-    assert load_dataset_records(DatasetSpec(path=str(path), type="alpaca"), None) == ALPACA
+
+def write_parquet(path: Path, records: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as parquet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parquet.write_table(pa.Table.from_pylist(records), path)
+    return path
+
+
+def reference_tokens(tmp_path, tokenizer, records) -> list:
+    path = write_jsonl(tmp_path / "reference.jsonl", records)
+    return all_tokens(prepare(recipe_for(tmp_path, [{"path": str(path), "type": "alpaca"}],
+                                         dataset_cache_dir=str(tmp_path / "reference-cache")), None, tokenizer))
+
+
+def test_folder_laid_out_like_a_hub_repo_with_splits(tmp_path, tokenizer):
+    repo = tmp_path / "my-dataset"
+    write_parquet(repo / "data" / "train-00000-of-00001.parquet", [{"input": "", **r} for r in ALPACA[:6]])
+    write_parquet(repo / "data" / "test-00000-of-00001.parquet", [{"input": "", **r} for r in ALPACA[6:]])
+    for split, records in (("train", ALPACA[:6]), ("test", ALPACA[6:])):
+        recipe = recipe_for(tmp_path, [{"path": str(repo), "type": "alpaca", "split": split}])
+        assert check_datasets(recipe, tmp_path / "r.yaml") == ([], [])
+        assert all_tokens(prepare(recipe, None, tokenizer)) == reference_tokens(tmp_path, tokenizer, records)
+
+
+def test_data_files_selects_files_of_a_folder(tmp_path, tokenizer):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_jsonl(folder / "part-a.jsonl", ALPACA[:3])
+    write_jsonl(folder / "part-b.jsonl", ALPACA[3:])
+    recipe = recipe_for(tmp_path, [{"path": str(folder), "type": "alpaca", "data_files": "part-b.jsonl"}])
+    assert all_tokens(prepare(recipe, None, tokenizer)) == reference_tokens(tmp_path, tokenizer, ALPACA[3:])
+
+
+def test_save_to_disk_folder_csv_and_arrow_files(tmp_path, tokenizer):
+    import csv
+
+    import datasets
+
+    expected = reference_tokens(tmp_path, tokenizer, ALPACA)
+    rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in ALPACA]
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(rows).save_to_disk(str(saved))
+    with open(tmp_path / "data.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["instruction", "input", "output"])
+        writer.writeheader()
+        writer.writerows(rows)
+    arrow = next(saved.glob("*.arrow"))
+    for path in (saved, tmp_path / "data.csv", arrow):
+        recipe = recipe_for(tmp_path, [{"path": str(path), "type": "alpaca"}])
+        assert check_datasets(recipe, tmp_path / "r.yaml") == ([], []), path
+        assert all_tokens(prepare(recipe, None, tokenizer)) == expected, path
+
+
+def test_save_to_disk_dataset_dict_picks_the_split(tmp_path, tokenizer):
+    import datasets
+
+    rows = [{"text": f"record number {i}"} for i in range(6)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
+                          "validation": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "dd"))
+    data = prepare(recipe_for(tmp_path, [{"path": str(tmp_path / "dd"), "type": "completion", "split": "validation"}]),
+                   None, tokenizer)
+    assert len(data.examples) == 2
+    assert "record number 5" in tokenizer.decode(data.examples.input_ids(1))
+
+
+def test_hub_id_offline_and_uncached_is_a_clear_error(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = {"path": "someorg/some-sft-mix", "type": "chat"}
+    problems, notices = check_datasets(recipe_for(tmp_path, [spec]), tmp_path / "r.yaml")
+    assert problems == [] and notices[0][0] == "datasets.0.path"
+    assert "someorg/some-sft-mix looks like a hub dataset id" in notices[0][1]
+    with pytest.raises(DataError) as caught:
+        prepare(recipe_for(tmp_path, [spec]), None, tokenizer)
+    message = str(caught.value)
+    assert "someorg/some-sft-mix" in message and "offline" in message and "hf download" in message
+
+
+def test_uncached_hub_dataset_exits_2_from_the_cli(tmp_path, tiny_model_dir):
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path, tiny_model_dir, tmp_path / "unused.jsonl", max_steps=1)
+    text = recipe.read_text().replace(str(tmp_path / "unused.jsonl"), "someorg/some-sft-mix")
+    recipe.write_text(text)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    validate = subprocess.run([sys.executable, "-m", "ftclip", "validate", str(recipe)], capture_output=True, text=True,
+                              env=env)
+    assert validate.returncode == 0 and "not in the local Hugging Face cache" in validate.stdout
+    done = subprocess.run([sys.executable, "-m", "ftclip", "train", str(recipe)], capture_output=True, text=True, env=env)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and "someorg/some-sft-mix" in done.stderr
+    assert not (tmp_path / "out" / "adapter").exists()
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def test_cache_is_keyed_by_what_decides_the_tokens(tmp_path, tokenizer, alpaca_file):
+    spec = [{"path": str(alpaca_file), "type": "alpaca"}]
+    first = prepare(recipe_for(tmp_path, spec), None, tokenizer)
+    again = prepare(recipe_for(tmp_path, spec, learning_rate=1e-5, seed=7, val_set_size=0.25), None, tokenizer)
+    assert (first.hit, again.hit) == (False, True) and again.cache == first.cache
+    assert all_tokens(again) == all_tokens(first)
+    for change in ({"sequence_len": 64}, {"train_on_inputs": True}):
+        assert prepare(recipe_for(tmp_path, spec, **change), None, tokenizer).cache != first.cache
+    write_jsonl(alpaca_file, ALPACA[:-1])  # new bytes, new key
+    changed = prepare(recipe_for(tmp_path, spec), None, tokenizer)
+    assert not changed.hit and len(changed.examples) == len(ALPACA) - 1
+
+
+def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tmp_path, tokenizer, alpaca_file):
+    recipe = recipe_for(tmp_path, [{"path": str(alpaca_file), "type": "alpaca"}])
+    expected = all_tokens(prepare(recipe, None, tokenizer))
+    shard = next(prepare(recipe, None, tokenizer).cache.glob("*.arrow"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated file
+    rebuilt = prepare(recipe, None, tokenizer)
+    assert not rebuilt.hit and all_tokens(rebuilt) == expected
+
+
+@pytest.mark.slow
+def test_a_preprocess_killed_mid_write_leaves_nothing_trusted(tmp_path):
+    """A real kill -9 while `ftclip preprocess` tokenizes: no entry with a manifest, and the next run builds
+    the full data."""
+    from conftest import write_recipe
+
+    records = [{"instruction": f"Repeat the number {i} in words, slowly and twice.", "output": f"{i} " * 40}
+               for i in range(20000)]
+    data = write_jsonl(tmp_path / "big.jsonl", records)
+    recipe = write_recipe(tmp_path, QUICKSTART_MODEL, data, dataset_processes=2)
+    process = subprocess.Popen([sys.executable, "-m", "ftclip", "preprocess", str(recipe)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    cache = tmp_path / "token-cache"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(cache.glob(".*.tmp-*/d0-tokens*.arrow")):
+        time.sleep(0.05)
+    assert list(cache.glob(".*.tmp-*/d0-tokens*.arrow")), "tokenization never started writing"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not list(cache.glob(f"*/{MANIFEST}"))
+    done = subprocess.run([sys.executable, "-m", "ftclip", "preprocess", str(recipe)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "20,000 examples" in done.stdout and "tokenized 20,000 records" in done.stdout
+    assert len(list(cache.glob(f"*/{MANIFEST}"))) == 1
+    assert not list(cache.glob(".*.tmp-*"))  # the killed run's staging folder is cleared
+    assert len((cache / BUILD_LOG).read_text().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- split, packing and collation
 
 
 def test_validation_split_is_deterministic_by_seed(tmp_path, tokenizer, alpaca_file):
     def split(seed):
-        recipe = Recipe(base_model="x", datasets=[{"path": str(alpaca_file), "type": "alpaca"}], val_set_size=0.25, seed=seed,
-                        dataset_cache_dir=str(tmp_path / "cache"))
-        return load_examples(recipe, None, tokenizer)
+        data = prepare(recipe_for(tmp_path, [{"path": str(alpaca_file), "type": "alpaca"}], val_set_size=0.25, seed=seed),
+                       None, tokenizer)
+        return data.train.members.tolist(), data.val.members.tolist()
 
     train, val = split(1)
-    assert len(val) == 2 and len(train) == 6
+    assert len(val) == 2 and len(train) == 6 and sorted(train + val) == list(range(8))
     assert split(1) == (train, val)
     assert split(2)[1] != val or split(3)[1] != val
 
 
-def test_collate_pads_right_and_masks_padding(tokenizer):
-    examples = [tokenize_record(r, "alpaca", tokenizer, 512, False) for r in ALPACA[:3]]
-    batch = collate(examples, pad_token_id=tokenizer.pad_token_id)
-    longest = max(len(e.input_ids) for e in examples)
+def first_fit_rows(lengths, capacity) -> int:
+    """The packing ftclip used before (first-fit decreasing), as the efficiency reference."""
+    rooms: list[int] = []
+    for size in sorted(lengths, reverse=True):
+        for index, room in enumerate(rooms):
+            if room >= size:
+                rooms[index] -= size
+                break
+        else:
+            rooms.append(capacity - size)
+    return len(rooms)
+
+
+def test_packing_is_at_least_as_full_as_first_fit(tmp_path, tokenizer):
+    recipe = recipe_for(tmp_path, [{"path": str(REPO / "recipes/quickstart/data.jsonl"), "type": "alpaca"}],
+                        sample_packing=True, sequence_len=128, val_set_size=0.1)
+    data = prepare(recipe, None, tokenizer)
+    lengths = data.examples.lengths[np.sort(data.train.members)].tolist()
+    assert data.packing.rows <= first_fit_rows(lengths, 128)
+    assert sorted(data.train.members.tolist()) == sorted(set(range(len(data.examples))) - set(data.val.members.tolist()))
+    for row in range(len(data.train)):
+        assert data.examples.lengths[data.train.example_indices(row)].sum() <= 128
+    again = prepare(recipe, None, tokenizer)  # the packing is cached beside the tokens and identical
+    assert np.array_equal(again.train.members, data.train.members) and list(data.cache.glob("packing-*.npz"))
+
+
+def test_collate_pads_right_and_masks_padding(tmp_path, tokenizer, alpaca_file):
+    data = prepare(recipe_for(tmp_path, [{"path": str(alpaca_file), "type": "alpaca"}]), None, tokenizer)
+    rows = data.train.rows(range(3))
+    batch = collate(rows, pad_token_id=tokenizer.pad_token_id)
+    longest = max(len(row[0][0]) for row in rows)
     assert batch["input_ids"].shape == (3, longest)
-    for row, example in enumerate(examples):
-        n = len(example.input_ids)
-        assert batch["attention_mask"][row].sum().item() == n
-        assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
-        assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
+    for index, row in enumerate(rows):
+        n = len(row[0][0])
+        assert batch["attention_mask"][index].sum().item() == n
+        assert (batch["labels"][index, n:] == IGNORE_INDEX).all()
+        assert (batch["input_ids"][index, n:] == tokenizer.pad_token_id).all()
 
 
-# ---------------------------------------------------------------- parquet and the tokenization cache
+def test_chat_records_a_template_cannot_mask_are_counted_then_refused(tmp_path, tokenizer):
+    """One record whose assistant content the template drops is skipped with a note; when most are, the
+    run stops: the template does not fit the data."""
+    def dropping(count_bad):
+        records = [CHAT] * 20 + [{"messages": [{"role": "user", "content": "hi"},
+                                               {"role": "assistant", "content": "DROPPED"}]}] * count_bad
+        return write_jsonl(tmp_path / f"chat-{count_bad}.jsonl", records)
+
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ '' if m['content'] == 'DROPPED' else m['content'] }}</s>\n"
+                "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    spec = lambda path: [{"path": str(path), "type": "chat"}]  # noqa: E731
+    few = prepare(recipe_for(tmp_path, spec(dropping(1)), chat_template="jinja", chat_template_jinja=template), None,
+                  _with_template(tokenizer, template))
+    assert len(few.examples) == 20 and few.notes and "skipped 1 of 21 chat records" in few.notes[0]
+    with pytest.raises(DataError, match="wrong template"):
+        prepare(recipe_for(tmp_path, spec(dropping(10)), chat_template="jinja", chat_template_jinja=template), None,
+                _with_template(tokenizer, template))
 
 
-def test_parquet_reads_like_jsonl_and_names_bad_records(tmp_path):
-    pyarrow = pytest.importorskip("pyarrow")
-    import pyarrow.parquet as parquet
+def _with_template(tokenizer, template):
+    import copy
 
-    path = tmp_path / "data.parquet"
-    parquet.write_table(pyarrow.Table.from_pylist([{"input": "", **r} for r in ALPACA]), path)
-    records = load_dataset_records(DatasetSpec(path=str(path), type="alpaca"), None)
-    assert [r["instruction"] for r in records] == [r["instruction"] for r in ALPACA]
-    parquet.write_table(pyarrow.Table.from_pylist([{"text": "fine"}, {"text": None}]), path)
-    with pytest.raises(DataError, match=r"data.parquet: record 2: "):
-        load_dataset_records(DatasetSpec(path=str(path), type="completion"), None)
-
-
-def test_tokenization_is_cached_and_keyed_by_what_decides_it(tmp_path, tokenizer, alpaca_file):
-    from ftclip.data_cache import cache_path, cached_examples
-
-    def recipe(**changes):
-        fields = dict(base_model="x", datasets=[{"path": str(alpaca_file), "type": "alpaca"}],
-                      dataset_cache_dir=str(tmp_path / "cache"))
-        return Recipe(**{**fields, **changes})
-
-    seen = []
-    first = cached_examples(recipe(), None, tokenizer, report=lambda path, hit: seen.append(hit))
-    again = cached_examples(recipe(learning_rate=1e-5, seed=7), None, tokenizer, report=lambda p, hit: seen.append(hit))
-    assert seen == [False, True] and again == first
-    assert cache_path(recipe(sequence_len=64), None, tokenizer) != cache_path(recipe(), None, tokenizer)
-    assert cache_path(recipe(train_on_inputs=True), None, tokenizer) != cache_path(recipe(), None, tokenizer)
-    write_jsonl(alpaca_file, ALPACA[:-1])
-    assert not cache_path(recipe(), None, tokenizer).exists()  # new data bytes, new key
-    # A damaged cache file is a miss, not an error.
-    path = cache_path(recipe(), None, tokenizer)
-    cached_examples(recipe(), None, tokenizer)
-    path.write_bytes(b"not a torch file")
-    seen.clear()
-    assert cached_examples(recipe(), None, tokenizer, report=lambda p, hit: seen.append(hit)) == first[:-1]
-    assert seen == [False]
+    copied = copy.deepcopy(tokenizer)
+    copied.chat_template = template
+    return copied

@@ -55,10 +55,14 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(single_process, ti
     from conftest import write_recipe
 
     reference, folder, data = single_process
+    cache = folder / f"cache-{strategy}"  # a cold cache: rank 0 tokenizes, rank 1 waits and reads the same files
     path = write_recipe(folder, tiny_model_dir, data, name=f"{strategy}.yaml", micro_batch_size=2,
-                        output_dir=str(folder / strategy), distributed={"strategy": strategy}, **STEPS)
+                        output_dir=str(folder / strategy), distributed={"strategy": strategy},
+                        dataset_cache_dir=str(cache), **STEPS)
     done = torchrun("-m", "ftclip", "train", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
+    builds = [json.loads(line) for line in (cache / "builds.log").read_text().splitlines()]
+    assert [build["rank"] for build in builds] == [0]
     out = folder / strategy
     assert per_step(out, "grad_norm") == pytest.approx(per_step(reference, "grad_norm"), rel=1e-5)
     assert per_step(out, "loss") == pytest.approx(per_step(reference, "loss"), rel=1e-5)
@@ -126,7 +130,7 @@ def test_checkpoint_resumes_on_the_same_world_size(single_process, tiny_model_di
     from conftest import write_recipe
 
     _, folder, data = single_process
-    common = dict(micro_batch_size=2, distributed={"strategy": strategy}, save_steps=1, save_total_limit=None,
+    common = dict(micro_batch_size=2, distributed={"strategy": strategy}, save_steps=1, save_total_limit=0,
                   **{**STEPS, "max_steps": 3, "lora_dropout": 0.1})
     full_dir, cut_dir = folder / f"{strategy}-full", folder / f"{strategy}-cut"
     full = write_recipe(folder, tiny_model_dir, data, name=f"{strategy}-full.yaml", output_dir=str(full_dir), **common)

@@ -1,0 +1,864 @@
+"""Axolotl configs → ftclip recipes. One table (AXOLOTL_KEYS) says, for every Axolotl key ftclip knows
+about, whether it maps to an ftclip key, is dropped (no effect on what is trained) or is refused (it changes
+training and ftclip has no equivalent). The importer, `validate`'s messages for Axolotl keys and the README's
+"Coming from Axolotl" table are all made from it. Meanings and defaults follow Axolotl's schema
+(src/axolotl/utils/schemas/*.py in axolotl-ai-cloud/axolotl)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftclip.errors import RecipeError
+from ftclip.recipe import Recipe, parse_recipe
+
+# ---------------------------------------------------------------- outcomes of one key
+
+
+@dataclass(frozen=True)
+class Mapped:
+    """old → new: the values written under ftclip keys, and a note when the meaning shifts a little."""
+
+    updates: dict[str, Any]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Dropped:
+    why: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    why: str
+
+
+Outcome = Mapped | Dropped | Refused
+Converter = Callable[[Any, dict], Outcome]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one Axolotl key becomes. kind: same (the same key and meaning), map (another ftclip key or a
+    converted value), drop, refuse. A refused key set to false/empty/0 means the feature is off: dropped."""
+
+    kind: str
+    ftclip: str = ""
+    why: str = ""
+    convert: Converter | None = None
+
+
+def _same(note: str = "") -> Rule:
+    return Rule("same", why=note)
+
+
+def _to(key: str, note: str = "", convert: Converter | None = None) -> Rule:
+    return Rule("map", ftclip=key, why=note, convert=convert)
+
+
+def _drop(why: str) -> Rule:
+    return Rule("drop", why=why)
+
+
+def _refuse(why: str) -> Rule:
+    return Rule("refuse", why=why)
+
+
+# ---------------------------------------------------------------- converters (value, whole config) → outcome
+
+ATTENTION = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager", "flex_attention": "flex_attention"}
+KERNEL_ONLY = "a faster kernel for the same math; ftclip uses transformers' own implementation"
+
+
+def _attention(value: Any, config: dict) -> Outcome:
+    if value in ATTENTION:
+        return Mapped({"attn_implementation": ATTENTION[value]})
+    if isinstance(value, str) and (value == "xformers" or "flash" in value or "/" in value):
+        return Mapped({"attn_implementation": "sdpa"}, f"{value} is an attention kernel ftclip lacks; sdpa computes "
+                      "the same attention")
+    return Refused(f"attention implementation {value!r} is not one ftclip has (sdpa, eager, flash_attention_2, "
+                   "flex_attention)")
+
+
+def _attention_flag(implementation: str) -> Converter:
+    def convert(value: Any, config: dict) -> Outcome:
+        if config.get("attn_implementation"):
+            return Dropped("attn_implementation is given and takes precedence")
+        return Mapped({"attn_implementation": implementation}, "the same attention, by transformers' name")
+    return convert
+
+
+def _optimizer(value: Any, config: dict) -> Outcome:
+    if value in ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"):
+        return Mapped({"optimizer": value})
+    if value == "adamw_bnb_8bit":
+        return Mapped({"optimizer": "adamw_8bit"}, "Hugging Face's name for bitsandbytes' AdamW8bit")
+    if value == "adamw_torch_8bit":
+        return Mapped({"optimizer": "adamw_8bit"}, "torchao's 8-bit AdamW there; bitsandbytes' 8-bit AdamW here "
+                      "(the same algorithm with block-wise 8-bit state)")
+    return Refused(f"optimizer {value!r}: ftclip has adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, "
+                   "paged_adamw_32bit and sgd")
+
+
+def _scheduler(value: Any, config: dict) -> Outcome:
+    ratio = config.get("cosine_min_lr_ratio")
+    if value in ("cosine", None) and ratio:
+        return Mapped({"lr_scheduler": "cosine", "min_lr_ratio": ratio}, "cosine decaying to cosine_min_lr_ratio")
+    if value in ("constant", "linear", "cosine"):
+        return Mapped({"lr_scheduler": value})
+    if value == "constant_with_warmup":
+        return Mapped({"lr_scheduler": "constant"}, "ftclip's constant warms up too")
+    if value == "cosine_with_min_lr":
+        kwargs = config.get("lr_scheduler_kwargs") or {}
+        return Mapped({"lr_scheduler": "cosine", "min_lr_ratio": kwargs.get("min_lr_rate", 0.0)})
+    return Refused(f"lr_scheduler {value!r}: ftclip has constant, linear and cosine (with min_lr_ratio)")
+
+
+def _min_lr_ratio(value: Any, config: dict) -> Outcome:
+    if config.get("lr_scheduler", "cosine") in ("cosine", None):
+        if config.get("cosine_constant_lr_ratio"):
+            return Refused("with cosine_constant_lr_ratio it holds the LR flat for the last part of the run; ftclip "
+                           "has no such schedule")
+        return Mapped({"min_lr_ratio": value})
+    return Dropped(f"applies to lr_scheduler: cosine only; this config uses {config.get('lr_scheduler')}")
+
+
+def _scheduler_kwargs(value: Any, config: dict) -> Outcome:
+    if config.get("lr_scheduler") == "cosine_with_min_lr" and set(value) <= {"min_lr_rate"}:
+        return Dropped("its min_lr_rate is carried by lr_scheduler → min_lr_ratio")
+    return Refused("scheduler arguments ftclip's schedules do not take")
+
+
+def _warmup_steps(value: Any, config: dict) -> Outcome:
+    if isinstance(value, float) and 0 < value < 1:  # transformers 5 reads a fraction as a ratio
+        return Mapped({"warmup_ratio": value}, "a fraction below 1 is a share of the steps (transformers 5)")
+    return Mapped({"warmup_steps": int(value)})
+
+
+def _warmup_ratio(value: Any, config: dict) -> Outcome:
+    if config.get("warmup_steps") is not None:
+        return Dropped("warmup_steps is given and takes precedence in Axolotl")
+    return Mapped({"warmup_ratio": value})
+
+
+def _batch_size(value: Any, config: dict) -> Outcome:
+    if config.get("gradient_accumulation_steps"):
+        return Dropped("gradient_accumulation_steps is given and takes precedence in Axolotl")
+    micro = config.get("micro_batch_size") or 1
+    if value % micro:
+        return Refused(f"batch_size {value} is not a multiple of micro_batch_size {micro}")
+    return Mapped({"gradient_accumulation_steps": value // micro}, "batch_size = micro_batch_size × accumulation")
+
+
+def _precision_flag(key: str) -> Converter:
+    def convert(value: Any, config: dict) -> Outcome:
+        if key == "bf16" and value == "auto" and config.get("fp16"):
+            return Mapped({key: False}, "Axolotl turns bf16: auto off when fp16 is set")
+        if value == "full":
+            return Mapped({key: True}, "bf16: full also evaluates in bf16; ftclip evaluates in the weights' dtype")
+        return Mapped({key: value})
+    return convert
+
+
+def _legacy_dtype(key: str) -> Converter:
+    def convert(value: Any, config: dict) -> Outcome:
+        if value and config.get(key) is None:
+            return Mapped({key: True}, "loads the weights in this dtype, as ftclip's precision flag does")
+        return Dropped(f"{key} is given and decides")
+    return convert
+
+
+def _gradient_checkpointing(value: Any, config: dict) -> Outcome:
+    if value in ("offload", "offload_disk"):
+        return Mapped({"gradient_checkpointing": True}, f"{value} also moves activations off the GPU (memory only; "
+                      "same gradients)")
+    return Mapped({"gradient_checkpointing": bool(value)})
+
+
+def _adapter(value: Any, config: dict) -> Outcome:
+    if value in ("lora", "qlora"):
+        return Mapped({"adapter": value})
+    return Refused(f"adapter {value!r}: ftclip trains lora, qlora or the full model")
+
+
+def _target_modules(value: Any, config: dict) -> Outcome:
+    if isinstance(value, str) and value != "all-linear":
+        return Mapped({"lora_target_modules": value}, "a regex, matched in full by peft as in Axolotl")
+    return Mapped({"lora_target_modules": value})
+
+
+def _model_type(value: Any, config: dict) -> Outcome:
+    if isinstance(value, str) and (value == "AutoModelForCausalLM" or value.endswith("ForCausalLM")):
+        return Dropped("ftclip loads AutoModelForCausalLM, which picks this class from the checkpoint")
+    return Refused(f"{value}: ftclip trains causal language models (AutoModelForCausalLM) only")
+
+
+def _strategy_from_deepspeed(value: Any, config: dict, source: Path | None = None) -> Outcome:
+    stage = None
+    for candidate in (Path(value), (source.parent / value) if source else None):
+        if candidate is not None and candidate.is_file():
+            try:
+                stage = json.loads(candidate.read_text()).get("zero_optimization", {}).get("stage")
+            except (OSError, ValueError, AttributeError):
+                stage = None
+            break
+    if stage is None:
+        match = re.search(r"zero[_-]?(\d)", str(value))
+        stage = int(match.group(1)) if match else None
+    if stage == 3:
+        return Mapped({"distributed": {"strategy": "fsdp"}}, "ZeRO-3 shards parameters, gradients and optimizer "
+                      "state, as FSDP does (run with torchrun or --nproc; offload settings are dropped)")
+    if stage in (0, 1, 2):
+        return Mapped({"distributed": {"strategy": "ddp"}}, f"ZeRO-{stage} keeps full parameters on each GPU; ftclip "
+                      "runs plain DDP (same math, more optimizer memory per GPU)")
+    return Refused(f"cannot tell the ZeRO stage of {value!r} (no readable file, no zero1/2/3 in its name)")
+
+
+def _strategy_from_fsdp(value: Any, config: dict) -> Outcome:
+    settings = value if isinstance(value, dict) else {}
+    sharding = str(settings.get("sharding_strategy") or settings.get("fsdp_sharding_strategy") or "")
+    if "NO_SHARD" in sharding.upper() or sharding == "5":
+        return Mapped({"distributed": {"strategy": "ddp"}}, "NO_SHARD replicates the model: DDP")
+    updates: dict[str, Any] = {"distributed": {"strategy": "fsdp"}}
+    if settings.get("activation_checkpointing") or settings.get("fsdp_activation_checkpointing"):
+        updates["gradient_checkpointing"] = True
+    return Mapped(updates, "FULL_SHARD: ftclip's FSDP2 (fully_shard per decoder layer, run with torchrun or --nproc); "
+                  "wrap, offload and state-dict settings are ftclip's own")
+
+
+DISTRIBUTED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
+
+
+def distributed_strategy(config: dict, source: Path | None = None) -> tuple[str | None, str | None, str]:
+    """(strategy, refusal, key) from Axolotl's deepspeed / fsdp / fsdp_config keys, for recipes that carry them:
+    ZeRO-3 or FULL_SHARD → fsdp, ZeRO-1/2 or NO_SHARD → ddp. strategy is None when none of them is set."""
+    for key in ("deepspeed", "fsdp_config", "fsdp"):
+        value = config.get(key)
+        if _is_off(value):
+            continue
+        outcome = _strategy_from_deepspeed(value, config, source) if key == "deepspeed" else _strategy_from_fsdp(value, config)
+        if isinstance(outcome, Refused):
+            return None, outcome.why, key
+        if isinstance(outcome, Mapped):
+            return outcome.updates["distributed"]["strategy"], None, key
+    return None, None, ""
+
+
+def _plugins(value: Any, config: dict) -> Outcome:
+    refused, updates, notes = [], {}, []
+    for plugin in value:
+        name = str(plugin).rsplit(".", 1)[-1]
+        if name == "CutCrossEntropyPlugin":
+            updates["chunked_cross_entropy"] = True
+            notes.append("CutCrossEntropy → chunked_cross_entropy (the same loss without full logits)")
+        elif name == "LigerPlugin":
+            notes.append("Liger kernels: liger_fused_linear_cross_entropy carries over; the rest are kernels")
+        elif name in ("KernelsPlugin", "SwanLabPlugin"):
+            notes.append(f"{name}: no effect on what is trained")
+        else:
+            refused.append(name)
+    if refused:
+        return Refused(f"plugin(s) {', '.join(refused)} change training and ftclip has no equivalent")
+    return Mapped(updates, "; ".join(notes))
+
+
+def _eot_tokens(value: Any, config: dict) -> Outcome:
+    if isinstance(value, list) and len(value) == 1:
+        return Dropped(f"ftclip's chat masking trains the end-of-turn marker the chat template writes after each "
+                       f"turn, found from its render; for this template that should be {value[0]} (check with "
+                       "`ftclip preprocess`)")
+    return Refused("several end-of-turn markers: ftclip's chat masking knows the one the chat template writes")
+
+
+def _tokens(value: Any, config: dict) -> Outcome:
+    if isinstance(value, list) and all(isinstance(token, str) for token in value):
+        return Mapped({"tokens": value})
+    return Refused("tokens must be a list of token strings (this one is a mapping; special tokens go in "
+                   "special_tokens)")
+
+
+def _parallel_size(value: Any, config: dict) -> Outcome:
+    if value in (None, 0, 1):
+        return Dropped("1: no parallelism of this kind")
+    return Refused("ftclip has no tensor, context or expert parallelism (only DDP and FSDP over data)")
+
+
+def _save_total_limit(value: Any, config: dict) -> Outcome:
+    return Mapped({"save_total_limit": value})
+
+
+def _tokenizer_config(value: Any, config: dict) -> Outcome:
+    return Mapped({"tokenizer": value})
+
+
+# ---------------------------------------------------------------- the table
+
+_TRACKER = "a tracker setting: no effect on what is trained"
+_EVAL_ONLY = "evaluation only: no effect on what is trained"
+_MEMORY = "memory or speed only: the same gradients"
+_HUB = "hub upload or credentials: no effect on what is trained"
+
+AXOLOTL_KEYS: dict[str, Rule] = {
+    # model
+    "base_model": _same(), "tokenizer_config": _to("tokenizer", convert=_tokenizer_config),
+    "trust_remote_code": _same(),
+    "model_type": _to("—", "dropped for *ForCausalLM, refused otherwise", _model_type),
+    "tokenizer_type": _drop("ftclip loads AutoTokenizer, which picks the tokenizer class from the checkpoint"),
+    "tokenizer_use_fast": _drop("ftclip uses the fast tokenizer when the checkpoint has one"),
+    "tokenizer_legacy": _refuse("changes how a slow Llama tokenizer splits text"),
+    "tokenizer_use_mistral_common": _refuse("mistral-common tokenization: ftclip uses transformers' tokenizer"),
+    "processor_type": _refuse("a multimodal processor: ftclip trains text-only causal LMs"),
+    "model_config": _refuse("overrides the model's config"),
+    "revision_of_model": _refuse("ftclip loads base_model's default revision"),
+    "base_model_ignore_patterns": _drop("download filter: no effect on what is trained"),
+    "low_cpu_mem_usage": _drop(_MEMORY), "device_map": _refuse("spreads one model over GPUs (model parallel)"),
+    "resize_token_embeddings_to_32x": _drop("pads the embedding matrix for speed; the trained tokens are the same"),
+    "reinit_weights": _refuse("re-initializes the model's weights"),
+    "experimental_skip_move_to_device": _drop(_MEMORY),
+    # adapter
+    "adapter": _to("adapter", convert=_adapter),
+    "lora_r": _same(), "lora_alpha": _same(),
+    "lora_dropout": _same("Axolotl's default 0.0 is written out (ftclip's is 0.05)"),
+    "lora_target_modules": _to("lora_target_modules", "a list, all-linear or a regex", _target_modules),
+    "lora_target_linear": _same(), "lora_modules_to_save": _same(), "lora_model_dir": _same(),
+    "lora_fan_in_fan_out": _refuse("peft sets fan_in_fan_out from the layer type; ftclip does not override it"),
+    "lora_target_parameters": _refuse("LoRA on raw parameters (MoE experts): ftclip adapts modules"),
+    "peft_use_rslora": _refuse("rank-stabilized LoRA scaling (alpha/√r)"),
+    "peft_use_dora": _refuse("DoRA (weight-decomposed LoRA)"),
+    "peft_layers_to_transform": _refuse("LoRA on a subset of layers"),
+    "peft": _refuse("peft options ftclip does not expose"),
+    "lora_mlp_kernel": _drop(KERNEL_ONLY), "lora_qkv_kernel": _drop(KERNEL_ONLY), "lora_o_kernel": _drop(KERNEL_ONLY),
+    "lora_on_cpu": _drop(_MEMORY),
+    "unfrozen_parameters": _refuse("trains a chosen subset of parameters"),
+    "relora": _refuse("ReLoRA (periodic merge and restart)"),
+    **{key: _refuse("ReLoRA (periodic merge and restart)") for key in (
+        "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio", "relora_cpu_offload")},
+    "rope_scaling": _refuse("changes the model's position encoding"),
+    **{f"is_{family}_derived_model": _drop("tells Axolotl the model family; ftclip reads it from the checkpoint")
+       for family in ("llama", "mistral", "falcon", "qwen")},
+    "attention": _drop("not an Axolotl key (Axolotl ignores it); the attention kernel is attn_implementation"),
+    "s2_attention": _refuse("shifted-sparse attention (LongLoRA)"),
+    "load_in_4bit": _same(), "load_in_8bit": _same(),
+    "bnb_config_kwargs": _refuse("bitsandbytes settings beyond quant type and double quant"),
+    "gptq": _refuse("GPTQ-quantized bases"), "gptq_groupsize": _refuse("GPTQ-quantized bases"),
+    "gptq_model_v1": _refuse("GPTQ-quantized bases"), "gptq_disable_exllama": _refuse("GPTQ-quantized bases"),
+    "model_quantization_config": _refuse("quantization other than bitsandbytes 4/8-bit"),
+    "model_quantization_config_kwargs": _refuse("quantization other than bitsandbytes 4/8-bit"),
+    "quantize_moe_experts": _refuse("quantizes MoE experts"), "qat": _refuse("quantization-aware training"),
+    "fp8": _refuse("fp8 training"), "fp8_enable_fsdp_float8_all_gather": _refuse("fp8 training"),
+    "llmcompressor": _refuse("sparsity or compression during training"),
+    # data
+    "datasets": _to("datasets", "each entry converted: path, type, split, name, data_files, revision, chat options"),
+    "test_datasets": _refuse("a separate eval dataset: ftclip holds out val_set_size of the training data"),
+    "pretraining_dataset": _refuse("streamed pretraining data"), "streaming": _refuse("streamed datasets"),
+    "val_set_size": _same(), "sequence_len": _same(), "train_on_inputs": _same(), "sample_packing": _same(),
+    "dataset_prepared_path": _to("dataset_cache_dir", "the tokenized-data cache; alias accepted natively"),
+    "dataset_processes": _same(), "dataset_num_proc": _to("dataset_processes"),
+    "push_dataset_to_hub": _drop(_HUB), "hub_model_id": _drop(_HUB), "hub_strategy": _drop(_HUB),
+    "hf_use_auth_token": _drop(_HUB),
+    "chat_template": _same("names are Axolotl's (tokenizer_default, chatml, llama3, ...)"),
+    "chat_template_jinja": _same(), "special_tokens": _same(), "tokens": _to("tokens", convert=_tokens),
+    "eot_tokens": _to("—", "one marker: dropped (ftclip's chat masking takes the end-of-turn marker from the chat "
+                      "template's render); several: refused", lambda value, config: _eot_tokens(value, config)),
+    "default_system_message": _refuse("inserts a system message into every conversation"),
+    "eval_sample_packing": _drop(_EVAL_ONLY), "pad_to_sequence_len": _drop(_MEMORY),
+    "sample_packing_eff_est": _drop("a packing estimate Axolotl computes"),
+    "total_num_tokens": _drop("a token count Axolotl computes"),
+    "max_packed_sequence_len": _refuse("packs to a length other than sequence_len"),
+    "sample_packing_sequentially": _refuse("packs in data order instead of by length"),
+    "curriculum_sampling": _refuse("trains in data order without shuffling"),
+    "group_by_length": _refuse("batches examples of similar length together"),
+    "shuffle_merged_datasets": _drop("ftclip shuffles the training data every epoch"),
+    "dataset_exact_deduplication": _refuse("removes duplicate examples"),
+    "min_sample_len": _refuse("drops short examples"), "remove_unused_columns": _drop("dataset columns the trainer keeps"),
+    "skip_prepare_dataset": _drop("Axolotl's preprocessing switch"),
+    "dataset_shard_num": _refuse("trains on a shard of the data"), "dataset_shard_idx": _refuse("trains on a shard"),
+    # schedule
+    "micro_batch_size": _same(), "gradient_accumulation_steps": _same(),
+    "batch_size": _to("gradient_accumulation_steps", "batch_size ÷ micro_batch_size", _batch_size),
+    "eval_batch_size": _drop(_EVAL_ONLY), "num_epochs": _same(), "max_steps": _same(),
+    "learning_rate": _same(), "weight_decay": _same(),
+    "optimizer": _to("optimizer", "adamw_bnb_8bit → adamw_8bit; the rest by the same name or refused", _optimizer),
+    "lr_scheduler": _to("lr_scheduler", "constant_with_warmup → constant; cosine_with_min_lr → cosine", _scheduler),
+    "lr_scheduler_kwargs": _to("—", "refused unless it only carries cosine_with_min_lr's min_lr_rate",
+                               _scheduler_kwargs),
+    "cosine_min_lr_ratio": _to("min_lr_ratio", convert=_min_lr_ratio),
+    "cosine_constant_lr_ratio": _refuse("holds the LR flat for the last part of the run"),
+    "lr_quadratic_warmup": _refuse("quadratic warmup"), "lr_div_factor": _refuse("one-cycle schedule settings"),
+    "eta_min": _refuse("a minimum LR for a schedule ftclip does not have"),
+    "warmup_steps": _to("warmup_steps", "a fraction below 1 becomes warmup_ratio", _warmup_steps),
+    "warmup_ratio": _to("warmup_ratio", convert=_warmup_ratio),
+    "adam_beta1": _same(), "adam_beta2": _same(), "adam_epsilon": _same(), "adam_eps": _to("adam_epsilon"),
+    "adam_beta3": _refuse("a third beta (CAME/AdEMAMix)"), "adam_epsilon2": _refuse("a second epsilon (CAME)"),
+    "optim_args": _refuse("optimizer arguments ftclip does not take"),
+    "optim_target_modules": _refuse("GaLore/APOLLO targets"),
+    "embedding_lr": _refuse("a separate embedding LR"), "embedding_lr_scale": _refuse("a separate embedding LR"),
+    "loraplus_lr_ratio": _refuse("LoRA+ (a higher LR for LoRA B)"),
+    "loraplus_lr_embedding": _refuse("LoRA+ (a higher LR for LoRA B)"),
+    "max_grad_norm": _to("gradient_clipping", "a number clips by norm; empty means Hugging Face's default 1.0"),
+    "neftune_noise_alpha": _refuse("NEFTune embedding noise"), "noisy_embedding_alpha": _refuse("NEFTune noise"),
+    "early_stopping_patience": _refuse("stops training when eval loss stops improving"),
+    "loss_watchdog_threshold": _drop("a safety stop on a high loss; ftclip stops on non-finite steps "
+                                     "(max_skipped_steps)"),
+    "loss_watchdog_patience": _drop("a safety stop on a high loss (see loss_watchdog_threshold)"),
+    "jagged_restart_steps": _refuse("jagged LR restarts"), "jagged_restart_warmup_steps": _refuse("jagged LR restarts"),
+    "jagged_restart_anneal_steps": _refuse("jagged LR restarts"),
+    "lisa_n_layers": _refuse("LISA layer sampling"), "lisa_step_interval": _refuse("LISA layer sampling"),
+    "lisa_layers_attribute": _refuse("LISA layer sampling"),
+    "rl": _refuse("preference or RL training (DPO, ORPO, KTO, GRPO, ...): ftclip does supervised fine-tuning only"),
+    "rl_beta": _refuse("preference training"), "orpo_alpha": _refuse("preference training"),
+    "kto_desirable_weight": _refuse("preference training"), "trl": _refuse("TRL trainer settings"),
+    "reward_model": _refuse("reward-model training"), "process_reward_model": _refuse("reward-model training"),
+    "center_rewards_coefficient": _refuse("reward-model training"), "num_labels": _refuse("classification heads"),
+    "cls_model_config": _refuse("classification heads"),
+    # precision and memory
+    "bf16": _to("bf16", "auto, as in Axolotl, when absent", _precision_flag("bf16")),
+    "fp16": _same(), "tf32": _same("Axolotl's default auto is written out (ftclip's is false)"),
+    "bfloat16": _to("bf16", convert=_legacy_dtype("bf16")), "float16": _to("fp16", convert=_legacy_dtype("fp16")),
+    "torch_dtype": _refuse("a load dtype separate from the training precision"),
+    "gradient_checkpointing": _to("gradient_checkpointing", "offload → true", _gradient_checkpointing),
+    "gradient_checkpointing_kwargs": _same(), "activation_offloading": _drop(_MEMORY), "tiled_mlp": _drop(_MEMORY),
+    "attn_implementation": _to("attn_implementation", "xformers and hub kernels → sdpa", _attention),
+    "flash_attention": _to("attn_implementation", "true → flash_attention_2", _attention_flag("flash_attention_2")),
+    "sdp_attention": _to("attn_implementation", "true → sdpa", _attention_flag("sdpa")),
+    "xformers_attention": _to("attn_implementation", "true → sdpa", _attention_flag("sdpa")),
+    "flex_attention": _to("attn_implementation", "true → flex_attention", _attention_flag("flex_attention")),
+    "eager_attention": _to("attn_implementation", "true → eager", _attention_flag("eager")),
+    "flex_attn_compile_kwargs": _drop(KERNEL_ONLY), "flash_attn_cross_entropy": _drop(KERNEL_ONLY),
+    "flash_attn_rms_norm": _drop(KERNEL_ONLY), "flash_attn_fuse_mlp": _drop(KERNEL_ONLY),
+    "flash_attn_fuse_qkv": _drop(KERNEL_ONLY), "flash_optimum": _drop(KERNEL_ONLY),
+    "fused_attn_kernel": _drop(KERNEL_ONLY), "gemma4_hybrid_attn_impl": _drop(KERNEL_ONLY),
+    "use_kernels": _drop(KERNEL_ONLY), "use_scattermoe": _drop(KERNEL_ONLY), "use_sonicmoe": _drop(KERNEL_ONLY),
+    "experts_implementation": _drop(KERNEL_ONLY), "torch_compile": _drop(KERNEL_ONLY),
+    "torch_compile_backend": _drop(KERNEL_ONLY), "torch_compile_mode": _drop(KERNEL_ONLY),
+    "chunked_cross_entropy": _same(), "chunked_cross_entropy_num_chunks": _drop(_MEMORY),
+    "cut_cross_entropy": _to("chunked_cross_entropy", "the same loss without materializing all logits"),
+    "liger_fused_linear_cross_entropy": _same(),
+    "liger_rope": _drop(KERNEL_ONLY), "liger_rms_norm": _drop(KERNEL_ONLY), "liger_glu_activation": _drop(KERNEL_ONLY),
+    "liger_layer_norm": _drop(KERNEL_ONLY), "liger_cross_entropy": _drop(KERNEL_ONLY),
+    "liger_rms_norm_gated": _drop(KERNEL_ONLY),
+    "plugins": _to("—", "CutCrossEntropy → chunked_cross_entropy; Liger, Kernels, SwanLab dropped; others refused",
+                   _plugins),
+    # distributed
+    "deepspeed": _to("distributed.strategy", "ZeRO-3 → fsdp; ZeRO-1/2 → ddp"),
+    "fsdp": _to("distributed.strategy", "full_shard → fsdp", _strategy_from_fsdp),
+    "fsdp_config": _to("distributed.strategy", "FULL_SHARD → fsdp; NO_SHARD → ddp", _strategy_from_fsdp),
+    "fsdp_version": _drop("ftclip's fsdp is FSDP2 (fully_shard)"),
+    "dp_shard_size": _drop("FSDP's shard group size: the same math"),
+    "dp_replicate_size": _drop("HSDP's replica count: the same math"),
+    "tensor_parallel_size": _to("—", "refused above 1", _parallel_size),
+    "context_parallel_size": _to("—", "refused above 1", _parallel_size),
+    "expert_parallel_size": _to("—", "refused above 1", _parallel_size),
+    "ddp": _drop("ftclip uses DDP whenever it runs under torchrun"),
+    "ddp_find_unused_parameters": _drop(_MEMORY), "ddp_timeout": _drop("a timeout"),
+    "ddp_bucket_cap_mb": _drop(_MEMORY), "ddp_broadcast_buffers": _drop(_MEMORY),
+    "torchdistx_path": _drop(_MEMORY), "local_rank": _drop("set by the launcher"),
+    "use_ray": _refuse("Ray launching: ftclip runs under torchrun"), "ray_num_workers": _refuse("Ray launching"),
+    # run
+    "seed": _same(), "output_dir": _same(), "logging_steps": _same(),
+    "save_steps": _same(), "eval_steps": _same(), "saves_per_epoch": _same(), "evals_per_epoch": _same(),
+    "save_total_limit": _to("save_total_limit", "absent = keep all (written as 0; ftclip's default keeps 3)",
+                            _save_total_limit),
+    "save_strategy": _drop("when checkpoints are written: save_steps/saves_per_epoch carry it"),
+    "eval_strategy": _drop(_EVAL_ONLY), "evaluation_strategy": _drop(_EVAL_ONLY),
+    "save_safetensors": _drop("ftclip always writes safetensors"), "save_only_model": _drop("checkpoint contents"),
+    "save_first_step": _drop("an extra checkpoint"), "resume_from_checkpoint": _same(),
+    "auto_resume_from_checkpoints": _drop("ftclip resumes from output_dir's latest checkpoint by default"),
+    "eval_table_size": _drop(_EVAL_ONLY), "eval_max_new_tokens": _drop(_EVAL_ONLY),
+    "eval_table_max_new_tokens": _drop(_EVAL_ONLY),
+    "do_causal_lm_eval": _drop(_EVAL_ONLY), "eval_causal_lm_metrics": _drop(_EVAL_ONLY), "do_bench_eval": _drop(_EVAL_ONLY),
+    "strict": _drop("Axolotl's config-merging switch"), "debug": _drop("logging"), "gpu_memory_limit": _drop(_MEMORY),
+    "wandb_project": _same(), "wandb_entity": _same(), "wandb_name": _same(), "wandb_mode": _same(),
+    "wandb_run_id": _same(), "wandb_watch": _drop(_TRACKER), "wandb_log_model": _drop(_TRACKER),
+    "use_wandb": _drop(_TRACKER),
+    "mlflow_tracking_uri": _same(), "mlflow_experiment_name": _same(), "mlflow_run_name": _same(),
+    "hf_mlflow_log_artifacts": _drop(_TRACKER), "use_mlflow": _drop(_TRACKER),
+    "use_tensorboard": _drop("ftclip always writes TensorBoard logs"),
+    "comet_api_key": _drop(_TRACKER), "comet_workspace": _drop(_TRACKER), "comet_project_name": _drop(_TRACKER),
+    "use_comet": _drop(_TRACKER), "use_swanlab": _drop(_TRACKER), "use_otel_metrics": _drop(_TRACKER),
+    "otel_metrics_host": _drop(_TRACKER), "otel_metrics_port": _drop(_TRACKER),
+    "ebft": _refuse("energy-based fine-tuning (an RL-style trainer)"), "vllm": _refuse("vLLM generation for RL"),
+    "diffusion": _refuse("diffusion language-model training"),
+    "llama4_linearized_experts": _refuse("Llama 4 MoE experts rewritten as linear layers"),
+    "dsv4_fp4_grouped_mode": _refuse("fp4 expert kernels that quantize the weights"),
+    "nvfp4_merge_aware": _refuse("nvfp4 quantization"), "use_onebitllms": _refuse("1-bit (BitNet) training"),
+    "freeze_mm_modules": _refuse("multimodal models"), "full_finetune": _refuse("multimodal full fine-tuning switch"),
+    "use_eaft": _refuse("EAFT loss reweighting"), "eaft_alpha": _refuse("EAFT loss reweighting"),
+    "eaft_k": _refuse("EAFT loss reweighting"),
+    "pretrain_multipack_attn": _refuse("streamed pretraining data"),
+    "streaming_multipack_buffer_size": _refuse("streamed datasets"),
+    "sample_packing_seq_len_multiplier": _drop("a packing buffer size Axolotl computes"),
+    "expert_parallel_num_nvl_bytes": _refuse("expert parallelism"),
+    "expert_parallel_token_capacity": _refuse("expert parallelism"),
+    "use_dsv4_kernels": _drop(KERNEL_ONLY), "use_glm_dsa_kernels": _drop(KERNEL_ONLY),
+    "accelerator_config": _drop("accelerate's launcher settings"),
+    # cloud launcher settings (axolotl's modal/baseten runners), not training
+    **{key: _drop("cloud launcher setting, not training") for key in (
+        "gpu", "gpu_count", "provider", "node_count", "volumes", "branch", "dockerfile_commands", "memory", "timeout",
+        "memory_preprocess", "timeout_preprocess", "secrets", "project_name")},
+}
+TRACKER_PREFIXES = ("trackio_", "swanlab_", "comet_", "wandb_", "mlflow_", "otel_")
+
+# ftclip's own keys that Axolotl lacks: their presence marks a config as an ftclip recipe already.
+FTCLIP_ONLY_KEYS = {"gradient_clipping", "distributed", "device", "max_skipped_steps", "dataset_cache_dir",
+                    "min_lr_ratio", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "fp32", "tokenizer"}
+
+# Dataset entry keys.
+DATASET_TYPES = {"alpaca": "alpaca", "completion": "completion", "chat_template": "chat",
+                 "chat_template.default": "chat", "chat": "chat"}
+DATASET_KEYS: dict[str, Rule] = {
+    "path": _same("a local path is rewritten relative to the written recipe"),
+    "type": _to("datasets[].type", "alpaca, completion, chat_template → chat"),
+    "split": _same(), "name": _same(), "data_files": _same(), "revision": _same(),
+    "field_messages": _same(), "message_property_mappings": _same(), "roles": _same(), "roles_to_train": _same(),
+    "train_on_eos": _same(),
+    "message_field_role": _to("datasets[].message_property_mappings.role"),
+    "message_field_content": _to("datasets[].message_property_mappings.content"),
+    "ds_type": _drop("ftclip reads the format from the file extension"),
+    "trust_remote_code": _drop("dataset loading scripts are not run"),
+    "field": _to("—", "completion: text only"),
+    "chat_template": _to("chat_template", "per dataset: must match the recipe's one chat_template"),
+    "drop_system_message": _refuse("drops system messages"),
+    "field_thinking": _refuse("renders a reasoning field into the template"),
+    "template_thinking_key": _refuse("renders a reasoning field into the template"),
+    "field_system": _refuse("a per-record system prompt field"), "system_prompt": _refuse("a fixed system prompt"),
+    "conversation": _refuse("fastchat conversation templates"),
+    "field_chosen": _refuse("preference pairs"), "field_rejected": _refuse("preference pairs"),
+    "shards": _refuse("trains on a shard"), "shards_idx": _refuse("trains on a shard"),
+    "preprocess_shards": _refuse("trains on a shard"), "train_on_split": _refuse("an extra split"),
+    "train_on_inputs": _refuse("per-dataset train_on_inputs; ftclip has one for the recipe"),
+    "step_separator": _refuse("process-reward-model data"), "train_on_last_step_only": _refuse("process-reward-model data"),
+    "max_completion_length": _refuse("preference/RL completions"),
+}
+
+
+def unknown_key_message(key: str, dataset: bool = False, value: Any = None) -> str | None:
+    """validate's message for an Axolotl key ftclip's recipe lacks, or None when it is not an Axolotl key."""
+    rule = (DATASET_KEYS if dataset else AXOLOTL_KEYS).get(key)
+    if rule is None and not dataset and key.startswith(TRACKER_PREFIXES):
+        rule = _drop(_TRACKER)
+    if rule is None:
+        return None
+    head = f"Axolotl key `{key}`"
+    if rule.kind == "drop":
+        return f"{head}: ftclip has no such setting and needs none ({rule.why}); remove it, or run `ftclip import-axolotl`"
+    if rule.kind == "refuse":
+        return f"{head}: not supported: {rule.why}; ftclip has no equivalent"
+    target = rule.ftclip if rule.ftclip and rule.ftclip != "—" else None
+    where = f"ftclip's `{target}`" if target else "converted"
+    note = f" ({rule.why})" if rule.why else ""
+    return f"{head}: {where}{note}; run `ftclip import-axolotl` to convert the whole config"
+
+
+# ---------------------------------------------------------------- importing one config
+
+
+@dataclass
+class ImportResult:
+    source: str
+    output: str | None = None
+    mapped: list[tuple[str, str, str]] = field(default_factory=list)  # (axolotl key, ftclip key(s), note)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # unreadable input, or the written recipe fails validation
+    native: bool = False
+    text: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and not self.problems and self.text is not None
+
+    def as_json(self) -> dict:
+        return {
+            "source": self.source, "output": self.output if self.ok else None, "written": self.ok,
+            "native_ftclip": self.native,
+            "mapped": [{"from": old, "to": new, "note": note} for old, new, note in self.mapped],
+            "dropped": [{"key": key, "why": why} for key, why in self.dropped],
+            "refused": [{"key": key, "why": why} for key, why in self.refused],
+            "problems": self.problems,
+        }
+
+
+def _is_off(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value in ("", [], {})
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Builder:
+    """Collects ftclip keys with the comment that says where each came from."""
+
+    def __init__(self, result: ImportResult):
+        self.result = result
+        self.values: dict[str, Any] = {}
+        self.origins: dict[str, list[str]] = {}
+
+    def put(self, key: str, value: Any, origin: str) -> None:
+        if key == "distributed":
+            value = {**self.values.get("distributed", {}), **value}
+        self.values[key] = value
+        self.origins.setdefault(key, []).append(origin)
+
+
+def _rebase(value: str, output_dir: Path) -> str:
+    """A local path Axolotl reads relative to the working directory, made relative to the written recipe
+    (ftclip reads input paths relative to the recipe's folder). Hub ids and absent paths stay as they are."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or not candidate.exists():
+        return value
+    return os.path.relpath(candidate.resolve(), output_dir.resolve())
+
+
+def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, output_dir: Path) -> dict | None:
+    result = builder.result
+    where = f"datasets[{index}]"
+    if not isinstance(entry, dict):
+        result.refused.append((where, "a dataset entry must be a mapping with path and type"))
+        return None
+    converted: dict[str, Any] = {}
+    for key, value in entry.items():
+        name = f"{where}.{key}"
+        if value is None:
+            result.dropped.append((name, "empty: not set"))
+            continue
+        rule = DATASET_KEYS.get(key)
+        if rule is None:
+            result.refused.append((name, "not a dataset key ftclip's importer knows; it may change the data"))
+        elif key == "path":
+            converted["path"] = _rebase(str(value), output_dir)
+        elif key == "type":
+            if value not in DATASET_TYPES:
+                result.refused.append((name, f"prompt format {value!r}: ftclip reads alpaca, completion and "
+                                             "chat_template records"))
+            else:
+                converted["type"] = DATASET_TYPES[value]
+                if value != DATASET_TYPES[value]:
+                    result.mapped.append((name, f"{where}.type: {DATASET_TYPES[value]}", "the same record format"))
+        elif key in ("message_field_role", "message_field_content"):
+            mappings = converted.setdefault("message_property_mappings", {})
+            mappings["role" if key.endswith("role") else "content"] = value
+            result.mapped.append((name, f"{where}.message_property_mappings", "Axolotl's older spelling"))
+        elif key == "field":
+            if entry.get("type") == "completion" and value == "text":
+                result.dropped.append((name, "text: ftclip's completion field"))
+            else:
+                result.refused.append((name, f"reads records from field {value!r}; ftclip's completion reads text"))
+        elif key == "chat_template":
+            top = config.get("chat_template")
+            if top in (None, value):
+                builder.put("chat_template", value, f"from {name}: {value}")
+                result.mapped.append((name, "chat_template", "ftclip has one chat template per recipe"))
+            else:
+                result.refused.append((name, f"{value!r} differs from the recipe's chat_template {top!r}; ftclip has one"))
+        elif rule.kind == "same":
+            converted[key] = value
+        elif rule.kind == "drop" or (rule.kind == "refuse" and _is_off(value)):
+            result.dropped.append((name, rule.why if rule.kind == "drop" else f"{_show(value)}: off"))
+        else:
+            result.refused.append((name, rule.why))
+    if "type" not in entry:
+        result.refused.append((f"{where}.type", "missing: ftclip needs the record format (alpaca, completion, chat)"))
+    return converted
+
+
+def _apply(key: str, value: Any, config: dict, builder: _Builder, source: Path) -> None:
+    result = builder.result
+    origin = f"from {key}: {_show(value)}"
+    if value is None:
+        result.dropped.append((key, "empty: not set, the default applies"))
+        return
+    rule = AXOLOTL_KEYS.get(key)
+    if rule is None and key.startswith(TRACKER_PREFIXES) and key not in Recipe.model_fields:
+        rule = _drop(_TRACKER)
+    if rule is None:
+        if key in Recipe.model_fields:  # ftclip's own key: carried over as it is
+            builder.put(key, value, origin)
+            result.mapped.append((key, key, "an ftclip key"))
+        else:
+            result.refused.append((key, "not a key ftclip's importer knows; it may change training"))
+        return
+    if rule.kind == "drop":
+        result.dropped.append((key, rule.why))
+        return
+    if rule.kind == "refuse":
+        if _is_off(value):
+            result.dropped.append((key, f"{_show(value)}: the feature is off"))
+        else:
+            result.refused.append((key, rule.why))
+        return
+    if key == "deepspeed":
+        outcome = _strategy_from_deepspeed(value, config, source)
+    elif rule.convert is not None:
+        outcome = rule.convert(value, config)
+    elif rule.kind == "same":
+        outcome = Mapped({key: value})  # the rule's note is for the README table
+    else:
+        outcome = Mapped({rule.ftclip: value}, rule.why)
+    if isinstance(outcome, Dropped):
+        result.dropped.append((key, outcome.why))
+    elif isinstance(outcome, Refused):
+        result.refused.append((key, outcome.why))
+    else:
+        for new_key, new_value in outcome.updates.items():
+            builder.put(new_key, new_value, origin)
+        targets = ", ".join(f"{k}: {_show(v)}" for k, v in outcome.updates.items()) or "—"
+        result.mapped.append((key, targets, outcome.note))
+
+
+# Where Axolotl's default differs from ftclip's, the importer writes Axolotl's out (when the key is absent).
+def _axolotl_defaults(config: dict, values: dict) -> list[tuple[str, Any, str]]:
+    defaults = [("bf16", "auto", "Axolotl's default bf16: auto (ftclip's is false)"),
+                ("tf32", "auto", "Axolotl's default tf32: auto (ftclip's is false)"),
+                ("save_total_limit", 0, "Axolotl keeps every checkpoint by default (ftclip keeps 3): 0 keeps all")]
+    if values.get("adapter"):
+        defaults.append(("lora_dropout", 0.0, "Axolotl's default lora_dropout 0.0 (ftclip's is 0.05)"))
+    if "warmup_steps" not in values and "warmup_ratio" not in values:
+        defaults.append(("warmup_ratio", 0.03, "Axolotl warms up over 3% of the steps when neither warmup_steps nor "
+                                              "warmup_ratio is set (it caps that at 100 steps; ftclip does not)"))
+    if values.get("fp16") and "bf16" not in values:
+        defaults = [d for d in defaults if d[0] != "bf16"]  # Axolotl turns bf16: auto off when fp16 is set
+    return [(key, value, why) for key, value, why in defaults if key not in values]
+
+
+def _lora_target_check(values: dict, result: ImportResult) -> None:
+    if values.get("adapter") and "lora_target_modules" not in values and not values.get("lora_target_linear"):
+        result.refused.append(("lora_target_modules", "absent: Axolotl lets peft choose the modules by architecture; "
+                                                      "name them (or set lora_target_linear: true)"))
+
+
+def _render(builder: _Builder, source: str) -> str:
+    lines = [f"# Imported from the Axolotl config {source} by `ftclip import-axolotl`.",
+             "# Each key's comment says which Axolotl key it came from.", ""]
+    order = list(Recipe.model_fields)
+    for key in sorted(builder.values, key=lambda k: order.index(k) if k in order else len(order)):
+        for origin in builder.origins[key]:
+            lines.append(f"# {origin}")
+        lines.append(yaml.safe_dump({key: builder.values[key]}, sort_keys=False, allow_unicode=True,
+                                    width=1000).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def import_config(source: str | Path, output: str | Path | None = None) -> ImportResult:
+    """Convert one Axolotl config to ftclip recipe text (result.text), with the per-key report. Writes nothing."""
+    source = Path(source)
+    result = ImportResult(str(source), str(output) if output else None)
+    output_dir = Path(output).parent if output else source.parent
+    try:
+        text = source.read_text(encoding="utf-8")
+        config = yaml.safe_load(text)
+    except FileNotFoundError:
+        result.problems.append("no such file")
+        return result
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        result.problems.append(f"cannot read it as YAML: {error}")
+        return result
+    if not isinstance(config, dict):
+        result.problems.append("not a mapping of keys (an Axolotl config is one)")
+        return result
+    if set(config) & FTCLIP_ONLY_KEYS:
+        try:
+            parse_recipe(text, str(source))
+        except RecipeError:
+            pass
+        else:  # already an ftclip recipe: its meaning rests on ftclip's defaults, so it is kept as it is
+            result.native = True
+            result.mapped = [(key, key, "an ftclip key") for key in config]
+            result.text = f"# Already an ftclip recipe ({source}); copied unchanged by `ftclip import-axolotl`.\n" + text
+            return result
+
+    builder = _Builder(result)
+    for key, value in config.items():
+        if key == "datasets" and value is not None:
+            if not isinstance(value, list):
+                result.refused.append(("datasets", "must be a list of dataset entries"))
+                continue
+            entries = [_convert_dataset(i, entry, config, builder, output_dir) for i, entry in enumerate(value)]
+            builder.put("datasets", [entry for entry in entries if entry is not None], "from datasets")
+            result.mapped.append(("datasets", "datasets", DATASET_KEYS["type"].why))
+            continue
+        if key in ("base_model", "tokenizer", "lora_model_dir") and isinstance(value, str):
+            value = _rebase(value, output_dir)
+        _apply(key, value, config, builder, source)
+    for key, value, why in _axolotl_defaults(config, builder.values):
+        builder.put(key, value, f"not set in the Axolotl config: {why}")
+        result.mapped.append(("(absent)", f"{key}: {_show(value)}", why))
+    _lora_target_check(builder.values, result)
+    if result.refused:
+        return result
+    result.text = _render(builder, str(source))
+    try:
+        parse_recipe(result.text, str(output or source))
+    except RecipeError as error:
+        result.problems += [f"{p.key}: {p.message}" if p.key else p.message for p in error.problems]
+        result.text = None
+    return result
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write the whole file or nothing: a temporary file in the same folder, renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def output_paths(sources: list[Path], output: Path | None, output_dir: Path | None) -> list[Path]:
+    """Where each config's recipe goes: -o for one config; else NAME.ftclip.yaml next to it or in output_dir.
+    Inputs with the same name (examples/a/qlora.yml, examples/b/qlora.yml) are named by their path below the
+    folder they share (a__qlora.ftclip.yaml), so no recipe overwrites another."""
+    if output is not None:
+        return [output]
+    folder = (lambda source: output_dir) if output_dir is not None else (lambda source: source.parent)
+    targets = [folder(source) / f"{source.stem}.ftclip.yaml" for source in sources]
+    if len(set(targets)) == len(targets):
+        return targets
+    resolved = [source.resolve() for source in sources]
+    shared = Path(os.path.commonpath([path.parent for path in resolved]))
+    return [folder(source) / ("__".join(path.relative_to(shared).with_suffix("").parts) + ".ftclip.yaml")
+            for source, path in zip(sources, resolved)]
+
+
+# ---------------------------------------------------------------- README table
+
+
+def mapping_markdown() -> str:
+    """The README's "Coming from Axolotl" table, made from AXOLOTL_KEYS and DATASET_KEYS."""
+    rows = ["| Axolotl key | ftclip | note |", "| --- | --- | --- |"]
+
+    def add(table: dict[str, Rule], prefix: str) -> None:
+        for key in sorted(table):
+            rule = table[key]
+            if rule.kind == "same":
+                target = f"`{prefix}{key}`"
+            elif rule.kind == "map":
+                target = f"`{rule.ftclip}`" if rule.ftclip not in ("", "—") else "converted"
+            else:
+                target = {"drop": "dropped", "refuse": "refused"}[rule.kind]
+            note = rule.why.replace("|", "\\|")
+            rows.append(f"| `{prefix}{key}` | {target} | {note} |")
+
+    add(AXOLOTL_KEYS, "")
+    add(DATASET_KEYS, "datasets[].")
+    return "\n".join(rows)
+
+
+__all__ = ["AXOLOTL_KEYS", "DATASET_KEYS", "ImportResult", "import_config", "mapping_markdown", "output_paths",
+           "unknown_key_message", "write_atomically"]

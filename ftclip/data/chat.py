@@ -1,0 +1,346 @@
+"""Chat records → token ids and labels, on any real chat template.
+
+A conversation is rendered ONCE by the tokenizer's chat template and the whole text is tokenized ONCE with
+character offsets; a token is trained when its characters fall inside a trained turn's span of the render.
+The spans are found by locating each turn's content in the render, in order. Nothing requires the render
+of a prefix of the conversation to be a prefix of the render of the whole (Qwen3 drops the <think> block of
+earlier assistant turns, so that requirement fails on real templates), and the ids are exactly the ids of the
+full text, as the model sees them at inference.
+
+What a trained assistant turn covers: everything the model generates after the template's generation prompt
+(e.g. `<|im_start|>assistant\\n`) up to and including the end-of-turn marker the template writes after it
+(`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, ...): the content, a <think> block the template keeps,
+tool-call markup. Separators after the marker (a newline) and the next turn's header are not trained.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2 import TemplateError
+
+from ftclip.data.records import IGNORE_INDEX
+from ftclip.errors import DataError
+from ftclip.recipe import DatasetSpec
+
+# Axolotl's default role names (template role -> names the data may use); a dataset's `roles` overrides
+# the template roles it names and keeps these for the others.
+DEFAULT_ROLES: dict[str, list[str]] = {
+    "system": ["system"],
+    "user": ["user", "human"],
+    "assistant": ["assistant", "gpt"],
+    "tool": ["tool"],
+}
+# Turn keys copied to the template as they are when present (OpenAI tool use, reasoning traces).
+PASSTHROUGH_KEYS = ("tool_calls", "tool_call_id", "name", "reasoning_content", "thinking")
+
+SKIP_LIMIT = 0.1  # more skipped records than this share means the template does not fit the data
+_PROBE = "FtclipProbe7Q"  # a text no template changes, to see what a template writes around a turn
+
+
+@dataclass
+class Conversation:
+    """The turns in the template's vocabulary ({role, content, and tool_calls/reasoning_content/... when given})
+    and the record's tool definitions."""
+
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A record left out, and why."""
+
+    reason: str
+
+
+# ---------------------------------------------------------------- records → conversations
+
+
+def _role_names(spec: DatasetSpec) -> dict[str, str]:
+    """Data role name -> template role, template role names first (they read best in error messages)."""
+    roles = {**DEFAULT_ROLES, **(spec.roles or {})}
+    names = {role: role for role in roles}
+    for role, data_names in roles.items():
+        for name in data_names:
+            names.setdefault(name, role)
+    for role, data_names in (spec.roles or {}).items():  # the dataset's own names win over the defaults
+        names.update({name: role for name in data_names})
+    return names
+
+
+def _messages_field(record: dict, spec: DatasetSpec) -> str | None:
+    # Read through Arrow, a record has every column of its file: an absent field is None, not missing.
+    if spec.field_messages:
+        return spec.field_messages if record.get(spec.field_messages) is not None else None
+    return next((key for key in ("messages", "conversations") if record.get(key) is not None), None)
+
+
+def _tools(record: dict) -> list[dict] | None | str:
+    tools = record.get("tools")
+    if tools is None:
+        return None
+    if isinstance(tools, str):  # many datasets keep the tool list as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            return "'tools' is a string but not JSON"
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        return "'tools' must be a list of tool definitions (objects)"
+    return tools or None
+
+
+def conversation_from_record(record: dict, spec: DatasetSpec) -> Conversation | str:
+    """The record's conversation, or a description of what is wrong with the record."""
+    key = _messages_field(record, spec)
+    if key is None:
+        if spec.field_messages:
+            return f"the record has no {spec.field_messages!r} (field_messages)"
+        return "a chat record needs 'messages' (OpenAI style) or 'conversations' (ShareGPT style)"
+    turns = record[key]
+    if not isinstance(turns, list) or not turns:
+        return f"{key} must be a non-empty list"
+    sharegpt = key == "conversations" and spec.message_property_mappings is None
+    mapping = {"role": "from", "content": "value"} if sharegpt else {"role": "role", "content": "content"}
+    mapping.update(spec.message_property_mappings or {})
+    role_key, content_key = mapping["role"], mapping["content"]
+    role_names = _role_names(spec)
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get(role_key), str):
+            return f"{key}[{index}] needs string {role_key!r} and {content_key!r}"
+        content = turn.get(content_key)
+        if content is None and turn.get("tool_calls"):
+            content = ""  # OpenAI style: an assistant turn that only calls tools has no content
+        if not isinstance(content, str):
+            return f"{key}[{index}] needs string {role_key!r} and {content_key!r}"
+        if turn[role_key] not in role_names:
+            return f"{key}[{index}].{role_key} is {turn[role_key]!r}; allowed: {', '.join(role_names)}"
+        message = {"role": role_names[turn[role_key]], "content": content}
+        for name, source in mapping.items():
+            if name not in ("role", "content") and turn.get(source) is not None:
+                message[name] = turn[source]
+        for name in PASSTHROUGH_KEYS:
+            if turn.get(name) is not None:
+                message.setdefault(name, turn[name])
+        if "tool_calls" in message and not isinstance(message["tool_calls"], list):
+            return f"{key}[{index}].tool_calls must be a list"
+        messages.append(message)
+    if not any(message["role"] in spec.roles_to_train for message in messages):
+        return f"no {' or '.join(spec.roles_to_train)} turn: nothing to train on"
+    tools = _tools(record)
+    if isinstance(tools, str):
+        return tools
+    return Conversation(messages, tools)
+
+
+# ---------------------------------------------------------------- what the template writes around a turn
+
+
+@dataclass(frozen=True)
+class TemplateMarks:
+    """Found once per template by rendering probe conversations."""
+
+    headers: tuple[str, ...]  # written before an assistant turn: the generation prompt, then shorter forms
+    end_of_turn: str | None  # written right after a turn's content, e.g. <|im_end|>
+
+
+def _render(tokenizer, messages: list[dict], tools=None, generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+# A tool list for templates that cannot render without one (Hermes' tool_use template).
+_PROBE_TOOLS = [{"type": "function", "function": {"name": "probe", "description": "probe",
+                                                  "parameters": {"type": "object", "properties": {}}}}]
+
+
+def template_marks(tokenizer) -> TemplateMarks:
+    """The assistant header and the end-of-turn marker, from renders of a one-exchange probe conversation."""
+    errors = []
+    for tools in (None, _PROBE_TOOLS):
+        try:
+            return _template_marks(tokenizer, tools)
+        except (TemplateError, TypeError, ValueError) as error:
+            errors.append(error)
+    raise DataError(f"the chat template cannot render a plain user/assistant exchange: {errors[0]}")
+
+
+def _template_marks(tokenizer, tools) -> TemplateMarks:
+    user = {"role": "user", "content": "Hello"}
+    assistant = {"role": "assistant", "content": _PROBE}
+    with_prompt = _render(tokenizer, [user], tools, generation_prompt=True)
+    without_prompt = _render(tokenizer, [user], tools)
+    # Some templates end a conversation with eos unless a generation prompt follows (Phi-3.5): compare the
+    # two renders from where they part.
+    parted = len(os.path.commonprefix([with_prompt, without_prompt]))
+    for token in tokenizer.get_added_vocab():  # never cut a special token in two (<|assistant|> vs <|endoftext|>)
+        for offset in range(1, len(token)):
+            if parted - offset >= 0 and with_prompt.startswith(token, parted - offset):
+                parted -= offset
+                break
+    header = with_prompt[parted:]
+    full = _render(tokenizer, [user, assistant], tools)
+    if not header.strip():
+        # Templates without a generation prompt (Mistral's [INST]...[/INST]answer</s>): the text between the
+        # user's content and the assistant's marks where the answer starts.
+        start = full.find("Hello") + len("Hello")
+        header = full[start:full.find(_PROBE)] if full.find(_PROBE) >= start else ""
+    after = full[full.find(_PROBE) + len(_PROBE):]
+    # QwQ's generation prompt opens a <think> block that its rendered turns do not all have: also try the
+    # prompt's first line.
+    first_line = header[: header.find("\n") + 1] if "\n" in header.rstrip("\n") else ""
+    headers = tuple(text for text in (header, first_line) if text)
+    return TemplateMarks(headers=headers, end_of_turn=_end_of_turn(tokenizer, after))
+
+
+def _end_of_turn(tokenizer, after: str) -> str | None:
+    """The marker at the start of what the template writes after a turn's content: the longest special or
+    added token it starts with, else the eos token, else its first word."""
+    stripped = after.lstrip(" ")
+    special = [token for token in tokenizer.get_added_vocab() if token and stripped.startswith(token)]
+    if special:
+        return max(special, key=len)
+    if tokenizer.eos_token and stripped.startswith(tokenizer.eos_token):
+        return tokenizer.eos_token
+    words = stripped.split()
+    return words[0] if words else None
+
+
+# ---------------------------------------------------------------- conversations → ids and labels
+
+
+def _content_candidates(content: str) -> list[str]:
+    """How a template may write a turn's content: as is, without a <think> block it strips (Qwen3, QwQ,
+    DeepSeek-R1), trimmed (Llama 3, Gemma)."""
+    answer = content.split("</think>")[-1].lstrip("\n")
+    candidates = [content, answer, content.strip(), answer.strip()]
+    return [text for index, text in enumerate(candidates) if text and text not in candidates[:index]]
+
+
+def _locate(render: str, content: str, cursor: int) -> tuple[int, int] | None:
+    for text in _content_candidates(content):
+        position = render.find(text, cursor)
+        if position >= 0:
+            return position, position + len(text)
+    return None
+
+
+@dataclass
+class _Spans:
+    content: list[tuple[int, int]] = field(default_factory=list)  # trained turns, marker excluded
+    markers: list[tuple[int, int, bool]] = field(default_factory=list)  # (start, end, after a trained turn)
+
+
+def _turn_spans(render: str, conversation: Conversation, marks: TemplateMarks, roles_to_train: list[str]) -> _Spans | Skip:
+    spans = _Spans()
+    cursor = 0
+    for index, message in enumerate(conversation.messages):
+        trained = message["role"] in roles_to_train
+        located = _locate(render, message["content"], cursor) if message["content"] else None
+        if not trained:
+            if located:
+                cursor = located[1]
+            continue
+        # Where the model's output starts: after the assistant header nearest before the content.
+        window_end = located[0] if located else len(render)
+        header_end = -1
+        for header in marks.headers if message["role"] == "assistant" else ():
+            header_at = (render.rfind if located else render.find)(header, cursor, window_end)
+            if header_at >= 0:
+                header_end = header_at + len(header)
+                break
+        if located is None and (header_end < 0 or not message.get("tool_calls")):
+            return Skip(f"{message['role']} turn {index}: its content is not in the rendered conversation")
+        start = header_end if header_end >= 0 else located[0]
+        end = located[1] if located else start
+        marker_at = render.find(marks.end_of_turn, end) if marks.end_of_turn else -1
+        if marker_at >= 0:
+            between = render[end:marker_at]
+            # A plain turn's marker follows its content directly; a tool-calling turn has the calls in between,
+            # but never a next turn's header.
+            fits = not between.strip() if not message.get("tool_calls") else not any(h in between for h in marks.headers)
+            if fits:
+                end = marker_at
+                spans.markers.append((marker_at, marker_at + len(marks.end_of_turn), True))
+        spans.content.append((start, end))
+        cursor = end
+    return spans
+
+
+def _trained_chars(render: str, spans: _Spans, marker: str | None, train_on_eos: str) -> bytearray:
+    flags = bytearray(len(render))
+    for start, end in spans.content:
+        flags[start:end] = b"\x01" * (end - start)
+    markers = [(start, end) for start, end, _ in spans.markers]
+    if train_on_eos == "last":
+        markers = markers[-1:]
+    elif train_on_eos == "none":
+        markers = []
+    elif train_on_eos == "all" and marker:
+        markers, position = [], render.find(marker)
+        while position >= 0:
+            markers.append((position, position + len(marker)))
+            position = render.find(marker, position + len(marker))
+    for start, end in markers:
+        flags[start:end] = b"\x01" * (end - start)
+    return flags
+
+
+def tokenize_conversations(conversations: list[Conversation], tokenizer, *, roles_to_train: list[str],
+                           train_on_eos: str, train_on_inputs: bool, sequence_len: int
+                           ) -> list[tuple[list[int], list[int]] | Skip]:
+    """(input_ids, labels) per conversation, or a Skip saying why it could not be masked. One render per
+    conversation and one batched fast-tokenizer call for all of them."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; chat datasets need one (set chat_template:)")
+    if not getattr(tokenizer, "is_fast", False):
+        raise DataError("chat masking needs a fast tokenizer (character offsets); this one is a slow one")
+    marks = template_marks(tokenizer)
+    renders: list[str | Skip] = []
+    for conversation in conversations:
+        try:
+            renders.append(_render(tokenizer, conversation.messages, tools=conversation.tools))
+        except (TemplateError, TypeError, ValueError) as error:  # raise_exception: roles must alternate, ...
+            renders.append(Skip(f"the chat template refused it: {error}"))
+    texts = [text for text in renders if isinstance(text, str)]
+    # The template writes the special tokens (bos and the turn markers) itself.
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True) if texts else None
+    results: list[tuple[list[int], list[int]] | Skip] = []
+    row = 0
+    for conversation, text in zip(conversations, renders):
+        if isinstance(text, Skip):
+            results.append(text)
+            continue
+        input_ids, offsets = encoded["input_ids"][row], encoded["offset_mapping"][row]
+        row += 1
+        if train_on_inputs:
+            results.append((input_ids[:sequence_len], list(input_ids[:sequence_len])))
+            continue
+        spans = _turn_spans(text, conversation, marks, roles_to_train)
+        if isinstance(spans, Skip):
+            results.append(spans)
+            continue
+        flags = _trained_chars(text, spans, marks.end_of_turn, train_on_eos)
+        labels = [token if any(flags[start:end]) else IGNORE_INDEX
+                  for token, (start, end) in zip(input_ids, offsets)]
+        results.append((input_ids[:sequence_len], labels[:sequence_len]))
+    return results
+
+
+def check_skipped(skipped: int, total: int, first_reasons: list[str], source: str = "") -> str | None:
+    """Stop when too many records were skipped (the template does not fit the data); otherwise a line to
+    print when some were, or None."""
+    if not skipped:
+        return None
+    where = f"{source}: " if source else ""
+    reasons = "; ".join(first_reasons[:3])
+    if skipped > SKIP_LIMIT * total:
+        raise DataError(
+            f"{where}{skipped} of {total} chat records could not be masked (more than {SKIP_LIMIT:.0%}): this looks "
+            f"like the wrong template for this data; set chat_template: (e.g. chatml, llama3) or check roles and "
+            f"message_property_mappings. First reasons: {reasons}"
+        )
+    return f"{where}skipped {skipped} of {total} chat records that could not be masked: {reasons}"

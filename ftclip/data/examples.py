@@ -1,0 +1,100 @@
+"""Tokenized examples read straight from memory-mapped Arrow files: each example's input_ids and labels are
+numpy views into the mapped buffers, so a million examples cost a few index arrays, not Python ints."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+
+from ftclip.errors import DataError
+
+
+def open_arrow(path: Path):
+    """A table backed by the file's memory map (datasets writes Arrow IPC streams)."""
+    import pyarrow as pa
+
+    return pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+
+
+def _list_index(column) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
+    """For a chunked list<int> column: the chunks' value buffers, and per row its chunk, start and end."""
+    buffers, chunk_of_row, starts, ends = [], [], [], []
+    for number, chunk in enumerate(column.chunks):
+        offsets = chunk.offsets.to_numpy()
+        buffers.append(chunk.values.to_numpy(zero_copy_only=True))
+        chunk_of_row.append(np.full(len(chunk), number, dtype=np.int32))
+        starts.append(offsets[:-1].astype(np.int64))
+        ends.append(offsets[1:].astype(np.int64))
+    if not buffers:
+        empty = np.zeros(0, dtype=np.int64)
+        return [], empty.astype(np.int32), empty, empty
+    return buffers, np.concatenate(chunk_of_row), np.concatenate(starts), np.concatenate(ends)
+
+
+class _Column:
+    def __init__(self):
+        self.buffers: list[np.ndarray] = []
+        self.chunk: list[np.ndarray] = []
+        self.start: list[np.ndarray] = []
+        self.end: list[np.ndarray] = []
+
+    def add(self, column, rows: np.ndarray) -> None:
+        buffers, chunk, start, end = _list_index(column)
+        self.chunk.append(chunk[rows] + len(self.buffers))
+        self.start.append(start[rows])
+        self.end.append(end[rows])
+        self.buffers += buffers
+
+    def freeze(self) -> None:
+        self.chunk = np.concatenate(self.chunk) if self.chunk else np.zeros(0, np.int32)
+        self.start = np.concatenate(self.start) if self.start else np.zeros(0, np.int64)
+        self.end = np.concatenate(self.end) if self.end else np.zeros(0, np.int64)
+
+    def get(self, index: int) -> np.ndarray:
+        return self.buffers[self.chunk[index]][self.start[index]:self.end[index]]
+
+
+class TokenizedExamples:
+    """All datasets' kept examples, in order. `kept[i]` are the rows of table i that have trained tokens."""
+
+    def __init__(self, tables: list, kept: list[np.ndarray]):
+        self._tables = tables  # keep the memory maps alive
+        self._ids, self._labels = _Column(), _Column()
+        trained = []
+        for table, rows in zip(tables, kept):
+            self._ids.add(table.column("input_ids"), rows)
+            self._labels.add(table.column("labels"), rows)
+            # Per chunk: ChunkedArray.to_numpy goes through pandas, a second of import on a warm start.
+            counts = np.concatenate([chunk.to_numpy() for chunk in table.column("trained").chunks])
+            trained.append(counts[rows].astype(np.int64))
+        self._ids.freeze()
+        self._labels.freeze()
+        self.lengths = self._ids.end - self._ids.start
+        self.trained = np.concatenate(trained) if trained else np.zeros(0, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def input_ids(self, index: int) -> np.ndarray:
+        return self._ids.get(index)
+
+    def labels(self, index: int) -> np.ndarray:
+        return self._labels.get(index)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def split_indices(count: int, val_set_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out val_set_size examples, chosen by seed (the same recipe always holds out the same ones)."""
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    val_count = int(val_set_size) if val_set_size >= 1 else round(val_set_size * count)
+    if val_count >= count:
+        raise DataError(f"val_set_size {val_set_size} leaves no training examples (there are {count})")
+    val = np.sort(np.asarray(order[:val_count], dtype=np.int64))
+    train = np.sort(np.asarray(order[val_count:], dtype=np.int64))
+    return train, val

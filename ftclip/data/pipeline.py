@@ -1,0 +1,229 @@
+"""The data pipeline behind `ftclip.data.prepare`: `prepare(recipe)` runs
+load (sources) → tokenize (Dataset.map, batched, in parallel) → cache (memory-mapped Arrow) → split → pack
+→ batches, and returns training and held-out rows. Under torchrun rank 0 builds the cache while the other ranks wait;
+then every rank opens the same memory-mapped files."""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ftclip.data.batches import Rows
+from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_manifest, staging_folder, tokenizer_digest
+from ftclip.data.chat import check_skipped
+from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices
+from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
+from ftclip.data.sources import Source, open_dataset, resolve_source
+from ftclip.data.tokenize import TokenizeSettings, check_chat_template, tokenize_batch
+from ftclip.errors import DataError
+from ftclip.recipe import Recipe
+
+SMALL_DATASET = 5000  # below this many records, worker processes cost more than they save
+
+
+@dataclass
+class PreparedData:
+    examples: TokenizedExamples
+    train: Rows
+    val: Rows
+    packing: PackingStats | None
+    cache: Path
+    hit: bool
+    records: int  # records read (0 on a cache hit)
+    seconds: float  # time spent tokenizing (0 on a hit)
+    notes: list[str]  # e.g. chat records skipped because the template could not mask them
+
+
+def num_processes(recipe: Recipe, records: int) -> int:
+    if records < SMALL_DATASET:
+        return 1
+    chosen = recipe.dataset_processes or min(os.cpu_count() or 1, 8)
+    return max(1, min(chosen, records // 1000))
+
+
+def _source_identity(source: Source, digests: FileDigests) -> str | None:
+    """The content's identity without loading it (local data); None for a hub dataset (known once opened)."""
+    if source.kind == "file":
+        return digests.of(Path(source.location))
+    if source.kind == "folder":
+        return digests.of_folder(Path(source.location))
+    return None
+
+
+def _key(recipe: Recipe, sources: list[Source], identities: list[str], tokenizer) -> str:
+    return entry_key({
+        "datasets": [(identity, source.spec.model_dump(mode="json", exclude={"path"}))
+                     for source, identity in zip(sources, identities)],
+        "tokenizer": tokenizer_digest(tokenizer),
+        "sequence_len": recipe.sequence_len,
+        "train_on_inputs": recipe.train_on_inputs,
+    })
+
+
+def _first_problem(mapped, source: Source) -> None:
+    import pyarrow.compute as pc
+
+    column = mapped.data.column("problem")
+    if column.null_count == len(column):
+        return
+    first = pc.index(pc.is_valid(column), True).as_py()
+    count = len(column) - column.null_count
+    more = f" ({count} records have problems)" if count > 1 else ""
+    raise DataError(f"{source.label}: record {first + 1}: {column[first].as_py()}{more}")
+
+
+def _skipped_note(mapped, source: Source) -> list[str]:
+    """Chat records the template could not mask: a note, or a stop when so many that the template is wrong."""
+    import pyarrow.compute as pc
+
+    column = mapped.data.column("skipped")
+    skipped = len(column) - column.null_count
+    if not skipped:
+        return []
+    reasons = pc.drop_null(column).slice(0, 3).to_pylist()
+    note = check_skipped(skipped, len(column), reasons, source.label)
+    return [note] if note else []
+
+
+def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokenizer, root: Path, key: str) -> tuple[Path, int]:
+    import datasets
+
+    staging = staging_folder(root, key)
+    settings = [TokenizeSettings(s.spec, recipe.sequence_len, recipe.train_on_inputs) for s in sources]
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
+        "trained": datasets.Value("int32"), "problem": datasets.Value("string"), "skipped": datasets.Value("string"),
+    })
+    records, shards, kept_counts, notes = 0, [], [], []
+    for index, (source, dataset, setting) in enumerate(zip(sources, datasets_opened, settings)):
+        if len(dataset) == 0:
+            raise DataError(f"{source.label}: the dataset is empty")
+        check_chat_template(tokenizer, setting.kind)
+        processes = num_processes(recipe, len(dataset))
+        environ = os.environ
+        try:
+            mapped = dataset.map(
+                functools.partial(tokenize_batch, tokenizer=tokenizer, settings=setting),
+                batched=True, batch_size=1000, num_proc=processes if processes > 1 else None,
+                remove_columns=dataset.column_names, features=features,
+                cache_file_name=str(staging / f"d{index}-tokens.arrow"), new_fingerprint=f"{key}-{index}",
+                desc=f"tokenizing {Path(source.location).name}",
+            )
+        finally:
+            # With worker processes, datasets swaps os.environ for a deep copy; libraries holding the original
+            # (rich reads NO_COLOR from it) would no longer see later changes.
+            os.environ = environ
+        _first_problem(mapped, source)
+        notes += _skipped_note(mapped, source)
+        trained = np.concatenate([chunk.to_numpy() for chunk in mapped.data.column("trained").chunks])
+        kept = np.flatnonzero(trained > 0)
+        np.save(staging / f"d{index}-kept.npy", kept)
+        shards.append([Path(f["filename"]).name for f in mapped.cache_files])
+        kept_counts.append(len(kept))
+        records += len(dataset)
+        del mapped
+    if not sum(kept_counts):
+        raise DataError("no example has a trained token left after truncation; raise sequence_len")
+    entry = publish(staging, root / key, {"format": 2, "shards": shards, "kept": kept_counts, "records": records,
+                                          "sources": [s.label for s in sources], "notes": notes})
+    return entry, records
+
+
+def _open(entry: Path, manifest: dict) -> TokenizedExamples:
+    tables, kept = [], []
+    for index, names in enumerate(manifest["shards"]):
+        import pyarrow as pa
+
+        parts = [open_arrow(entry / name) for name in names]
+        tables.append(pa.concat_tables(parts) if len(parts) > 1 else parts[0])
+        kept.append(np.load(entry / f"d{index}-kept.npy"))
+    return TokenizedExamples(tables, kept)
+
+
+def tokenized_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer, build: bool = True
+                       ) -> tuple[TokenizedExamples, Path, dict, bool, int, float]:
+    """(examples, cache entry, its manifest, hit, records read, seconds) — from the cache, else tokenized now
+    and stored.
+    build=False (a rank other than 0) only opens an entry that rank 0 built."""
+    root = cache_dir(recipe)
+    sources = [resolve_source(spec, recipe_path) for spec in recipe.datasets]
+    digests = FileDigests(root)
+    identities = [_source_identity(source, digests) for source in sources]
+    opened = [None] * len(sources)
+    for index, source in enumerate(sources):
+        if identities[index] is None:  # a hub dataset: its fingerprint is known once it is opened
+            opened[index] = open_dataset(source, root / "sources")
+            identities[index] = opened[index]._fingerprint
+    key = _key(recipe, sources, identities, tokenizer)
+    entry = root / key
+    manifest = read_manifest(entry)
+    if manifest is not None:
+        digests.save()
+        return _open(entry, manifest), entry, manifest, True, 0, 0.0
+    if not build:
+        raise DataError(f"rank 0 did not leave a readable tokenized cache at {entry}")
+    started = time.perf_counter()
+    opened = [dataset if dataset is not None else open_dataset(source, root / "sources")
+              for source, dataset in zip(sources, opened)]
+    try:
+        entry, records = _build(recipe, sources, opened, tokenizer, root, key)
+    except OSError as error:
+        raise DataError(f"dataset_cache_dir: cannot write the tokenized cache under {root}: {error}") from None
+    digests.save()
+    seconds = time.perf_counter() - started
+    manifest = read_manifest(entry)
+    return _open(entry, manifest), entry, manifest, False, records, seconds
+
+
+def _packing(recipe: Recipe, examples: TokenizedExamples, train: np.ndarray, entry: Path) -> tuple[Rows, PackingStats]:
+    """Best-fit decreasing over the training examples, cached beside the tokens (keyed by the split)."""
+    lengths = examples.lengths[train]
+    split = {"packing": PACKING_VERSION, "capacity": recipe.sequence_len, "val": recipe.val_set_size, "seed": recipe.seed}
+    name = f"packing-{entry_key(split)}.npz"
+    path = entry / name
+    try:
+        stored = np.load(path)
+        offsets, members = stored["offsets"], stored["members"]
+    except (OSError, ValueError, KeyError):
+        offsets, members = pack_best_fit(lengths, recipe.sequence_len)
+        try:
+            staging = path.with_name(f".{name}.tmp-{os.getpid()}.npz")
+            np.savez(staging, offsets=offsets, members=members)
+            os.replace(staging, path)
+        except OSError:
+            pass  # the next run packs again
+    stats = PackingStats(len(train), len(offsets) - 1, int(lengths.sum()), recipe.sequence_len)
+    return Rows(examples, offsets, train[members], packed=True), stats
+
+
+def prepare(recipe: Recipe, recipe_path: str | Path | None, tokenizer, dist=None) -> PreparedData:
+    """Tokenized, split and (with sample_packing) packed data. Under torchrun rank 0 prepares while the other
+    ranks wait; an error on rank 0 stops every rank."""
+    if dist is not None and dist.enabled:
+        failure = None
+        if dist.is_main:
+            try:
+                prepared = _prepare(recipe, recipe_path, tokenizer, build=True)
+            except Exception as error:  # whatever it is, the waiting ranks must hear of it, not hang
+                failure = error
+        if dist.agree_max(int(failure is not None)):  # doubles as the barrier: rank 0 has finished
+            raise failure or DataError("rank 0 could not prepare the data (see its message)")
+        return prepared if dist.is_main else _prepare(recipe, recipe_path, tokenizer, build=False)
+    return _prepare(recipe, recipe_path, tokenizer, build=True)
+
+
+def _prepare(recipe: Recipe, recipe_path, tokenizer, build: bool) -> PreparedData:
+    examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, recipe_path, tokenizer, build)
+    train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
+    packing = None
+    if recipe.sample_packing:
+        train_rows, packing = _packing(recipe, examples, train, entry)
+    else:
+        train_rows = Rows.single(examples, train)
+    return PreparedData(examples, train_rows, Rows.single(examples, val), packing, entry, hit, records, seconds,
+                        manifest.get("notes", []))

@@ -1,0 +1,107 @@
+"""Records to token ids and labels, a batch of records at a time (the function `Dataset.map(batched=True)`
+runs, in several processes): prompts are masked with IGNORE_INDEX unless train_on_inputs.
+
+Each output row has input_ids, labels, `trained` (how many labels after the first are trained: the first
+token is never predicted), `problem` (why the record does not fit its type, else None) and `skipped` (why a
+valid chat record could not be masked on this template, else None). Nothing raises inside the worker
+processes: the caller reads those columns, names the first bad record and counts the skipped ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ftclip.data.chat import Skip, conversation_from_record, tokenize_conversations
+from ftclip.data.records import IGNORE_INDEX, alpaca_prompt, record_problem
+from ftclip.errors import DataError
+from ftclip.recipe import DatasetSpec
+
+
+@dataclass(frozen=True)
+class TokenizeSettings:
+    spec: DatasetSpec
+    sequence_len: int
+    train_on_inputs: bool
+
+    @property
+    def kind(self) -> str:
+        return self.spec.type
+
+
+def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:
+    names = list(batch)
+    return [dict(zip(names, values)) for values in zip(*(batch[name] for name in names))]
+
+
+def _finish(ids: list[int], labels: list[int], settings: TokenizeSettings) -> tuple[list[int], list[int], int]:
+    ids, labels = ids[: settings.sequence_len], labels[: settings.sequence_len]
+    return ids, labels, sum(1 for label in labels[1:] if label != IGNORE_INDEX)
+
+
+def tokenize_batch(batch: dict[str, list], tokenizer, settings: TokenizeSettings) -> dict[str, list]:
+    records = _rows(batch)
+    problems = [record_problem(record, settings.spec) for record in records]
+    good = [record for record, problem in zip(records, problems) if problem is None]
+    if settings.kind == "alpaca":
+        pieces = _alpaca(good, tokenizer, settings)
+    elif settings.kind == "completion":
+        pieces = _completion(good, tokenizer, settings)
+    else:
+        pieces = _chat(good, tokenizer, settings)
+    out: dict[str, list] = {"input_ids": [], "labels": [], "trained": [], "problem": [], "skipped": []}
+    produced = iter(pieces)
+    for problem in problems:
+        piece = ([], [], 0) if problem else next(produced)
+        skipped = piece.reason if isinstance(piece, Skip) else None
+        ids, labels, trained = ([], [], 0) if skipped else piece
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["trained"].append(trained)
+        out["problem"].append(problem)
+        out["skipped"].append(skipped)
+    return out
+
+
+def _eos(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def _alpaca(records: list[dict], tokenizer, settings: TokenizeSettings) -> list[tuple]:
+    """The prompt (with the tokenizer's special tokens, e.g. BOS) is masked; the output and EOS are trained.
+    Prompt and output are tokenized separately, in one batched call each."""
+    if not records:
+        return []
+    prompts = tokenizer([alpaca_prompt(r) for r in records], add_special_tokens=True)["input_ids"]
+    outputs = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    eos = _eos(tokenizer)
+    pieces = []
+    for prompt, output in zip(prompts, outputs):
+        ids = prompt + output + eos
+        labels = ids if settings.train_on_inputs else [IGNORE_INDEX] * len(prompt) + output + eos
+        pieces.append(_finish(ids, labels, settings))
+    return pieces
+
+
+def _completion(records: list[dict], tokenizer, settings: TokenizeSettings) -> list[tuple]:
+    if not records:
+        return []
+    texts = tokenizer([r["text"] for r in records], add_special_tokens=True)["input_ids"]
+    eos = _eos(tokenizer)
+    return [_finish(ids + eos, ids + eos, settings) for ids in texts]
+
+
+def _chat(records: list[dict], tokenizer, settings: TokenizeSettings) -> list:
+    """One render per conversation, one offset tokenization for the batch (see ftclip/data/chat.py)."""
+    if not records:
+        return []
+    spec = settings.spec
+    conversations = [conversation_from_record(record, spec) for record in records]
+    results = tokenize_conversations(conversations, tokenizer, roles_to_train=spec.roles_to_train,
+                                     train_on_eos=spec.train_on_eos, train_on_inputs=settings.train_on_inputs,
+                                     sequence_len=settings.sequence_len)
+    return [result if isinstance(result, Skip) else _finish(*result, settings) for result in results]
+
+
+def check_chat_template(tokenizer, kind: str) -> None:
+    if kind == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template; chat datasets need one (set chat_template: or tokenizer:)")

@@ -1,0 +1,152 @@
+"""`ftclip chat`: try what a run trained. Loads the base model with the run's LoRA adapter (or a merged or
+fully fine-tuned model), formats each turn as the run was trained (the tokenizer's chat template for chat
+data, the alpaca prompt for alpaca data, plain text for completion data), streams the reply through
+transformers' TextStreamer and keeps the conversation for the next turn."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftclip.checkpoint import RECIPE_FILE
+from ftclip.errors import ModelError
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass(frozen=True)
+class ChatSource:
+    """What to load: a model folder, or a base model plus an adapter folder; and the recipe it trained with."""
+
+    folder: Path  # the adapter or the model folder
+    base_model: str | None  # set when `folder` is an adapter
+    recipe: dict[str, Any]  # the saved recipe ({} when the folder has none)
+
+
+def find_chat_source(path: Path, base_model: str | None = None) -> ChatSource:
+    """RUN_DIR (its adapter/, model/ or merged/) or a folder that is itself an adapter or a model."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError(f"{path}: no such folder; give a run's output_dir or a model/adapter folder")
+    for folder in (path / "adapter", path / "model", path / "merged", path):
+        if (folder / ADAPTER_CONFIG).is_file():
+            base = base_model or json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+            if not base:
+                raise ModelError(f"{folder / ADAPTER_CONFIG} does not name its base model; pass --base-model")
+            if Path(base).is_absolute() and not (Path(base) / "config.json").is_file():
+                raise ModelError(f"the adapter's base model {base} is gone (no config.json); pass --base-model")
+            return ChatSource(folder, base, _saved_recipe(folder, path))
+        if (folder / "config.json").is_file():
+            return ChatSource(folder, None, _saved_recipe(folder, path))
+    raise ModelError(f"{path}: no adapter ({ADAPTER_CONFIG}) or model (config.json) here or in adapter/, model/ "
+                     "or merged/")
+
+
+def _saved_recipe(folder: Path, run_dir: Path) -> dict[str, Any]:
+    for candidate in (folder / RECIPE_FILE, run_dir / "adapter" / RECIPE_FILE, run_dir / "model" / RECIPE_FILE):
+        if candidate.is_file():
+            return yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+    return {}
+
+
+def prompt_style(recipe: dict[str, Any], tokenizer) -> str:
+    """chat, alpaca or completion: how the run's data was formatted (chat wins in a mix, if the tokenizer has
+    a template); a folder without a recipe is chatted with through its template when it has one."""
+    kinds = {dataset.get("type") for dataset in recipe.get("datasets") or []}
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if kinds & {"chat", "chat_template"} and has_template:
+        return "chat"
+    if "alpaca" in kinds:
+        return "alpaca"
+    if kinds:
+        return "completion"
+    return "chat" if has_template else "completion"
+
+
+@dataclass
+class Conversation:
+    """The turns so far, rendered to token ids the way the run's data was: chat and completion prompts carry the
+    earlier turns, alpaca prompts stand alone."""
+
+    tokenizer: Any
+    style: str
+    turns: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant)
+
+    def prompt_ids(self, message: str) -> list[int]:
+        tokenizer = self.tokenizer
+        if self.style == "chat":
+            messages = [m for user, reply in self.turns for m in ({"role": "user", "content": user},
+                                                                  {"role": "assistant", "content": reply})]
+            messages.append({"role": "user", "content": message})
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.style == "alpaca":
+            from ftclip.data.records import ALPACA_NO_INPUT
+
+            # Each turn alone: the alpaca format has no earlier turns, and a model trained on single exchanges
+            # given earlier ones before the prompt repeats its previous answer (seen with the quickstart).
+            return tokenizer(ALPACA_NO_INPUT.format(instruction=message), add_special_tokens=True)["input_ids"]
+        text = "".join(f"{user}{reply}" for user, reply in self.turns) + message  # completion: one running text
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def load_for_chat(source: ChatSource, trust_remote_code: bool = False):
+    """(model, tokenizer) on CUDA in the precision the run trained in, else on the CPU in float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftclip.merge import merge_precision
+
+    on_gpu = torch.cuda.is_available()
+    dtype = getattr(torch, merge_precision(source.folder)[0]) if on_gpu else torch.float32
+    model_source = source.base_model or source.folder
+    tokenizer_source = source.folder if (source.folder / "tokenizer_config.json").is_file() else model_source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, trust_remote_code=trust_remote_code)
+        if source.base_model:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, source.folder)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load {model_source}" + (f" with the adapter {source.folder}" if source.base_model else "")
+                         + f": {error}") from None
+    model.to("cuda" if on_gpu else "cpu").eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model, tokenizer
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    """End of reply: the model's generation eos ids (e.g. Llama 3's <|eot_id|>) and the tokenizer's eos."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = configured if isinstance(configured, list) else [configured]
+    return sorted({i for i in ids + [tokenizer.eos_token_id] if i is not None})
+
+
+def reply(model, tokenizer, conversation: Conversation, message: str, max_new_tokens: int, temperature: float,
+          write: Callable[[str], None]) -> str:
+    """Generate the answer to `message`, streaming its text to `write`; the conversation keeps the turn."""
+    import torch
+    from transformers import TextStreamer
+
+    class _Echo(TextStreamer):  # TextStreamer prints; this hands each finished piece of text to `write`
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            write(text)
+
+    ids = torch.tensor([conversation.prompt_ids(message)], device=model.device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            eos_token_id=_stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
+            streamer=_Echo(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling,
+        )
+    answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    conversation.turns.append((message, answer))
+    return answer

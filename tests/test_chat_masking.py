@@ -1,0 +1,438 @@
+"""Chat masking on real chat templates (tests/fixtures/chat_templates, see SOURCES.md there): the trained tokens
+are exactly the assistant turns and their end-of-turn markers, and the ids are the full render's tokenization."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+from conftest import QUICKSTART_MODEL
+from transformers import AutoTokenizer
+
+from ftclip.data.chat import (
+    IGNORE_INDEX,
+    Conversation,
+    Skip,
+    check_skipped,
+    conversation_from_record,
+    template_marks,
+    tokenize_conversations,
+)
+from ftclip.errors import DataError
+from ftclip.recipe import DatasetSpec
+
+TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
+LLAMA31 = "meta-llama-Llama-3.3-70B-Instruct.jinja"  # the same template as Llama 3.1's (see SOURCES.md)
+QWEN3 = "Qwen-Qwen3-0.6B.jinja"
+QWQ = "Qwen-QwQ-32B.jinja"
+HERMES = "NousResearch-Hermes-3-Llama-3.1-8B-tool_use.jinja"
+MISTRAL = "mistralai-Mistral-Nemo-Instruct-2407.jinja"
+GEMMA = "google-gemma-2-2b-it.jinja"
+PHI = "microsoft-Phi-3.5-mini-instruct.jinja"
+
+# Each model's bos, eos and the special tokens its template writes, added to the quickstart tokenizer so it
+# encodes them as single tokens like the real tokenizer does.
+SPECIAL_TOKENS = {
+    LLAMA31: ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"]),
+    QWEN3: (None, "<|im_end|>", ["<|im_start|>"]),
+    QWQ: (None, "<|im_end|>", ["<|im_start|>"]),
+    HERMES: ("<|begin_of_text|>", "<|im_end|>", ["<|im_start|>"]),
+    MISTRAL: ("<s>", "</s>", ["[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]", "[/AVAILABLE_TOOLS]",
+                              "[TOOL_RESULTS]", "[/TOOL_RESULTS]"]),
+    GEMMA: ("<bos>", "<eos>", ["<start_of_turn>", "<end_of_turn>"]),
+    PHI: ("<s>", "<|endoftext|>", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]),
+}
+
+
+@lru_cache(maxsize=None)
+def template_tokenizer(name: str):
+    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART_MODEL)
+    bos, eos, extra = SPECIAL_TOKENS[name]
+    tokenizer.add_special_tokens({"eos_token": eos, "additional_special_tokens": extra} | ({"bos_token": bos} if bos else {}))
+    tokenizer.chat_template = (TEMPLATES / name).read_text()
+    return tokenizer
+
+
+def masked(conversation: Conversation, tokenizer, **options):
+    settings = {"roles_to_train": ["assistant"], "train_on_eos": "turn", "train_on_inputs": False, "sequence_len": 4096}
+    return tokenize_conversations([conversation], tokenizer, **(settings | options))[0]
+
+
+def trained_pieces(tokenizer, input_ids, labels) -> list[str]:
+    """The trained tokens, decoded run by run."""
+    pieces, run = [], []
+    for token, label in zip(input_ids, labels):
+        if label != IGNORE_INDEX:
+            run.append(token)
+        elif run:
+            pieces.append(tokenizer.decode(run))
+            run = []
+    return pieces + ([tokenizer.decode(run)] if run else [])
+
+
+SYSTEM, USER_1, USER_2 = "Be brief.", "Capital of Peru?", "And Chile?"
+THINK_1 = "<think>\nPeru is on the Pacific.\n</think>\n\nLima."
+THINK_2 = "<think>\nNext door.\n</think>\n\nSantiago."
+
+
+def chat(*, system: bool = True, first: str = "Lima.", second: str = "Santiago.") -> Conversation:
+    messages = [{"role": "system", "content": SYSTEM}] if system else []
+    return Conversation(messages + [
+        {"role": "user", "content": USER_1}, {"role": "assistant", "content": first},
+        {"role": "user", "content": USER_2}, {"role": "assistant", "content": second},
+    ])
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "The city"}}, "required": ["city"]},
+}}]
+CALL = {"id": "call00042", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Lima"}}}
+TOOL_RESULT = "temperature 22, clear sky"
+
+
+def tool_chat() -> Conversation:
+    return Conversation([
+        {"role": "system", "content": "Use the tools."},
+        {"role": "user", "content": "Weather in Lima?"},
+        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "tool", "content": TOOL_RESULT, "tool_call_id": "call00042", "name": "get_weather"},
+        {"role": "assistant", "content": "It is 22 C and sunny in Lima."},
+    ], TOOLS)
+
+
+CASES = [
+    # Llama 3.1 keeps what the assistant wrote (a think block too); each turn ends with <|eot_id|>.
+    (LLAMA31, chat(first=THINK_1, second=THINK_2), [THINK_1 + "<|eot_id|>", THINK_2 + "<|eot_id|>"]),
+    (LLAMA31, tool_chat(), ['{"name": "get_weather", "parameters": {"city": "Lima"}}<|eot_id|>',
+                            "It is 22 C and sunny in Lima.<|eot_id|>"]),
+    # Qwen3 drops the think block of turns before the last user query (today's prefix method stops here).
+    (QWEN3, chat(first=THINK_1, second=THINK_2), ["Lima.<|im_end|>", THINK_2 + "<|im_end|>"]),
+    (QWEN3, tool_chat(), ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call><|im_end|>',
+                          "<think>\n\n</think>\n\nIt is 22 C and sunny in Lima.<|im_end|>"]),
+    # QwQ (Qwen2.5-32B) strips think blocks from all but the last turn.
+    (QWQ, chat(first=THINK_1, second=THINK_2), ["Lima.<|im_end|>", THINK_2 + "<|im_end|>"]),
+    (QWQ, tool_chat(), ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call><|im_end|>',
+                        "It is 22 C and sunny in Lima.<|im_end|>"]),
+    # Hermes 3 (ChatML) with its tool-use template.
+    (HERMES, tool_chat(), ['<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call><|im_end|>',
+                           "It is 22 C and sunny in Lima.<|im_end|>"]),
+    # Mistral has no assistant header: the answer follows [/INST] and ends with </s>.
+    (MISTRAL, chat(), ["Lima.</s>", "Santiago.</s>"]),
+    (MISTRAL, tool_chat(), ['[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Lima"}, "id": "call00042"}]</s>',
+                            "It is 22 C and sunny in Lima.</s>"]),
+    (GEMMA, chat(system=False, first=" Lima. \n"), ["Lima.<end_of_turn>", "Santiago.<end_of_turn>"]),  # gemma trims
+    # Phi-3.5 ends the conversation with eos after the last <|end|>: not a turn's marker, not trained.
+    (PHI, chat(first=THINK_1), [THINK_1 + "<|end|>", "Santiago.<|end|>"]),
+]
+
+
+@pytest.mark.parametrize(("template", "conversation", "expected"), CASES,
+                         ids=[f"{name.split('.jinja')[0]}-{'tools' if c.tools else 'chat'}" for name, c, _ in CASES])
+def test_trained_tokens_are_the_assistant_turns_on_real_templates(template, conversation, expected):
+    tokenizer = template_tokenizer(template)
+    input_ids, labels = masked(conversation, tokenizer)
+    assert trained_pieces(tokenizer, input_ids, labels) == expected
+    render = tokenizer.apply_chat_template(conversation.messages, tools=conversation.tools, tokenize=False)
+    assert input_ids == tokenizer(render, add_special_tokens=False)["input_ids"]
+    trained = "".join(expected)
+    for message in conversation.messages:
+        if message["role"] != "assistant":
+            assert message["content"] not in trained
+    assert all(label in (token, IGNORE_INDEX) for token, label in zip(input_ids, labels))
+
+
+def test_qwen3_reasoning_content_field_is_rendered_and_trained():
+    tokenizer = template_tokenizer(QWEN3)
+    conversation = Conversation([{"role": "user", "content": USER_1},
+                                 {"role": "assistant", "content": "Lima.", "reasoning_content": "It is on the coast."}])
+    input_ids, labels = masked(conversation, tokenizer)
+    assert trained_pieces(tokenizer, input_ids, labels) == ["<think>\nIt is on the coast.\n</think>\n\nLima.<|im_end|>"]
+
+
+def test_template_that_refuses_the_conversation_is_a_skip():
+    result = masked(chat(system=True), template_tokenizer(GEMMA))
+    assert isinstance(result, Skip) and "System role not supported" in result.reason
+
+
+def test_content_the_template_does_not_render_is_a_skip():
+    tokenizer = template_tokenizer(QWEN3)
+    shouting = AutoTokenizer.from_pretrained(QUICKSTART_MODEL)
+    shouting.chat_template = "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content | upper }}</s>\n{% endfor %}"
+    assert masked(chat(), tokenizer) != masked(chat(), shouting)
+    result = masked(chat(), shouting)
+    assert isinstance(result, Skip) and "assistant turn 2" in result.reason
+
+
+@pytest.mark.parametrize(("train_on_eos", "expected"), [
+    ("turn", ["Lima.<|im_end|>", "Santiago.<|im_end|>"]),
+    ("last", ["Lima.", "Santiago.<|im_end|>"]),
+    ("none", ["Lima.", "Santiago."]),
+    # all: every turn's marker, the system's and users' too
+    ("all", ["<|im_end|>", "<|im_end|>", "Lima.<|im_end|>", "<|im_end|>", "Santiago.<|im_end|>"]),
+])
+def test_train_on_eos(train_on_eos, expected):
+    tokenizer = template_tokenizer(QWQ)
+    assert trained_pieces(tokenizer, *masked(chat(), tokenizer, train_on_eos=train_on_eos)) == expected
+
+
+def test_roles_to_train_can_include_tool_results():
+    tokenizer = template_tokenizer(QWEN3)
+    pieces = trained_pieces(tokenizer, *masked(tool_chat(), tokenizer, roles_to_train=["assistant", "tool"]))
+    assert pieces[1] == TOOL_RESULT  # Qwen3 wraps tool results in a user turn: no marker right after the result
+    assert TOOL_RESULT not in "".join(trained_pieces(tokenizer, *masked(tool_chat(), tokenizer)))
+
+
+def test_train_on_inputs_trains_every_token_and_truncation_cuts_both():
+    tokenizer = template_tokenizer(LLAMA31)
+    input_ids, labels = masked(chat(), tokenizer, train_on_inputs=True)
+    assert labels == input_ids
+    short_ids, short_labels = masked(chat(), tokenizer, sequence_len=20)
+    assert short_ids == input_ids[:20] and len(short_labels) == 20
+
+
+def test_template_marks_found_by_probing():
+    marks = template_marks(template_tokenizer(PHI))  # generation prompt vs eos at the end: must not cut <|assistant|>
+    assert marks.headers[0] == "<|assistant|>\n" and marks.end_of_turn == "<|end|>"
+    assert template_marks(template_tokenizer(MISTRAL)).headers == ("[/INST]",)
+    assert template_marks(template_tokenizer(QWQ)).headers == ("<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n")
+
+
+def test_many_conversations_in_one_call_keep_their_order():
+    tokenizer = template_tokenizer(QWEN3)
+    conversations = [chat(), chat(system=True, second="Valparaiso? No: Santiago."), tool_chat()]
+    batched = tokenize_conversations(conversations, tokenizer, roles_to_train=["assistant"], train_on_eos="turn",
+                                     train_on_inputs=False, sequence_len=4096)
+    assert batched == [masked(conversation, tokenizer) for conversation in conversations]
+
+
+# ---------------------------------------------------------------- records
+
+
+def spec(**options) -> DatasetSpec:
+    return DatasetSpec(path="data.jsonl", type="chat_template", **options)
+
+
+def test_sharegpt_and_openai_records_give_the_same_conversation():
+    openai = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
+    sharegpt = {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    assert conversation_from_record(openai, spec()) == conversation_from_record(sharegpt, spec())
+
+
+def test_axolotl_field_messages_mappings_and_roles():
+    record = {"dialog": [{"speaker": "instructions", "text": "Be brief."}, {"speaker": "customer", "text": "Hi"},
+                         {"speaker": "agent", "text": "Hello.", "thought": "greet back"}]}
+    options = {"field_messages": "dialog", "roles": {"system": ["instructions"], "user": ["customer"], "assistant": ["agent"]},
+               "message_property_mappings": {"role": "speaker", "content": "text", "reasoning_content": "thought"}}
+    conversation = conversation_from_record(record, spec(**options))
+    assert conversation.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                     {"role": "assistant", "content": "Hello.", "reasoning_content": "greet back"}]
+
+
+def test_tools_and_tool_calls_pass_through():
+    record = {"tools": json.dumps(TOOLS), "messages": [
+        {"role": "user", "content": "Weather in Lima?"},
+        {"role": "assistant", "content": None, "tool_calls": [CALL]},
+        {"role": "tool", "content": TOOL_RESULT, "tool_call_id": "call00042"},
+        {"role": "assistant", "content": "Sunny."}]}
+    conversation = conversation_from_record(record, spec())
+    assert conversation.tools == TOOLS
+    assert conversation.messages[1] == {"role": "assistant", "content": "", "tool_calls": [CALL]}
+    assert conversation.messages[2]["tool_call_id"] == "call00042"
+
+
+@pytest.mark.parametrize(("record", "options", "message"), [
+    ({"messages": [{"role": "user", "content": "hi"}]}, {}, "no assistant turn"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, {}, "allowed: system, user, assistant"),
+    ({"messages": [{"role": "user"}]}, {}, "messages[0] needs string 'role' and 'content'"),
+    ({"conversations": [{"from": "gpt"}]}, {}, "conversations[0] needs string 'from' and 'value'"),
+    ({"turns": []}, {}, "needs 'messages'"),
+    ({"messages": []}, {}, "messages must be a non-empty list"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, {"field_messages": "dialog"}, "no 'dialog'"),
+    ({"messages": [{"role": "assistant", "content": "x"}], "tools": "{oops"}, {}, "'tools' is a string but not JSON"),
+    ({"messages": [{"role": "user", "content": "x"}]}, {"roles_to_train": ["assistant", "tool"]}, "no assistant or tool turn"),
+])
+def test_record_faults_are_described(record, options, message):
+    problem = conversation_from_record(record, spec(**options))
+    assert isinstance(problem, str) and message in problem
+
+
+def test_too_many_skips_stop_with_the_first_reasons():
+    assert check_skipped(0, 50, []) is None
+    assert "skipped 1 of 50" in check_skipped(1, 50, ["assistant turn 2: ..."], "data.jsonl")
+    with pytest.raises(DataError, match="data.jsonl: 6 of 50 .*wrong template.*System role not supported"):
+        check_skipped(6, 50, ["the chat template refused it: System role not supported"], "data.jsonl")
+
+
+# ---------------------------------------------------------------- built-in templates, recipe keys, tokenizer and model
+
+
+BUILTIN_CASES = {
+    "chatml": ({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}, "<|im_end|>"),
+    "llama3": ({"bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>",
+                "additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>"]}, "<|eot_id|>"),
+    "qwen3": ({"eos_token": "<|im_end|>", "additional_special_tokens": ["<|im_start|>"]}, "<|im_end|>"),
+    "mistral": ({"additional_special_tokens": ["[INST]", "[/INST]"]}, "</s>"),
+    "gemma": ({"bos_token": "<bos>", "eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]},
+              "<end_of_turn>"),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILTIN_CASES))
+def test_builtin_templates_render_and_mask(name):
+    from ftclip.chat_templates import BUILTIN_TEMPLATES, builtin_template
+
+    assert name in BUILTIN_TEMPLATES
+    special, marker = BUILTIN_CASES[name]
+    tokenizer = AutoTokenizer.from_pretrained(QUICKSTART_MODEL)
+    tokenizer.add_special_tokens(special)
+    tokenizer.chat_template = builtin_template(name)
+    input_ids, labels = masked(chat(), tokenizer)  # with a system turn: every built-in accepts one
+    last = "<think>\n\n</think>\n\nSantiago." if name == "qwen3" else "Santiago."
+    # mistral writes "[/INST] Lima.": the space and the first word are one token here, and that token is trained
+    space = " " if name == "mistral" else ""
+    assert trained_pieces(tokenizer, input_ids, labels) == [space + "Lima." + marker, space + last + marker]
+    assert SYSTEM in tokenizer.decode(input_ids)
+
+
+def recipe_with(**keys):
+    from ftclip.recipe import parse_recipe
+
+    document = {"base_model": "org/model", "datasets": [{"path": "chat.jsonl", "type": "chat_template"}], **keys}
+    return parse_recipe(json.dumps(document), "recipe.yaml")
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ({"chat_template": "chatm"}, "recipe.yaml:1: chat_template: unknown chat template 'chatm'; allowed: tokenizer_default, "
+                                 "jinja, chatml, llama3, qwen3, mistral, gemma"),
+    ({"chat_template": "jinja"}, "chat_template: jinja needs the template text in chat_template_jinja"),
+    ({"chat_template": "chatml", "chat_template_jinja": "{{ x }}"}, "chat_template_jinja: given, but chat_template is chatml"),
+])
+def test_chat_template_keys_are_checked(keys, message):
+    from ftclip.errors import RecipeError
+
+    with pytest.raises(RecipeError) as error:
+        recipe_with(**keys)
+    assert message in str(error.value)
+
+
+@pytest.mark.slow
+def test_added_tokens_resize_the_model_train_with_lora_and_are_saved(tiny_model_dir, tmp_path):
+    import torch
+
+    from ftclip.chat_templates import builtin_template
+    from ftclip.checkpoint import save_artifact
+    from ftclip.modeling import load_model, load_tokenizer
+
+    recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", chat_template="chatml",
+                         tokens=["<|im_start|>"], special_tokens={"eos_token": "<|im_end|>"})
+    tokenizer = load_tokenizer(recipe, None)
+    assert tokenizer.chat_template == builtin_template("chatml")
+    assert len(tokenizer) == 1026 and tokenizer.ftclip_added_tokens == ["<|im_end|>", "<|im_start|>"]
+    assert len(tokenizer("<|im_start|>user")["input_ids"]) == len(tokenizer("user")["input_ids"]) + 1
+    notes = []
+    model = load_model(recipe, None, torch.device("cpu"), tokenizer, notes.append)
+    assert model.get_input_embeddings().num_embeddings == 1026
+    assert notes and "lora_modules_to_save is set to ['embed_tokens', 'lm_head']" in notes[0]
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    assert any("embed_tokens.modules_to_save" in name for name in trainable)
+    assert any("lm_head.modules_to_save" in name for name in trainable)
+
+    saved = save_artifact(model, tokenizer, recipe, tmp_path / "adapter")
+    reloaded = AutoTokenizer.from_pretrained(saved)
+    assert reloaded.chat_template == builtin_template("chatml") and reloaded.eos_token == "<|im_end|>"
+    assert reloaded.convert_tokens_to_ids("<|im_start|>") == tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert set(json.loads((saved / "adapter_config.json").read_text())["modules_to_save"]) >= {"embed_tokens", "lm_head"}
+
+
+def test_added_tokens_with_frozen_embeddings_are_refused(tiny_model_dir):
+    import torch
+
+    from ftclip.errors import ModelError
+    from ftclip.modeling import load_model, load_tokenizer
+
+    recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", tokens=["<tool>"], lora_modules_to_save=["lm_head"])
+    tokenizer = load_tokenizer(recipe, None)
+    with pytest.raises(ModelError, match=r"leaves \['embed_tokens'\] frozen"):
+        load_model(recipe, None, torch.device("cpu"), tokenizer)
+
+
+def test_no_added_tokens_no_resize_and_no_modules_to_save(tiny_model_dir):
+    import torch
+
+    from ftclip.modeling import load_model, load_tokenizer
+
+    recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", special_tokens={"pad_token": "<pad>"})
+    tokenizer = load_tokenizer(recipe, None)
+    assert tokenizer.ftclip_added_tokens == [] and tokenizer.chat_template  # the tokenizer's own template kept
+    model = load_model(recipe, None, torch.device("cpu"), tokenizer)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) == 1024
+    assert model.peft_config["default"].modules_to_save is None
+
+
+# ---------------------------------------------------------------- preprocess --show
+
+
+def test_show_examples_json_lines_and_colours():
+    from rich.console import Console
+
+    from ftclip.show import show_examples
+
+    tokenizer = template_tokenizer(QWQ)
+    input_ids, labels = masked(chat(), tokenizer)
+    console = Console(record=True, width=60, color_system="truecolor", force_terminal=True)
+    show_examples(console, tokenizer, [(input_ids, labels)] * 2, as_json=True)
+    lines = console.export_text().splitlines()
+    assert [json.loads(line) for line in lines] == [{"input_ids": input_ids, "labels": labels}] * 2
+
+    console = Console(record=True, width=60, color_system="truecolor", force_terminal=True)
+    show_examples(console, tokenizer, [(input_ids, labels)])
+    text = console.export_text(clear=False)
+    assert f"example 1: {len(input_ids)} tokens, {sum(label != IGNORE_INDEX for label in labels)} trained" in text
+    assert "Capital of Peru?<|im_end|>↵" in text
+    styled = console.export_html(inline_styles=True)
+    assert "Santiago" in styled and "font-weight: bold" in styled
+
+    console = Console(record=True, width=60, color_system=None)  # piped: the trained runs are bracketed
+    show_examples(console, tokenizer, [(input_ids, labels)])
+    assert "<|im_start|>assistant↵\n⟦Lima.<|im_end|>⟧↵" in console.export_text()
+
+
+@pytest.mark.slow
+def test_training_with_added_tokens_learns_their_embeddings_and_saves_them(make_recipe, tmp_path, tiny_model_dir):
+    """A real run: chatml template, its markers added as tokens; the new rows train and the adapter reloads
+    on the base resized to the saved tokenizer."""
+    import torch
+    from peft import PeftModel
+    from rich.console import Console
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ftclip.recipe import load_recipe
+    from ftclip.train import train
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Count to {n}."},
+                                                     {"role": "assistant", "content": ", ".join(map(str, range(1, n + 1)))}]})
+                            + "\n" for n in range(2, 10)))
+    path = make_recipe(datasets=[{"path": str(data), "type": "chat_template"}], chat_template="chatml",
+                       tokens=["<|im_start|>", "<|im_end|>"], special_tokens={"eos_token": "<|im_end|>"},
+                       max_steps=4, micro_batch_size=8, learning_rate=1e-2)
+    console = Console(record=True, width=200)
+    result = train(load_recipe(path), path, console)
+    assert "lora_modules_to_save is set to ['embed_tokens', 'lm_head']" in console.export_text()
+    tokenizer = AutoTokenizer.from_pretrained(result.artifact)
+    new_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert new_id >= 1024 and "<|im_start|>" in tokenizer.chat_template  # a new id, past the old vocabulary
+
+    weights = load_file(result.artifact / "adapter_model.safetensors")
+    embedding = next(value for name, value in weights.items() if "embed_tokens" in name)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    mean_row = base.get_input_embeddings().weight.mean(dim=0)
+    assert embedding.shape[0] == 1026
+    assert not torch.allclose(embedding[new_id], mean_row, atol=1e-4)  # trained away from its mean start
+    base.resize_token_embeddings(len(tokenizer))
+    tuned = PeftModel.from_pretrained(base, result.artifact)
+    assert torch.equal(tuned.get_input_embeddings().weight[new_id], embedding[new_id])
