@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftclip.errors import ModelError
-from ftclip.padding_free import packing_problem, use_varlen_sdpa
 from ftclip.recipe import Recipe, resolve_input_path
 
 if TYPE_CHECKING:
@@ -46,7 +45,9 @@ def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[st
             problems.append((key, f"{value!r} is neither a local folder ({folder} does not exist) nor a hub id like org/name"))
         elif key == "base_model":
             problems += _check_config(folder, recipe)
-    return problems + kernel_problems(recipe, torch.cuda.is_available())
+    from ftclip.optim import why_no_cuda_without_torch
+
+    return problems + kernel_problems(recipe, why_no_cuda_without_torch() is None)
 
 
 def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str]]:
@@ -65,7 +66,7 @@ def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str
             problems.append(("attn_implementation", "flash_attention_2 computes in bf16/fp16 only; set bf16: true "
                                                     "(or bf16: auto)"))
     if recipe.attn_implementation == "flex_attention" and _torch_version() < (2, 5):
-        problems.append(("attn_implementation", f"flex_attention needs torch >= 2.5 (installed: {torch.__version__})"))
+        problems.append(("attn_implementation", f"flex_attention needs torch >= 2.5 (installed: {_torch_version()})"))
     if recipe.liger_fused_linear_cross_entropy:
         if importlib.util.find_spec("liger_kernel") is None:
             problems.append(("liger_fused_linear_cross_entropy", "needs the liger-kernel package, which is not installed "
@@ -81,8 +82,39 @@ def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str
 
 
 def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
+    """The installed torch's version, read without importing torch (validate stays light)."""
+    from ftclip.optim import _torch_build_accelerators
+
+    build = _torch_build_accelerators() or {}
+    major, minor = (build.get("__version__") or "0.0").split(".")[:2]
     return int(major), int(minor)
+
+
+# Sequence mixers that carry state along the flattened row regardless of position ids: packing would leak
+# one example into the next. transformers 5 names them in config.layer_types (linear_attention for Mamba,
+# gated-delta-net and lightning-attention layers); older configs are caught by model type.
+_BOUNDARY_BLIND_LAYER_HINTS = ("linear", "mamba", "conv", "recurrent", "rwkv", "ssm")
+_BOUNDARY_BLIND_MODEL_TYPES = {
+    "mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "zamba", "zamba2", "rwkv", "recurrent_gemma", "xlstm",
+    "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid", "falcon_h1", "qwen3_next", "minimax", "kimi_linear",
+    "plamo2",
+}
+
+
+def packing_problem(config) -> str | None:
+    """Why examples of this architecture cannot share a row, or None. config: a transformers config (or
+    the dict of a config.json)."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    model_type = get("model_type")
+    blind = sorted({str(kind) for kind in (get("layer_types") or [])
+                    if any(hint in str(kind).lower() for hint in _BOUNDARY_BLIND_LAYER_HINTS)})
+    if blind:
+        return (f"model type {model_type} has {', '.join(blind)} layers, whose state runs along the whole row and "
+                "ignores example boundaries: packed examples would read each other. Set sample_packing: false")
+    if model_type in _BOUNDARY_BLIND_MODEL_TYPES:
+        return (f"model type {model_type} mixes tokens with recurrent/state-space (linear-attention) layers that "
+                "ignore example boundaries: packed examples would read each other. Set sample_packing: false")
+    return None
 
 
 def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
@@ -96,7 +128,9 @@ def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
     limit = config.get("max_position_embeddings")
     if isinstance(limit, int) and recipe.sequence_len > limit:
         return [("sequence_len", f"{recipe.sequence_len} is longer than the model's max_position_embeddings ({limit})")]
-    problem = packing_problem(config) if recipe.sample_packing else None
+    if not recipe.sample_packing:
+        return []
+    problem = packing_problem(config)
     return [("sample_packing", problem)] if problem else []
 
 
@@ -215,6 +249,7 @@ def modules_to_save(recipe: Recipe, model, new_tokens: bool, note=None) -> list[
 def _quantization_config(recipe: Recipe, dtype: torch.dtype):
     if not recipe.quantized:
         return None
+    import torch
     from transformers import BitsAndBytesConfig
 
     if recipe.load_in_8bit:
@@ -243,6 +278,7 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     the user. placement (FSDP2 loading from rank 0, see Distributed.wrap_from_rank0): "meta" builds the architecture on
     the meta device and reads no weights; "host" reads them but leaves them in host memory (rank 0's copy,
     broadcast shard by shard; the device never holds all of it)."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     _refuse_kernel_problems(recipe, device)
@@ -263,6 +299,8 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
             model = AutoModelForCausalLM.from_pretrained(source, **options)
     except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the model from {source}: {error}") from None
+    from ftclip.padding_free import use_varlen_sdpa
+
     problem = packing_problem(model.config) if recipe.sample_packing else None
     if problem:
         raise ModelError(f"sample_packing: {problem}")
@@ -308,6 +346,8 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
 def use_tf32(recipe: Recipe, device: torch.device) -> None:
     """tf32: true lets CUDA float32 matmuls and convolutions use TF32 (as Axolotl's tf32 does); auto does so
     when the GPU has TF32 (Ampere and newer). No effect on the CPU."""
+    import torch
+
     wanted = recipe.tf32 is True or (recipe.tf32 == "auto" and device.type == "cuda"
                                      and torch.cuda.get_device_capability(device)[0] >= 8)
     if wanted and device.type == "cuda":

@@ -34,17 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
-
-# Sequence mixers that carry state along the flattened row regardless of position ids: packing would leak
-# one example into the next. transformers 5 names them in config.layer_types (linear_attention for Mamba,
-# gated-delta-net and lightning-attention layers); older configs are caught by model type.
-_BOUNDARY_BLIND_LAYER_HINTS = ("linear", "mamba", "conv", "recurrent", "rwkv", "ssm")
-_BOUNDARY_BLIND_MODEL_TYPES = {
-    "mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "zamba", "zamba2", "rwkv", "recurrent_gemma", "xlstm",
-    "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid", "falcon_h1", "qwen3_next", "minimax", "kimi_linear",
-    "plamo2",
-}
+from ftclip.data.records import IGNORE_INDEX
 
 Example = tuple[np.ndarray, np.ndarray]  # (input_ids, labels), 1-D int64
 
@@ -84,22 +74,6 @@ def collate_flattened(rows: list[list[Example]], pad_token_id: int, pad_to_multi
         "max_length_q": longest,
         "max_length_k": longest,
     }
-
-
-def packing_problem(config) -> str | None:
-    """Why examples of this architecture cannot share a row, or None. config: a transformers config (or
-    the dict of a config.json)."""
-    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
-    model_type = get("model_type")
-    blind = sorted({str(kind) for kind in (get("layer_types") or [])
-                    if any(hint in str(kind).lower() for hint in _BOUNDARY_BLIND_LAYER_HINTS)})
-    if blind:
-        return (f"model type {model_type} has {', '.join(blind)} layers, whose state runs along the whole row and "
-                "ignores example boundaries: packed examples would read each other. Set sample_packing: false")
-    if model_type in _BOUNDARY_BLIND_MODEL_TYPES:
-        return (f"model type {model_type} mixes tokens with recurrent/state-space (linear-attention) layers that "
-                "ignore example boundaries: packed examples would read each other. Set sample_packing: false")
-    return None
 
 
 # ---------------------------------------------------------------- sdpa without the dense mask

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from ftclip.loss import causal_lm_loss
-from ftclip.padding_free import VARLEN_SDPA, collate_flattened, packing_problem, use_varlen_sdpa
+from ftclip.modeling import packing_problem
+from ftclip.padding_free import VARLEN_SDPA, collate_flattened, use_varlen_sdpa
 
 VOCAB = 101
 
