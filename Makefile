@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 
-.PHONY: install test bench bench-data bench-validate lint quickstart validate assets
+.PHONY: install test bench bench-data bench-step bench-validate lint quickstart validate assets
 
 install:
 	$(PIP) install -q -e '.[dev]'
@@ -11,6 +11,12 @@ test: install
 
 bench: install
 	$(PYTHON) bench/clip_bench.py
+
+# ftclip against HF Trainer + peft (needs the bench extra: accelerate). Pass options with STEP_BENCH_ARGS,
+# e.g. make bench-step STEP_BENCH_ARGS="--steps 5 --device cuda".
+bench-step: install
+	$(PIP) install -q -e '.[bench]'
+	$(PYTHON) bench/step_bench.py $(STEP_BENCH_ARGS)
 
 # Data stage vs plain `datasets` (200k generated records; --records N to change): see bench/RESULTS.md.
 bench-data: install

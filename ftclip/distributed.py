@@ -88,6 +88,29 @@ class Distributed:
         device_ids = [self.local_rank] if next(model.parameters()).is_cuda else None
         return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=False)
 
+    def wrap_from_rank0(self, build, device: torch.device) -> torch.nn.Module:
+        """FSDP2 with about one copy of the model per node in host memory: rank 0 reads the weights into host
+        memory (`build("host")`), every rank builds the architecture on the meta device (`build("meta")`, no
+        weights read) and shards it, and rank 0 broadcasts each full tensor once; every rank keeps only its
+        shard, on its device (torch.distributed.checkpoint's set_model_state_dict with broadcast_from_rank0).
+        Buffers that are not in the state dict (rotary inv_freq) come from rank 0 too."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        host = build("host") if self.is_main else None
+        full_state = host.state_dict() if host is not None else {}
+        host_buffers = dict(host.named_buffers()) if host is not None else {}
+        del host
+        model = self.wrap(build("meta"))
+        model.to_empty(device=device)  # storage for this rank's shards and the buffers; filled below
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full_state
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                if self.is_main:
+                    buffer.copy_(host_buffers[name])
+                dist.broadcast(buffer, src=0)
+        return model
+
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return model.module if self.strategy == "ddp" and self.enabled else model
 

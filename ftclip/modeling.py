@@ -6,6 +6,7 @@ and must not pay seconds of imports for it."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -44,7 +45,76 @@ def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[st
             problems.append((key, f"{value!r} is neither a local folder ({folder} does not exist) nor a hub id like org/name"))
         elif key == "base_model":
             problems += _check_config(folder, recipe)
+    from ftclip.optim import why_no_cuda_without_torch
+
+    return problems + kernel_problems(recipe, why_no_cuda_without_torch() is None)
+
+
+def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str]]:
+    """Attention and loss kernels, and QLoRA under FSDP, against what this machine has installed and the
+    device the run gets. Only package metadata is read (importlib.util.find_spec): nothing heavy imports."""
+    problems = []
+    no_cuda = ("the recipe sets device: cpu" if recipe.device == "cpu"
+               else None if cuda_available else "this machine has no CUDA device")
+    if recipe.attn_implementation == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            problems.append(("attn_implementation", "flash_attention_2 needs the flash-attn package, which is not installed "
+                                                    "(pip install flash-attn --no-build-isolation); or use sdpa"))
+        if no_cuda:
+            problems.append(("attn_implementation", f"flash_attention_2 runs on CUDA only, and {no_cuda}; use sdpa"))
+        if recipe.precision == "fp32":
+            problems.append(("attn_implementation", "flash_attention_2 computes in bf16/fp16 only; set bf16: true "
+                                                    "(or bf16: auto)"))
+    if recipe.attn_implementation == "flex_attention" and _torch_version() < (2, 5):
+        problems.append(("attn_implementation", f"flex_attention needs torch >= 2.5 (installed: {_torch_version()})"))
+    if recipe.liger_fused_linear_cross_entropy:
+        if importlib.util.find_spec("liger_kernel") is None:
+            problems.append(("liger_fused_linear_cross_entropy", "needs the liger-kernel package, which is not installed "
+                                                                 "(pip install liger-kernel); or set it to false "
+                                                                 "(chunked_cross_entropy saves the logits' memory too)"))
+        if no_cuda:
+            problems.append(("liger_fused_linear_cross_entropy", f"Liger's kernels are Triton (CUDA) kernels, and {no_cuda}; "
+                                                                 "set it to false (chunked_cross_entropy runs anywhere)"))
+    if recipe.quantized and recipe.distributed.strategy == "fsdp" and no_cuda:
+        problems.append(("distributed", f"a quantized base (QLoRA) under FSDP needs CUDA (bitsandbytes' 4-bit weights "
+                                        f"are sharded as CUDA storage), and {no_cuda}; use strategy: ddp or a GPU"))
     return problems
+
+
+def _torch_version() -> tuple[int, int]:
+    """The installed torch's version, read without importing torch (validate stays light)."""
+    from ftclip.optim import _torch_build_accelerators
+
+    build = _torch_build_accelerators() or {}
+    major, minor = (build.get("__version__") or "0.0").split(".")[:2]
+    return int(major), int(minor)
+
+
+# Sequence mixers that carry state along the flattened row regardless of position ids: packing would leak
+# one example into the next. transformers 5 names them in config.layer_types (linear_attention for Mamba,
+# gated-delta-net and lightning-attention layers); older configs are caught by model type.
+_BOUNDARY_BLIND_LAYER_HINTS = ("linear", "mamba", "conv", "recurrent", "rwkv", "ssm")
+_BOUNDARY_BLIND_MODEL_TYPES = {
+    "mamba", "mamba2", "falcon_mamba", "jamba", "bamba", "zamba", "zamba2", "rwkv", "recurrent_gemma", "xlstm",
+    "lfm2", "lfm2_moe", "nemotron_h", "granitemoehybrid", "falcon_h1", "qwen3_next", "minimax", "kimi_linear",
+    "plamo2",
+}
+
+
+def packing_problem(config) -> str | None:
+    """Why examples of this architecture cannot share a row, or None. config: a transformers config (or
+    the dict of a config.json)."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    model_type = get("model_type")
+    blind = sorted({str(kind) for kind in (get("layer_types") or [])
+                    if any(hint in str(kind).lower() for hint in _BOUNDARY_BLIND_LAYER_HINTS)})
+    if blind:
+        return (f"model type {model_type} has {', '.join(blind)} layers, whose state runs along the whole row and "
+                "ignores example boundaries: packed examples would read each other. Set sample_packing: false")
+    if model_type in _BOUNDARY_BLIND_MODEL_TYPES:
+        return (f"model type {model_type} mixes tokens with recurrent/state-space (linear-attention) layers that "
+                "ignore example boundaries: packed examples would read each other. Set sample_packing: false")
+    return None
 
 
 def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
@@ -58,7 +128,10 @@ def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
     limit = config.get("max_position_embeddings")
     if isinstance(limit, int) and recipe.sequence_len > limit:
         return [("sequence_len", f"{recipe.sequence_len} is longer than the model's max_position_embeddings ({limit})")]
-    return []
+    if not recipe.sample_packing:
+        return []
+    problem = packing_problem(config)
+    return [("sample_packing", problem)] if problem else []
 
 
 def pick_device(recipe: Recipe) -> torch.device:
@@ -178,6 +251,7 @@ def modules_to_save(recipe: Recipe, model, new_tokens: bool, note=None) -> list[
 def _quantization_config(recipe: Recipe, dtype: torch.dtype):
     if not recipe.quantized:
         return None
+    import torch
     from transformers import BitsAndBytesConfig
 
     if recipe.load_in_8bit:
@@ -187,27 +261,56 @@ def _quantization_config(recipe: Recipe, dtype: torch.dtype):
         bnb_4bit_quant_type=recipe.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=recipe.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=dtype,
+        # FSDP2 shards parameters of one dtype per group: the packed 4-bit weights are stored as the compute
+        # dtype (not uint8) so they shard beside the LoRA weights, as QLoRA-FSDP does.
+        bnb_4bit_quant_storage=dtype if recipe.distributed.strategy == "fsdp" else torch.uint8,
     )
 
 
-def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device, tokenizer=None, note=None):
+def _refuse_kernel_problems(recipe: Recipe, device: torch.device) -> None:
+    problems = kernel_problems(recipe, device.type == "cuda")
+    if problems:
+        raise ModelError("; ".join(f"{key}: {message}" for key, message in problems))
+
+
+def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device, tokenizer=None, note=None,
+               placement: str = "device"):
     """The model ready to train: on the device, quantized and LoRA-wrapped as the recipe says; its embeddings
     fit the tokenizer when one is given (tokens the recipe added). `note(text)` prints what was decided for
-    the user."""
-    from transformers import AutoModelForCausalLM
+    the user. placement (FSDP2 loading from rank 0, see Distributed.wrap_from_rank0): "meta" builds the architecture on
+    the meta device and reads no weights; "host" reads them but leaves them in host memory (rank 0's copy,
+    broadcast shard by shard; the device never holds all of it)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    _refuse_kernel_problems(recipe, device)
     source = model_source(recipe.base_model, recipe_path)
     use_tf32(recipe, device)
     dtype = weight_dtype(recipe, device)
     quantization = _quantization_config(recipe, dtype)
-    options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code}
+    options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code,
+               "attn_implementation": recipe.attn_implementation}
     if quantization is not None:
         options.update(quantization_config=quantization, device_map={"": device})
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
+        if placement == "meta":
+            config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config, **options)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, **options)
     except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the model from {source}: {error}") from None
-    if quantization is None:
+    from ftclip.padding_free import use_varlen_sdpa
+
+    problem = packing_problem(model.config) if recipe.sample_packing else None
+    if problem:
+        raise ModelError(f"sample_packing: {problem}")
+    if recipe.sample_packing and recipe.attn_implementation == "sdpa":
+        varlen = use_varlen_sdpa(model.config)  # sdpa per packed example: no dense T×T mask (padding_free.py)
+        if varlen:
+            model.set_attn_implementation(varlen)
+    if quantization is None and placement == "device":
         model.to(device)
     model.config.use_cache = False  # the KV cache is for generation; training only wastes memory on it
     new_tokens = _fit_embeddings(model, tokenizer)
@@ -245,6 +348,8 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
 def use_tf32(recipe: Recipe, device: torch.device) -> None:
     """tf32: true lets CUDA float32 matmuls and convolutions use TF32 (as Axolotl's tf32 does); auto does so
     when the GPU has TF32 (Ampere and newer). No effect on the CPU."""
+    import torch
+
     wanted = recipe.tf32 is True or (recipe.tf32 == "auto" and device.type == "cuda"
                                      and torch.cuda.get_device_capability(device)[0] >= 8)
     if wanted and device.type == "cuda":

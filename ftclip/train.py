@@ -44,9 +44,11 @@ from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
 from ftclip.interrupt import EXIT_CODES, StopRequests
+from ftclip.loss import loss_function
 from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
+from ftclip.padding_free import collate_flattened
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
 from ftclip.recipe import Recipe, resolve_schedule
 from ftclip.trackers import open_trackers
@@ -141,12 +143,14 @@ def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def forward_backward(model, group: list[list[Row]], pad_id: int, device: torch.device,
-                     dist: Distributed | None = None) -> torch.Tensor:
+                     dist: Distributed | None = None, compute_loss=None, flatten_packed: bool = False) -> torch.Tensor:
     """Accumulate gradients over the micro-batches of one optimizer step. Each micro-batch's summed token
     loss is divided by the token count of the *whole* step (all micro-batches, all ranks), so accumulation
     and data parallelism give the gradient of one big batch: a mean over tokens, not a mean of means.
     (DDP and FSDP average gradients over ranks, hence the count divided by the world size.) Gradients are
-    reduced across ranks once, on the last micro-batch."""
+    reduced across ranks once, on the last micro-batch. compute_loss(model, inputs, num_items_in_batch):
+    ftclip.loss's (chunked by default); None is the plain `model(**inputs).loss`. flatten_packed: packed rows
+    go to the model padding-free, as one flattened row with per-example positions and cu_seq_lens."""
     dist = dist or Distributed()
     step_tokens = sum(trained_tokens(batch) for batch in group)
     items = step_tokens / dist.world_size if dist.enabled else step_tokens
@@ -154,8 +158,12 @@ def forward_backward(model, group: list[list[Row]], pad_id: int, device: torch.d
     for index, global_batch in enumerate(group):
         batch = dist.local_slice(global_batch)
         with dist.gradient_sync(model, sync=index == len(group) - 1):
-            inputs = _on_device(collate(batch, pad_id), device)
-            loss = model(**inputs, num_items_in_batch=items).loss
+            inputs = collate_flattened(batch, pad_id) if flatten_packed else collate(batch, pad_id)
+            inputs = _on_device(inputs, device)
+            if compute_loss is None:
+                loss = model(**inputs, num_items_in_batch=items).loss
+            else:
+                loss = compute_loss(model, inputs, items)
             loss.backward()
         step_loss += loss.detach()
     return step_loss
@@ -166,12 +174,13 @@ def evaluate(model, held_out: Rows, recipe: Recipe, pad_id: int, device: torch.d
     """Token-mean loss over the held-out set. Every rank evaluates all of it: FSDP needs each forward on
     every rank anyway, and the answer is then the same everywhere with no reduction."""
     model.eval()
+    compute_loss = loss_function(recipe)
     total_loss, total_tokens = torch.zeros((), device=device), 0
     for start in range(0, len(held_out), recipe.micro_batch_size):
         batch = held_out.rows(range(start, min(start + recipe.micro_batch_size, len(held_out))))
         tokens = trained_tokens(batch)
         inputs = _on_device(collate(batch, pad_id), device)
-        total_loss += model(**inputs, num_items_in_batch=tokens).loss * tokens
+        total_loss += compute_loss(model, inputs, tokens) * tokens
         total_tokens += tokens
     model.train()
     return float(total_loss) / max(total_tokens, 1)
@@ -261,7 +270,11 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
 def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dist: Distributed, tokenizer=None, note=None):
     """The model, wrapped for data parallelism, with its trainable parameters (after wrapping: FSDP2
     replaces them with DTensor shards)."""
-    model = dist.wrap(load_model(recipe, recipe_path, device, tokenizer, note))
+    if dist.enabled and dist.strategy == "fsdp" and not recipe.quantized:  # bitsandbytes quantizes while loading
+        model = dist.wrap_from_rank0(
+            lambda placement: load_model(recipe, recipe_path, device, tokenizer, note, placement=placement), device)
+    else:
+        model = dist.wrap(load_model(recipe, recipe_path, device, tokenizer, note))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise DataError("the model has no trainable parameters")
@@ -404,6 +417,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         view.logged(record)
         return record
 
+    compute_loss = loss_function(recipe)
     model.train()
     try:
         with TrainingView(console, total_steps, completed=state.step) as view, StopRequests(
@@ -415,7 +429,8 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                 for _ in range(recipe.gradient_accumulation_steps):
                     epoch, batch_in_epoch, batch = next(batches)
                     group.append(batch)
-                step_loss = forward_backward(model, group, pad_id, device, dist)
+                step_loss = forward_backward(model, group, pad_id, device, dist, compute_loss,
+                                             flatten_packed=recipe.sample_packing)
 
                 outcome = clipper.clip()
                 clipper.optimizer_step(outcome)
