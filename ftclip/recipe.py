@@ -273,7 +273,8 @@ class Recipe(BaseModel):
     chat_template: str = Field(
         "tokenizer_default",
         description="chat: the template that renders conversations: tokenizer_default (the tokenizer's own), "
-        "a built-in name, or jinja (then chat_template_jinja).",
+        "a built-in name (chatml, llama3, qwen3, mistral, gemma and Axolotl's names such as qwen_25, phi_3, gemma3), "
+        "tokenizer_default_fallback_<name> (the tokenizer's own, else that one), or jinja (then chat_template_jinja).",
     )
     chat_template_jinja: str | None = Field(None, description="chat: a literal Jinja chat template.")
     special_tokens: SpecialTokens | None = Field(None, description="{pad_token, eos_token, bos_token, unk_token} to set.")
@@ -385,11 +386,12 @@ class Recipe(BaseModel):
     @field_validator("chat_template")
     @classmethod
     def _known_chat_template(cls, value: str) -> str:
-        from ftclip.chat_templates import CHAT_TEMPLATE_CHOICES
+        from ftclip.chat_templates import CHAT_TEMPLATE_CHOICES, FALLBACK_PREFIX
 
         if value not in CHAT_TEMPLATE_CHOICES:
-            raise ValueError(f"unknown chat template {value!r}; allowed: {', '.join(CHAT_TEMPLATE_CHOICES)} "
-                             "(jinja: a literal template in chat_template_jinja)")
+            names = [name for name in CHAT_TEMPLATE_CHOICES if not name.startswith(FALLBACK_PREFIX)]
+            raise ValueError(f"unknown chat template {value!r}; allowed: {', '.join(names)}, or "
+                             f"{FALLBACK_PREFIX}<one of those> (jinja: a literal template in chat_template_jinja)")
         return value
 
     @field_validator("lora_target_modules", mode="before")
