@@ -125,8 +125,8 @@ def nan_at(steps, monkeypatch):
     """Make the gradients of the given optimizer steps nan, after a real backward."""
     real, count = train_module.forward_backward, {"n": 0}
 
-    def poisoned(model, *args):
-        loss = real(model, *args)
+    def poisoned(model, *args, **kwargs):
+        loss = real(model, *args, **kwargs)
         count["n"] += 1
         if count["n"] in steps:
             for param in model.parameters():

@@ -156,8 +156,8 @@ def test_injected_gradient_spike_is_flagged(make_recipe, monkeypatch):
     real = train_module.forward_backward
     calls = {"n": 0}
 
-    def spiking(model, *args):
-        loss = real(model, *args)
+    def spiking(model, *args, **kwargs):
+        loss = real(model, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 15:  # blow this step's gradient up 50×, as a bad batch would
             for param in model.parameters():
