@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+from safetensors import SafetensorError
 
 from ftclip.errors import OutputError, ResumeError, StorageError
 from ftclip.recipe import Recipe, dump_recipe
@@ -107,19 +108,7 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     _fsync_dir(final.parent)
 
 
-def save_artifact(model, tokenizer, recipe: Recipe, destination: Path, state_dict=None) -> Path:
-    """The trained adapter (peft) or full model, its tokenizer and the resolved recipe, as safetensors.
-    `state_dict`: the full weights when the model itself is sharded (FSDP)."""
-    try:
-        with atomic_directory(destination) as staging:
-            model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
-            tokenizer.save_pretrained(staging)
-            (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
-    except OSError as error:
-        raise storage_error(error, f"the {destination.name} folder", destination.parent,
-                            _tensor_bytes(trainable_state_dict(model)) if state_dict is None else _tensor_bytes(state_dict),
-                            "No earlier output was changed.") from None
-    return destination
+# ---------------------------------------------------------------- storage failures
 
 
 def _tensor_bytes(value) -> int:
@@ -148,6 +137,22 @@ def _free_bytes(folder: Path) -> int | None:
         return None
 
 
+# How a failed write surfaces: Python raises OSError; safetensors' Rust writer a SafetensorError such as
+# "I/O error: No space left on device (os error 28)"; torch's zip writer, given a path, a RuntimeError.
+WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)
+
+
+def as_os_error(error: Exception) -> OSError | None:
+    """The OSError behind a failed write, or None when the failure was not the storage's."""
+    if isinstance(error, OSError):
+        return error
+    found = re.search(r"os error (\d+)", str(error))
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def storage_error(error: OSError, what: str, folder: Path, needed: int, kept: str) -> StorageError:
     """A person-readable StorageError for a failed write: which folder, why, how many bytes it needs."""
     reason = error.strerror or str(error)
@@ -163,6 +168,24 @@ def storage_error(error: OSError, what: str, folder: Path, needed: int, kept: st
         advice = "Fix the storage"
     return StorageError(f"cannot write {what} in {folder}: {reason} (it needs about {human_bytes(needed)}{room}). "
                         f"The partial write was removed. {kept} {advice}, then run the same command again.")
+
+
+def save_artifact(model, tokenizer, recipe: Recipe, destination: Path, state_dict=None) -> Path:
+    """The trained adapter (peft) or full model, its tokenizer and the resolved recipe, as safetensors.
+    `state_dict`: the full weights when the model itself is sharded (FSDP)."""
+    try:
+        with atomic_directory(destination) as staging:
+            model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
+            tokenizer.save_pretrained(staging)
+            (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
+    except WRITE_FAILURES as failure:
+        error = as_os_error(failure)
+        if error is None:
+            raise
+        raise storage_error(error, f"the {destination.name} folder", destination.parent,
+                            _tensor_bytes(trainable_state_dict(model)) if state_dict is None else _tensor_bytes(state_dict),
+                            _kept_message(destination.parent)) from None
+    return destination
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -285,14 +308,14 @@ def verify_checkpoint(checkpoint: Path, mode: str = "auto") -> CheckpointCheck:
         if not isinstance(readable, dict):
             raise ValueError("not a JSON object")
     except (ValueError, UnicodeDecodeError) as error:
-        check.problems.append(f"{STATE_JSON}: unreadable ({error}); cut short or damaged")
+        check.problems.append(f"{STATE_JSON}: expected a JSON object, found unreadable text ({error}): cut short or damaged")
         return check
     if FILES_KEY not in readable:
         check.legacy = True  # from an ftclip that recorded no checksums
         return check
     if readable.get(CHECKSUM_KEY) != _content_checksum(readable):
         check.problems.append(f"{STATE_JSON}: expected content SHA-256 {str(readable.get(CHECKSUM_KEY))[:16]}…, "
-                              f"found {_content_checksum(readable)[:16]}… (damaged)")
+                              f"found {_content_checksum(readable)[:16]}…")
         return check
     for relative, expected in readable[FILES_KEY].items():
         path = checkpoint / relative
@@ -468,7 +491,10 @@ def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Pat
             model.save_pretrained(staging / ("adapter" if recipe.adapter else "model"))
             _write_state(staging, recipe, state)
         write_text_atomically(root / LATEST, destination.name)
-    except OSError as error:
+    except WRITE_FAILURES as failure:
+        error = as_os_error(failure)
+        if error is None:
+            raise
         raise storage_error(error, f"checkpoint {destination.name}", root,
                             _tensor_bytes(trainable_state_dict(model)) + _tensor_bytes(state.tensors),
                             _kept_message(output_dir)) from None
@@ -552,9 +578,12 @@ def save_sharded_checkpoint(model, optimizer, unwrapped, recipe: Recipe, state: 
             _fsync_dir(root)
             write_text_atomically(root / LATEST, destination.name)
             _prune(output_dir, recipe)
-    except OSError as error:
+    except WRITE_FAILURES as failure:
+        error = as_os_error(failure)
         if dist.is_main:
             shutil.rmtree(staging, ignore_errors=True)
+        if error is None:
+            raise
         raise storage_error(error, f"checkpoint {destination.name}", root, _tensor_bytes(state.tensors),
                             _kept_message(output_dir)) from None
     finally:

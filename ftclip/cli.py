@@ -225,7 +225,7 @@ def checkpoints(
             "checkpoints": [{"path": str(c.path), "step": c.step, "bytes": c.size, "intact": c.intact,
                              "resume": c.path == chosen, "problems": c.problems, "hashed_files": c.hashed,
                              "size_checked_files": c.size_checked, "unverified": c.legacy} for c in checks],
-        }, indent=2))
+        }, indent=2, ensure_ascii=False))
         return
     table = Table(title=f"checkpoints: {run_dir / CHECKPOINTS}")
     for column in ("step", "size", "state", "resume"):
