@@ -341,3 +341,91 @@ def test_checkpoint_folder_turning_read_only_stops_with_exit_3(subprocess_refere
     assert resumed.returncode == 0, resumed.stderr
     assert losses(out) == losses(subprocess_reference)
     assert_same_final_weights(out, subprocess_reference)
+
+
+# ---------------------------------------------------------------- torchrun: kill -9 of one rank during a save
+
+# 2 ranks × micro_batch_size 1 see RUN's global batches.
+TWO_RANKS = {**RUN, "micro_batch_size": 1}
+
+# SIGKILL one rank in the middle of checkpoint number `when`: under DDP rank 0 after writing the adapter and
+# before trainer_state.pt, rank 1 while rank 0 writes; under FSDP rank 1 as it starts writing its shards.
+KILL_ONE_RANK = textwrap.dedent("""
+    import os, signal, sys
+    import torch
+    import torch.distributed.checkpoint as dcp
+    import ftclip.checkpoint as checkpoint
+    import ftclip.train as train
+    from ftclip.cli import app
+    rank, when = int(sys.argv[1]), int(sys.argv[2])
+    mine = int(os.environ["RANK"]) == rank
+    count = {"n": 0}
+    def kill_at(real, counts):
+        def hooked(*args, **kwargs):
+            count["n"] += counts(*args)
+            if mine and count["n"] == when:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+        return hooked
+    if sys.argv[3] == "fsdp":
+        dcp.save = kill_at(dcp.save, lambda *args: 1)
+    elif rank == 0:
+        checkpoint.torch.save = kill_at(torch.save, lambda obj, target, *rest: str(getattr(target, "name", target))
+                                        .endswith("trainer_state.pt"))
+    else:
+        train.gather_objects = kill_at(train.gather_objects, lambda *args: 1)
+    app(["train", sys.argv[4]], prog_name="ftclip")
+""")
+
+
+def torchrun(*args, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def two_rank_references(workspace, tiny_model_dir):
+    """Uninterrupted 2-rank runs, one per strategy, made on first use."""
+    folder, data = workspace
+    made = {}
+
+    def reference(strategy):
+        if strategy not in made:
+            out = folder / f"two-ranks-{strategy}"
+            path = write_recipe(folder, tiny_model_dir, data, f"two-ranks-{strategy}.yaml", output_dir=str(out),
+                                distributed={"strategy": strategy}, **TWO_RANKS)
+            done = torchrun("-m", "ftclip", "train", str(path))
+            assert done.returncode == 0, done.stderr[-3000:]
+            made[strategy] = out
+        return made[strategy]
+
+    return reference
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy, rank", [("ddp", 0), ("ddp", 1), ("fsdp", 1)],
+                         ids=["ddp-rank-0-writing", "ddp-rank-1-waiting", "fsdp-rank-1-writing-shards"])
+def test_kill_9_of_one_rank_during_a_save_then_resume_matches(two_rank_references, workspace, tiny_model_dir, tmp_path,
+                                                              strategy, rank):
+    reference = two_rank_references(strategy)
+    _, data = workspace
+    out = tmp_path / "killed"
+    path = write_recipe(tmp_path, tiny_model_dir, data, "killed.yaml", output_dir=str(out),
+                        distributed={"strategy": strategy}, **TWO_RANKS)
+    script = tmp_path / "kill_one_rank.py"
+    script.write_text(KILL_ONE_RANK)
+    killed = torchrun(str(script), str(rank), "2", strategy, str(path))  # during the second save: step 4
+    assert killed.returncode != 0
+    assert "Signals.SIGKILL" in killed.stderr or "exitcode: -9" in killed.stderr or "exitcode  : -9" in killed.stderr
+    assert not (out / "adapter").exists()
+    checkpoints = out / "checkpoints"
+    if rank == 0 or strategy == "fsdp":  # the writer died: step-4 never became a checkpoint
+        assert (checkpoints / "latest").read_text() == "step-2"
+        assert not (checkpoints / "step-4").exists()
+    resumed = torchrun("-m", "ftclip", "train", str(path))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stdout
+    assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # partial folders removed
+    assert losses(out) == losses(reference)
+    assert_same_final_weights(out, reference)
