@@ -142,7 +142,7 @@ def train(
 ) -> None:
     """Load the model, LoRA/QLoRA and data, then train with live progress and save the result.
 
-    Continues automatically from the latest complete checkpoint in output_dir when there is one.
+    Continues automatically from the newest intact (verified) checkpoint in output_dir when there is one.
     Several processes: torchrun --nproc_per_node N -m ftclip train RECIPE, or --nproc N."""
     if nproc and nproc > 1 and "LOCAL_RANK" not in os.environ:
         _exec_torchrun(nproc)
