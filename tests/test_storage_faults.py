@@ -429,3 +429,26 @@ def test_kill_9_of_one_rank_during_a_save_then_resume_matches(two_rank_reference
     assert not [p for p in checkpoints.iterdir() if p.name.startswith(".")]  # partial folders removed
     assert losses(out) == losses(reference)
     assert_same_final_weights(out, reference)
+
+
+@pytest.mark.slow
+def test_a_failed_save_under_ddp_stops_every_rank_with_exit_3(workspace, tiny_model_dir, tmp_path):
+    """Rank 0 alone writes a DDP checkpoint; when it cannot, rank 1 must not wait for it forever nor go on."""
+    _, data = workspace
+    out = tmp_path / "read-only-ddp"
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    with mounted(checkpoints, "--bind", str(checkpoints)):  # skip with the reason if the machine refuses
+        mount("-o", "remount,bind,ro", str(checkpoints))
+    path = write_recipe(tmp_path, tiny_model_dir, data, "read-only-ddp.yaml", output_dir=str(out), **TWO_RANKS)
+    script = tmp_path / "read_only_after.py"
+    script.write_text(READ_ONLY_AFTER.replace('if count["n"] == when:', 'if count["n"] == when and os.environ["RANK"] == "0":')
+                      .replace("import subprocess, sys", "import os, subprocess, sys"))
+    try:
+        stopped = torchrun(str(script), "3", str(checkpoints), str(path), timeout=240)
+    finally:
+        subprocess.run(["umount", "-l", str(checkpoints)], check=False)
+    assert "exitcode: 3" in stopped.stderr or "exitcode  : 3" in stopped.stderr, stopped.stderr[-3000:]
+    assert "ftclip/" not in stopped.stderr  # no worker traceback (torchrun prints one of its own for the exit 3)
+    assert " ".join(stopped.stderr.split()).count(f"cannot write checkpoint step-4 in {checkpoints}: Read-only") == 1
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-2"]
