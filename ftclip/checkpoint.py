@@ -458,6 +458,14 @@ OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_
                          "paged_adamw_8bit": 2, "sgd": 0}
 
 
+def estimated_checkpoint_bytes(recipe: Recipe, trainable: list) -> int:
+    """About how many bytes one checkpoint takes: the trainable weights and the optimizer's state for them (an
+    FSDP checkpoint holds the weights twice: as shards, and gathered in the usual format)."""
+    weights = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = sum(p.numel() for p in trainable) * OPTIMIZER_STATE_BYTES.get(recipe.optimizer, 8)
+    return weights * (2 if recipe.distributed.strategy == "fsdp" else 1) + optimizer
+
+
 def low_space_warning(recipe: Recipe, output_dir: Path, trainable: list, total_steps: int) -> str | None:
     """A warning when output_dir's disk has less free space than the run's checkpoints will take: the
     save_total_limit newest, one more while the next is written (the oldest is pruned after), and the final
@@ -465,7 +473,7 @@ def low_space_warning(recipe: Recipe, output_dir: Path, trainable: list, total_s
     if not recipe.save_steps:
         return None
     weights = sum(p.numel() * p.element_size() for p in trainable)
-    per_checkpoint = weights + sum(p.numel() for p in trainable) * OPTIMIZER_STATE_BYTES.get(recipe.optimizer, 8)
+    per_checkpoint = estimated_checkpoint_bytes(recipe, trainable)
     saves = total_steps // recipe.save_steps
     limit = recipe.save_total_limit
     kept = min(saves, limit + 1) if limit else saves
@@ -503,7 +511,7 @@ def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Pat
 
 
 def _kept_message(output_dir: Path) -> str:
-    previous = latest_checkpoint(output_dir)
+    previous, _ = choose_checkpoint(output_dir)  # verified, so "intact" is a fact, not a hope
     metrics = Path(output_dir) / "metrics.jsonl"
     kept = f"The previous checkpoint {previous} is intact" if previous else "No earlier checkpoint exists"
     return kept + (f", and {metrics} keeps every logged step." if metrics.is_file() else ".")
@@ -584,7 +592,8 @@ def save_sharded_checkpoint(model, optimizer, unwrapped, recipe: Recipe, state: 
             shutil.rmtree(staging, ignore_errors=True)
         if error is None:
             raise
-        raise storage_error(error, f"checkpoint {destination.name}", root, _tensor_bytes(state.tensors),
+        trainable = [p for p in unwrapped.parameters() if p.requires_grad]
+        raise storage_error(error, f"checkpoint {destination.name}", root, estimated_checkpoint_bytes(recipe, trainable),
                             _kept_message(output_dir)) from None
     finally:
         dist.barrier()
