@@ -172,8 +172,8 @@ def train(
         if error.errno not in _STORAGE_ERRNOS:
             raise
         error_console.print(f"[bold red]error:[/] cannot write {error.filename or 'to the output folder'}: "
-                            f"{error.strerror}. The last checkpoint is intact; free space or fix the folder's "
-                            "permissions, then run the same command again.", highlight=False, soft_wrap=True)
+                            f"{error.strerror}. Checkpoints written before are untouched; free space or fix the "
+                            "folder's permissions, then run the same command again.", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STORAGE)
     except FtclipError as error:
         _fail(error)
