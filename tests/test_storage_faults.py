@@ -293,6 +293,20 @@ def test_output_folder_on_a_tmpfs_that_fills_up(subprocess_reference, workspace,
         assert_same_final_weights(out, subprocess_reference)
 
 
+@pytest.mark.slow
+def test_a_disk_too_full_for_the_metrics_exits_3_without_a_traceback(workspace, tiny_model_dir, tmp_path):
+    _, data = workspace
+    out = tmp_path / "full-disk"
+    out.mkdir()
+    with mounted(out, "-t", "tmpfs", "-o", "size=100k", "tmpfs"):
+        (out / "ballast").write_bytes(bytes(shutil.disk_usage(out).free - 4096))  # one page left
+        path = write_recipe(tmp_path, tiny_model_dir, data, "full-disk.yaml", output_dir=str(out),
+                            **{**RUN, "max_steps": 3, "save_steps": None})
+        full = ftclip_process("-m", "ftclip", "train", str(path))
+    assert full.returncode == 3, full.stderr
+    assert "Traceback" not in full.stderr and "No space left on device" in full.stderr
+
+
 # Makes the checkpoints folder a read-only bind mount of itself after the optimizer step of step `when`.
 READ_ONLY_AFTER = textwrap.dedent("""
     import subprocess, sys
