@@ -355,14 +355,14 @@ def resume_order(output_dir: Path) -> list[Path]:
     return candidates
 
 
-def choose_checkpoint(output_dir: Path, mode: str = "auto") -> tuple[Path | None, list[CheckpointCheck]]:
-    """The first checkpoint in resume order that verifies (None when none does), and the checks of those
-    passed over."""
+def choose_checkpoint(output_dir: Path, mode: str = "auto") -> tuple[CheckpointCheck | None, list[CheckpointCheck]]:
+    """The check of the first checkpoint in resume order that verifies (None when none does), and the checks
+    of those passed over."""
     rejected = []
     for candidate in resume_order(output_dir):
         check = verify_checkpoint(candidate, mode)
         if check.intact:
-            return candidate, rejected
+            return check, rejected
         rejected.append(check)
     return None, rejected
 
@@ -513,7 +513,7 @@ def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Pat
 def _kept_message(output_dir: Path) -> str:
     previous, _ = choose_checkpoint(output_dir)  # verified, so "intact" is a fact, not a hope
     metrics = Path(output_dir) / "metrics.jsonl"
-    kept = f"The previous checkpoint {previous} is intact" if previous else "No earlier checkpoint exists"
+    kept = f"The previous checkpoint {previous.path} is intact" if previous else "No earlier intact checkpoint exists"
     return kept + (f", and {metrics} keeps every logged step." if metrics.is_file() else ".")
 
 

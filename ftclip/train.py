@@ -235,7 +235,11 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
     if resume is False:
         return None
     if resume in (None, True):
-        checkpoint, damaged = choose_checkpoint(output_dir, verify)
+        chosen, damaged = choose_checkpoint(output_dir, verify)
+        checkpoint = chosen.path if chosen else None
+        if chosen and chosen.legacy:
+            console.print(f"[yellow]warning:[/] {checkpoint} was written without checksums (an older ftclip): "
+                          "resuming from it unverified", highlight=False)
         for check in damaged:
             console.print(f"[yellow]warning:[/] checkpoint {check.path} is damaged, not used: "
                           + "; ".join(check.problems), highlight=False, soft_wrap=True)

@@ -200,16 +200,24 @@ def test_checkpoints_command_lists_step_size_state_and_the_resume_point(referenc
         p.stat().st_size for p in (out / "checkpoints" / "step-2").rglob("*") if p.is_file())
     missing = CliRunner().invoke(app, ["checkpoints", str(tmp_path / "nowhere")])
     assert missing.exit_code == 2 and "no checkpoints/ folder" in missing.output
+    unknown = CliRunner().invoke(app, ["checkpoints", str(out), "--verify", "fast"])
+    assert unknown.exit_code == 2 and "--verify fast: use one of auto, full" in unknown.output
 
 
-def test_checkpoint_without_a_file_list_is_used_unverified(reference, tmp_path):
-    legacy = tmp_path / "step-6"
-    shutil.copytree(reference / "checkpoints" / "step-6", legacy)
+def test_checkpoint_without_a_file_list_is_used_unverified_with_a_warning(reference, workspace, tiny_model_dir,
+                                                                           tmp_path):
+    out, path = copy_of_run(reference, workspace, tiny_model_dir, tmp_path)
+    legacy = out / "checkpoints" / "step-6"  # as an ftclip from before checksums wrote it
     state = json.loads((legacy / "trainer_state.json").read_text())
     del state["files"], state["state_sha256"]
     (legacy / "trainer_state.json").write_text(json.dumps(state))
     check = verify_checkpoint(legacy)
     assert check.intact and check.legacy
+    printed = io.StringIO()
+    result = run(path, Console(file=printed, width=300))
+    assert result.resumed_from == legacy
+    assert f"{legacy} was written without checksums (an older ftclip): resuming from it unverified" in printed.getvalue()
+    assert_same_final_weights(out, reference)
 
 
 def test_low_space_warning_when_the_checkpoints_will_not_fit(make_recipe, tmp_path):
