@@ -1,5 +1,7 @@
 """The command line: the only place that turns ftclip's errors into messages and exit codes
-(0 ok, 1 run stopped because it diverged, 2 bad input, 130/143 stopped by SIGINT/SIGTERM).
+(0 ok, 1 run stopped because it diverged, 2 bad input, 3 storage failure: a checkpoint or the result could not
+be written (disk full, read-only or permission denied; earlier checkpoints intact), 130/143 stopped by
+SIGINT/SIGTERM).
 
 Imports: this module's top imports only typer, rich and ftclip's light modules (errors, recipe). torch,
 transformers, datasets, peft and bitsandbytes cost seconds, so they are imported inside the command functions
@@ -8,6 +10,7 @@ tests/test_cli.py::test_light_commands_import_no_heavy_library checks it."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -19,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped
+from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped, StorageError
 from ftclip.overrides import load_recipe_with_overrides
 from ftclip.recipe import Recipe
 
@@ -32,6 +35,7 @@ console = Console()
 error_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+EXIT_STORAGE = 3
 EXIT_INTERRUPTED = 130
 
 SetOption = Annotated[
@@ -197,10 +201,13 @@ def train(
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if output_dir has checkpoints.")] = False,
     nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun.")] = None,
     overrides: SetOption = None,
+    verify: Annotated[str, typer.Option(
+        help="Checkpoint check before resuming: auto (SHA-256 of files up to 64 MiB, size of larger ones) or full "
+             "(SHA-256 of every file).")] = "auto",
 ) -> None:
     """Load the model, LoRA/QLoRA and data, then train with live progress and save the result.
 
-    Continues automatically from the latest complete checkpoint in output_dir when there is one.
+    Continues automatically from the newest intact (verified) checkpoint in output_dir when there is one.
     Several processes: torchrun --nproc_per_node N -m ftclip train RECIPE, or --nproc N."""
     if nproc and nproc > 1 and "LOCAL_RANK" not in os.environ:
         _exec_torchrun(nproc)
@@ -221,7 +228,20 @@ def train(
             raise FtclipError("--resume and --no-resume contradict each other; pass one")
         if resume is None and not no_resume and recipe.resume_from_checkpoint:
             resume = Path(recipe.resume_from_checkpoint)  # the recipe's spelling of --resume
-        result = run_training(recipe, recipe_path, console, resume=False if no_resume else resume)
+        _check_verify_mode(verify)
+        result = run_training(recipe, recipe_path, console, resume=False if no_resume else resume, verify=verify)
+    except StorageError as error:
+        if _is_rank_zero():
+            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_STORAGE)
+    except OSError as error:
+        # A write outside the checkpoint code (metrics, TensorBoard) on a full or read-only disk: the same exit.
+        if error.errno not in _STORAGE_ERRNOS:
+            raise
+        error_console.print(f"[bold red]error:[/] cannot write {error.filename or 'to the output folder'}: "
+                            f"{error.strerror}. Checkpoints written before are untouched; free space or fix the "
+                            "folder's permissions, then run the same command again.", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_STORAGE)
     except FtclipError as error:
         _fail(error)
     except RunStopped as stopped:
@@ -233,6 +253,62 @@ def train(
                             "outputs are intact")
         raise typer.Exit(EXIT_INTERRUPTED)
     console.print(f"[green]done[/]: {result.artifact}")
+
+
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _check_verify_mode(verify: str) -> None:
+    from ftclip.checkpoint import VERIFY_MODES
+
+    if verify not in VERIFY_MODES:
+        raise FtclipError(f"--verify {verify}: use one of {', '.join(VERIFY_MODES)}")
+
+
+@app.command()
+def checkpoints(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run's output_dir (holds checkpoints/).")],
+    verify: Annotated[str, typer.Option(help="auto (SHA-256 of files up to 64 MiB, size of larger ones) or full.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable results.")] = False,
+) -> None:
+    """List a run's checkpoints: step, size, intact or damaged (which file, expected vs found), and the one
+    `ftclip train` would resume from. Exit 2 if RUN_DIR has no checkpoints folder."""
+    from rich.table import Table
+
+    from ftclip.checkpoint import CHECKPOINTS, human_bytes, resume_order, step_folders, verify_checkpoint
+
+    try:
+        _check_verify_mode(verify)
+        if not (run_dir / CHECKPOINTS).is_dir():
+            raise FtclipError(f"{run_dir}: no {CHECKPOINTS}/ folder here (is it a run's output_dir?)")
+    except FtclipError as error:
+        _fail(error)
+    checks = [verify_checkpoint(folder, verify) for folder in step_folders(run_dir)]
+    intact = {check.path for check in checks if check.intact}
+    chosen = next((folder for folder in resume_order(run_dir) if folder in intact), None)
+    if as_json:
+        print(json.dumps({
+            "run_dir": str(run_dir), "resume_from": str(chosen) if chosen else None, "verify": verify,
+            "checkpoints": [{"path": str(c.path), "step": c.step, "bytes": c.size, "intact": c.intact,
+                             "resume": c.path == chosen, "problems": c.problems, "hashed_files": c.hashed,
+                             "size_checked_files": c.size_checked, "unverified": c.legacy} for c in checks],
+        }, indent=2, ensure_ascii=False))
+        return
+    table = Table(title=f"checkpoints: {run_dir / CHECKPOINTS}")
+    for column in ("step", "size", "state", "resume"):
+        table.add_column(column, justify="right" if column in ("step", "size") else "left")
+    for check in checks:
+        if check.legacy:
+            state = "[yellow]unverified[/] (written without checksums)"
+        elif check.intact:
+            state = "[green]intact[/]" + (f" ({check.size_checked} large file(s) by size)" if check.size_checked else "")
+        else:
+            state = "[red]damaged[/]: " + "; ".join(check.problems)
+        table.add_row(str(check.step), human_bytes(check.size), state, "← resume" if check.path == chosen else "")
+    console.print(table)
+    if chosen is None:
+        console.print("no intact checkpoint: `ftclip train` would stop with exit 2 (or start over with --no-resume)"
+                      if checks else "no checkpoints: `ftclip train` would start from step 0")
 
 
 @app.command()

@@ -60,3 +60,8 @@ class RunStopped(Exception):
         super().__init__(message)
         self.exit_code = exit_code
         self.checkpoint = checkpoint
+
+
+class StorageError(FtclipError):
+    """Writing a checkpoint or the final artifact failed: the disk is full or the folder refuses writes. The
+    input was fine, so the CLI gives it an exit code of its own (3); earlier checkpoints are intact."""

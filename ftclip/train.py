@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import random
 import signal
 import time
@@ -21,13 +22,16 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from safetensors import SafetensorError
 
 from ftclip.checkpoint import (
     TrainingState,
+    choose_checkpoint,
     is_complete,
-    latest_checkpoint,
     load_checkpoint,
+    load_error,
     load_sharded_checkpoint,
+    low_space_warning,
     prepare_output_dir,
     read_training_state,
     recipe_differences,
@@ -37,12 +41,13 @@ from ftclip.checkpoint import (
     save_artifact,
     save_checkpoint,
     save_sharded_checkpoint,
+    verify_checkpoint,
 )
 from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data.batches import Row, Rows, collate, micro_batches, row_tokens, trained_tokens
 from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
-from ftclip.errors import DataError, ModelError, ResumeError, RunStopped
+from ftclip.errors import DataError, ModelError, ResumeError, RunStopped, StorageError
 from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.loss import loss_function
 from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
@@ -243,18 +248,40 @@ def _earlier_records(path: Path, up_to_step: int) -> list[dict[str, Any]]:
 
 
 def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Path | None, console: Console,
-                       clean: bool = True) -> Path | None:
+                       clean: bool = True, verify: str = "auto") -> Path | None:
+    """The checkpoint to continue from, verified against the sizes and SHA-256 it recorded: `--resume PATH`
+    must be intact; otherwise the newest intact one is used and each damaged one passed over is reported."""
     removed = remove_partial_checkpoints(output_dir) if clean else []
     if removed:
         console.print(f"removed {len(removed)} partial checkpoint folder(s) left by an interrupted save")
     if resume is False:
         return None
     if resume in (None, True):
-        checkpoint = latest_checkpoint(output_dir)
+        chosen, damaged = choose_checkpoint(output_dir, verify)
+        checkpoint = chosen.path if chosen else None
+        if chosen and chosen.legacy:
+            console.print(f"[yellow]warning:[/] {checkpoint} was written without checksums (an older ftclip): "
+                          "resuming from it unverified", highlight=False)
+        for check in damaged:
+            console.print(f"[yellow]warning:[/] checkpoint {check.path} is damaged, not used: "
+                          + "; ".join(check.problems), highlight=False, soft_wrap=True)
+        if checkpoint is None and damaged:
+            raise ResumeError(
+                f"no intact checkpoint in {output_dir / 'checkpoints'} to resume from (each one above is damaged). "
+                "Restore one from a copy, or pass --no-resume to start over (the damaged ones are then replaced "
+                "or pruned as the new run saves its own)."
+            )
+        if checkpoint is not None and damaged:
+            console.print(f"[yellow]warning:[/] resuming from {checkpoint}, the newest intact checkpoint",
+                          highlight=False)
     else:
         checkpoint = Path(resume)
         if not is_complete(checkpoint):
             raise ResumeError(f"--resume {checkpoint}: not a complete ftclip checkpoint (no trainer_state files)")
+        problems = verify_checkpoint(checkpoint, verify).problems
+        if problems:
+            raise ResumeError(f"--resume {checkpoint}: the checkpoint is damaged: " + "; ".join(problems)
+                              + ". `ftclip checkpoints` on its run folder lists the intact ones.")
     if checkpoint is not None:
         differences = recipe_differences(checkpoint, recipe)
         if differences:
@@ -284,16 +311,22 @@ def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dis
 def _restore(checkpoint: Path, model, optimizer, scheduler, clipper: GradientClipper, recipe: Recipe,
              dist: Distributed) -> TrainingState:
     """Put a fresh run's components back where the checkpoint left them; the world size must match."""
-    written_by = read_training_state(checkpoint).world_size
+    try:
+        written_by = read_training_state(checkpoint).world_size
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise load_error(checkpoint, error) from None
     if written_by != dist.world_size:
         raise ResumeError(f"{checkpoint} was written by a run of {written_by} process(es), this one has "
                           f"{dist.world_size}; the data order differs, so resume with the same number of processes "
                           "or pass --no-resume")
-    if clipper.sharded:
-        state = load_sharded_checkpoint(checkpoint, model, optimizer)
-    else:
-        state = load_checkpoint(checkpoint, dist.unwrap(model), recipe)
-        optimizer.load_state_dict(state.tensors["optimizer"])
+    try:
+        if clipper.sharded:
+            state = load_sharded_checkpoint(checkpoint, model, optimizer)
+        else:
+            state = load_checkpoint(checkpoint, dist.unwrap(model), recipe)
+            optimizer.load_state_dict(state.tensors["optimizer"])
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, SafetensorError) as error:
+        raise load_error(checkpoint, error) from None
     scheduler.load_state_dict(state.tensors["scheduler"])
     clipper.load_state_dict(state.tensors["clipper"])
     rng = state.tensors["rng"]
@@ -316,23 +349,23 @@ def _describe_clip(recipe: Recipe, trainable: list, clipper: GradientClipper) ->
 
 
 def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | None = None,
-          resume: bool | str | Path | None = None) -> TrainResult:
-    """Run the recipe. resume: None/True = continue from output_dir's latest checkpoint if any,
-    False = start over, a path = that checkpoint. Under torchrun every rank calls this; rank 0 alone
-    prints and writes."""
+          resume: bool | str | Path | None = None, verify: str = "auto") -> TrainResult:
+    """Run the recipe. resume: None/True = continue from output_dir's newest intact checkpoint if any,
+    False = start over, a path = that checkpoint. verify: "auto" (hash files up to 64 MiB, size of larger
+    ones) or "full" (hash every file). Under torchrun every rank calls this; rank 0 alone prints and writes."""
     dist = Distributed.from_environment(recipe.distributed.strategy)
     try:
-        return _train(recipe, recipe_path, console or Console(), resume, dist)
+        return _train(recipe, recipe_path, console or Console(), resume, dist, verify)
     finally:
         dist.close()
 
 
-def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distributed) -> TrainResult:
+def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distributed, verify: str = "auto") -> TrainResult:
     if not dist.is_main:
         console = Console(quiet=True)
     output_dir = prepare_output_dir(recipe.output_dir) if dist.is_main else Path(recipe.output_dir)
     dist.barrier()
-    checkpoint = _find_resume_point(recipe, output_dir, resume, console, clean=dist.is_main)
+    checkpoint = _find_resume_point(recipe, output_dir, resume, console, clean=dist.is_main, verify=verify)
     seed_everything(recipe.seed)
     device = dist.device(pick_device(recipe))
     if recipe.precision == "auto":  # the saved recipe records what auto meant here, so merge saves the same
@@ -362,6 +395,9 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     sharded = dist.strategy == "fsdp" and dist.enabled
     clipper = GradientClipper(recipe.gradient_clipping, trainable, optimizer, sharded=sharded)
     console.print(_describe_clip(recipe, trainable, clipper))
+    space_warning = low_space_warning(recipe, output_dir, trainable, total_steps) if dist.is_main else None
+    if space_warning:
+        console.print(f"[yellow]warning:[/] {space_warning}", highlight=False)
 
     state = TrainingState(step=0, epoch=0, batch_in_epoch=0, counters={"clipped_steps": 0, "skipped_steps": 0}, tensors={})
     if checkpoint is not None:
@@ -388,14 +424,19 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
             tensors = {"scheduler": scheduler.state_dict(), "clipper": clipper.state_dict(), "rng": rng}
             state = TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors, dist.world_size)
             return save_sharded_checkpoint(model, optimizer, dist.unwrap(model), recipe, state, output_dir, dist)
-        saved = None
+        saved, failure = None, None
         if dist.is_main:
             tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                        "clipper": clipper.state_dict(), "rng": rng}
-            saved = save_checkpoint(dist.unwrap(model), recipe,
-                                    TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors, dist.world_size),
-                                    output_dir)
-        dist.barrier()  # no rank moves on (or exits) before the checkpoint is complete
+            try:
+                saved = save_checkpoint(dist.unwrap(model), recipe,
+                                        TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors,
+                                                      dist.world_size), output_dir)
+            except StorageError as error:
+                failure = error
+        # No rank moves on (or exits) before the checkpoint is complete, and all stop if it failed.
+        if dist.agree_max(int(failure is not None)):
+            raise failure or StorageError(f"rank 0 could not write checkpoint step-{step}; see its message")
         return saved or output_dir / "checkpoints" / f"step-{step}"
 
     def log_window(step: int, view: TrainingView) -> dict[str, Any]:
