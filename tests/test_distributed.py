@@ -117,7 +117,7 @@ def test_quickstart_finishes_on_two_ranks_via_nproc(tmp_path):
     out = tmp_path / "quick"
     done = subprocess.run(
         [sys.executable, "-m", "ftclip", "train", str(REPO / "recipes" / "quickstart.yaml"), "--nproc", "2",
-         "--max-steps", "3", "--output-dir", str(out)],
+         "--max-steps", "3", "--set", "warmup_steps=0", "--output-dir", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"},
     )
     assert done.returncode == 0, done.stderr[-3000:]

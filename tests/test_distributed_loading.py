@@ -35,7 +35,7 @@ LOAD_FROM_RANK0 = textwrap.dedent("""
     dist = Distributed.from_environment("fsdp")
     torch.manual_seed(0)  # the LoRA initialization rank 0 broadcasts
     device = torch.device("cpu")
-    model = dist.wrap_from_rank0(lambda placement: load_model(recipe, recipe_path, device, placement), device)
+    model = dist.wrap_from_rank0(lambda placement: load_model(recipe, recipe_path, device, placement=placement), device)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
