@@ -72,9 +72,20 @@ def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], lis
     from ftclip.trackers import tracker_problems
 
     data_problems, notices = check_datasets(recipe, path)
-    found = data_problems + check_model_source(recipe, path) + tracker_problems(recipe)
+    kernels = _kernel_problems(recipe)
+    if recipe.device != "cpu":  # a recipe may be meant for a GPU box: CI validates it here, `train` refuses it
+        notices, kernels = notices + [(key, f"{message} — `ftclip train` will refuse it here") for key, message in kernels], []
+    found = data_problems + check_model_source(recipe, path) + tracker_problems(recipe) + kernels
     problems = [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
     return blame(problems, recipe_overrides(recipe)), notices
+
+
+def _kernel_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """Attention/loss kernels and QLoRA-under-FSDP against this machine, answered without importing torch."""
+    from ftclip.modeling import kernel_problems
+    from ftclip.optim import why_no_cuda_without_torch
+
+    return kernel_problems(recipe, why_no_cuda_without_torch() is None)
 
 
 def _notices(recipe: Recipe) -> list[tuple[str, str]]:

@@ -45,9 +45,7 @@ def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[st
             problems.append((key, f"{value!r} is neither a local folder ({folder} does not exist) nor a hub id like org/name"))
         elif key == "base_model":
             problems += _check_config(folder, recipe)
-    from ftclip.optim import why_no_cuda_without_torch
-
-    return problems + kernel_problems(recipe, why_no_cuda_without_torch() is None)
+    return problems
 
 
 def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str]]:

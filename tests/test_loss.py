@@ -178,11 +178,19 @@ def test_validate_refuses_liger_without_the_package_or_cuda(make_recipe):
 
     from ftclip.cli import app
 
-    result = CliRunner().invoke(app, ["validate", "--json", str(make_recipe(liger_fused_linear_cross_entropy=True))])
+    recipe = make_recipe(liger_fused_linear_cross_entropy=True, device="cpu")
+    result = CliRunner().invoke(app, ["validate", "--json", str(recipe)])
     assert result.exit_code == 2
     problems = json.loads(result.output)[0]["problems"]
     assert any(p["key"] == "liger_fused_linear_cross_entropy" and p["line"] for p in problems)
     assert "Traceback" not in result.output
+    # device: auto may be meant for a GPU box: validate warns (CI runs it on CPU runners), train refuses.
+    if importlib.util.find_spec("liger_kernel") is None or not torch.cuda.is_available():
+        gpu_recipe = make_recipe("gpu.yaml", liger_fused_linear_cross_entropy=True)
+        warned = CliRunner().invoke(app, ["validate", "--json", str(gpu_recipe)])
+        assert warned.exit_code == 0, warned.output
+        assert any(w.startswith("liger_fused_linear_cross_entropy") and "will refuse it here" in w
+                   for w in json.loads(warned.output)[0]["warnings"])
 
 
 @pytest.mark.gpu
