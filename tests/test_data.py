@@ -318,14 +318,15 @@ def test_a_preprocess_killed_mid_write_leaves_nothing_trusted(tmp_path):
                for i in range(20000)]
     data = write_jsonl(tmp_path / "big.jsonl", records)
     recipe = write_recipe(tmp_path, QUICKSTART_MODEL, data, dataset_processes=2)
-    process = subprocess.Popen([sys.executable, "-m", "ftclip", "preprocess", str(recipe)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    # Its own process group: the kill takes the tokenizing workers too, as a kill of the job would.
+    process = subprocess.Popen([sys.executable, "-m", "ftclip", "preprocess", str(recipe)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
     cache = tmp_path / "token-cache"
     deadline = time.time() + 120
     while time.time() < deadline and not list(cache.glob(".*.tmp-*/d0-tokens*.arrow")):
         time.sleep(0.05)
     assert list(cache.glob(".*.tmp-*/d0-tokens*.arrow")), "tokenization never started writing"
-    process.send_signal(signal.SIGKILL)
+    os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     assert not list(cache.glob(f"*/{MANIFEST}"))
     done = subprocess.run([sys.executable, "-m", "ftclip", "preprocess", str(recipe)], capture_output=True, text=True)
