@@ -145,8 +145,13 @@ class Distributed:
         if self.enabled:
             dist.barrier(group=self.control_group)
 
-    def close(self) -> None:
+    def close(self, wait_for_peers: bool = True) -> None:
         if self.enabled and dist.is_initialized():
+            # A rank that tears the groups down while its peer still talks to it (rank 0 hosts the store) aborted
+            # at interpreter exit ("terminate called without an active exception") in about half the 2-rank
+            # runs here; a barrier first lets every rank reach teardown. Skipped on an error path of one rank.
+            if wait_for_peers:
+                dist.barrier(group=self.control_group)
             dist.destroy_process_group()
 
 

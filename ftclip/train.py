@@ -354,10 +354,17 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
     False = start over, a path = that checkpoint. verify: "auto" (hash files up to 64 MiB, size of larger
     ones) or "full" (hash every file). Under torchrun every rank calls this; rank 0 alone prints and writes."""
     dist = Distributed.from_environment(recipe.distributed.strategy)
+    every_rank_here = False
     try:
-        return _train(recipe, recipe_path, console or Console(), resume, dist, verify)
+        result = _train(recipe, recipe_path, console or Console(), resume, dist, verify)
+        every_rank_here = True
+        return result
+    except RunStopped:
+        every_rank_here = True  # the ranks agreed on the step to stop at
+        raise
     finally:
-        dist.close()
+        # Wait for the peers only when they are known to be here too: one rank's error must not hang the others.
+        dist.close(wait_for_peers=every_rank_here)
 
 
 def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distributed, verify: str = "auto") -> TrainResult:
