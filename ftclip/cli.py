@@ -180,6 +180,16 @@ def validate(
         raise typer.Exit(EXIT_BAD_INPUT)
 
 
+def _leave_worker(code: int) -> None:
+    """Under torchrun, end the worker now that its work is saved and its process groups are destroyed: at
+    interpreter exit torch's gloo teardown aborted a 2-rank worker in about half the runs on the dev machine
+    ("terminate called without an active exception"), which torchrun reports as a failed run."""
+    if "LOCAL_RANK" in os.environ:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def _is_rank_zero() -> bool:
     """True outside torchrun too; torchrun sets RANK for each worker."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -258,12 +268,14 @@ def train(
     except RunStopped as stopped:
         if _is_rank_zero():  # the other ranks stopped at the same step; one message
             error_console.print(f"[yellow]stopped[/]: {stopped}", highlight=False)
+        _leave_worker(stopped.exit_code)
         raise typer.Exit(stopped.exit_code)
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/]: stopped without saving; the last checkpoint and earlier "
                             "outputs are intact")
         raise typer.Exit(EXIT_INTERRUPTED)
     console.print(f"[green]done[/]: {result.artifact}")
+    _leave_worker(0)
 
 
 _STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from conftest import QUICKSTART_MODEL
 from jinja2 import TemplateError
+from test_chat_masking import trained_pieces
 from transformers import AutoTokenizer
 
 from ftclip.chat_templates import (
@@ -59,16 +60,6 @@ def chat(*, system: bool = True) -> Conversation:
     ])
 
 
-def trained_pieces(tokenizer, input_ids, labels) -> list[str]:
-    """The trained tokens, decoded run by run."""
-    pieces, run = [], []
-    for token, label in zip(input_ids, labels):
-        if label != IGNORE_INDEX:
-            run.append(token)
-        elif run:
-            pieces.append(tokenizer.decode(run))
-            run = []
-    return pieces + ([tokenizer.decode(run)] if run else [])
 
 
 # ---------------------------------------------------------------- names, files, sources

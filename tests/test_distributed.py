@@ -79,7 +79,7 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(single_process, ti
 
 
 FLAT_UNDER_DDP = textwrap.dedent("""
-    import sys, torch
+    import os, sys, torch
     from ftclip.clip import GradientClipper
     from ftclip.distributed import Distributed
     from ftclip.recipe import GradientClipping
@@ -97,6 +97,7 @@ FLAT_UNDER_DDP = textwrap.dedent("""
     with open(f"{sys.argv[1]}/rank-{dist.rank}.txt", "w") as result:  # one file per rank: no interleaved output
         result.write(f"{dist.rank} {intact} {float(outcome.pre_clip_norm)!r} {float(expected)!r}")
     dist.close()
+    os._exit(0)  # past torch's gloo teardown, which can abort at interpreter exit (see cli._leave_worker)
 """)
 
 

@@ -17,7 +17,7 @@ from ftclip.recipe import load_recipe
 pytestmark = pytest.mark.slow
 
 LOAD_FROM_RANK0 = textwrap.dedent("""
-    import sys, torch, transformers
+    import os, sys, torch, transformers
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from ftclip.distributed import Distributed
     from ftclip.modeling import load_model
@@ -42,6 +42,7 @@ LOAD_FROM_RANK0 = textwrap.dedent("""
     torch.save({"reads": len(reads), "state": full, "buffers": buffers, "trainable": trainable},
                f"{out}/rank-{dist.rank}.pt")
     dist.close()
+    os._exit(0)  # past torch's gloo teardown, which can abort at interpreter exit (see cli._leave_worker)
 """)
 
 
