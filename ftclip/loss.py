@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from ftclip.data.records import IGNORE_INDEX
 from ftclip.errors import ModelError
 
-IGNORE_INDEX = -100
 # Elements of fp32 logits per chunk (2**25 × 4 B = 128 MiB): ~260 tokens at a 128k vocabulary, all of a
 # short sequence at a small one.
 CHUNK_LOGITS = 2**25

@@ -216,6 +216,15 @@ class DistributedSettings(BaseModel):
     )
 
 
+def _hf_name(value: Any, aliases: dict[str, str], foreign: dict[str, str]) -> Any:
+    """A Hugging Face name: ftclip's own name where ftclip has the same thing, a refusal saying why where not."""
+    if isinstance(value, str) and value in aliases:
+        return aliases[value]
+    if isinstance(value, str) and value in foreign:
+        raise ValueError(f"{value} is {foreign[value]}")
+    return value
+
+
 class Recipe(BaseModel):
     """A fine-tuning run. Key names follow Axolotl's where Axolotl has one."""
 
@@ -410,20 +419,12 @@ class Recipe(BaseModel):
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer_alias(cls, value: Any) -> Any:
-        if isinstance(value, str) and value in OPTIMIZER_ALIASES:
-            return OPTIMIZER_ALIASES[value]
-        if isinstance(value, str) and value in FOREIGN_OPTIMIZERS:
-            raise ValueError(f"{value} is {FOREIGN_OPTIMIZERS[value]}")
-        return value
+        return _hf_name(value, OPTIMIZER_ALIASES, FOREIGN_OPTIMIZERS)
 
     @field_validator("lr_scheduler", mode="before")
     @classmethod
     def _scheduler_alias(cls, value: Any) -> Any:
-        if isinstance(value, str) and value in SCHEDULER_ALIASES:
-            return SCHEDULER_ALIASES[value]
-        if isinstance(value, str) and value in FOREIGN_SCHEDULERS:
-            raise ValueError(f"{value} is {FOREIGN_SCHEDULERS[value]}")
-        return value
+        return _hf_name(value, SCHEDULER_ALIASES, FOREIGN_SCHEDULERS)
 
     @model_validator(mode="before")
     @classmethod

@@ -11,7 +11,8 @@ from collections.abc import Iterable, Sequence
 from rich.console import Console
 from rich.text import Text
 
-IGNORE_INDEX = -100
+from ftclip.data.records import IGNORE_INDEX
+
 TRAINED_STYLE = "bold green"
 MASKED_STYLE = "dim"
 

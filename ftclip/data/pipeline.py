@@ -135,10 +135,10 @@ def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokeniz
 
 
 def _open(entry: Path, manifest: dict) -> TokenizedExamples:
+    import pyarrow as pa
+
     tables, kept = [], []
     for index, names in enumerate(manifest["shards"]):
-        import pyarrow as pa
-
         parts = [open_arrow(entry / name) for name in names]
         tables.append(pa.concat_tables(parts) if len(parts) > 1 else parts[0])
         kept.append(np.load(entry / f"d{index}-kept.npy"))
