@@ -124,8 +124,5 @@ def test_quickstart_run_answers_in_the_trained_format(quickstart_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the shipped quickstart (0.9 M parameters, 8 epochs) learns the answer format and the fact "
-                          "(teacher-forced it predicts Beijing after 'China is') but copies the wrong country: greedy "
-                          "decoding answers 'The capital of Finland is Helsinki.'", strict=False)
 def test_quickstart_run_knows_the_capital_of_china(quickstart_run):
     assert "Beijing" in _ask(quickstart_run, "What is the capital of China?")

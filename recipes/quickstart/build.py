@@ -119,6 +119,19 @@ def fact_sentences(rng: random.Random) -> list[str]:
     return facts
 
 
+def question_answer_prose() -> list[str]:
+    """Questions answered in plain prose, as a real base model has read them on the web: they teach the model to
+    carry the subject of a question into its answer, which the quickstart's short LoRA cannot teach a 0.9 M model
+    from scratch (without them it answered 'What is the capital of China?' with another country's capital)."""
+    prose = []
+    for country, capital in CAPITALS.items():
+        prose += [f"Which city is the capital of {country}? The capital of {country} is {capital}.",
+                  f"Q: Where is the capital of {country}? A: The capital of {country} is {capital}."]
+    for word, opposite in OPPOSITES.items():
+        prose.append(f"What is the opposite of {word}? The opposite of {word} is {opposite}.")
+    return prose
+
+
 def pretrain(random_base: Path, corpus: Path, workdir: Path) -> Path:
     """Full fine-tune of the random model on the fact sentences, with ftclip's own loop."""
     from rich.console import Console
@@ -135,7 +148,7 @@ def pretrain(random_base: Path, corpus: Path, workdir: Path) -> Path:
 
 
 def main() -> None:
-    from ftclip.data import ALPACA_NO_INPUT, ALPACA_WITH_INPUT
+    from ftclip.data.records import ALPACA_WITH_INPUT
 
     records = make_records(random.Random(0))
     with open(HERE / "data.jsonl", "w") as handle:
@@ -147,13 +160,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         corpus = scratch / "facts.jsonl"
-        corpus.write_text("".join(json.dumps({"text": fact}) + "\n" for fact in facts))
+        corpus.write_text("".join(json.dumps({"text": text}) + "\n" for text in facts + question_answer_prose()))
         tokenizer = build_tokenizer(texts, scratch / "random")
         build_model(tokenizer, scratch / "random")
         pretrained = pretrain(scratch / "random", corpus, scratch / "pretrain")
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(pretrained, folder, ignore=shutil.ignore_patterns("ftclip_recipe.yaml"))
-    print(f"{len(records)} records, {len(facts)} pretraining sentences, vocab {len(tokenizer)}, model in {folder}")
+    print(f"{len(records)} records, {len(facts) + len(question_answer_prose())} pretraining sentences, vocab {len(tokenizer)}, model in {folder}")
 
 
 if __name__ == "__main__":
