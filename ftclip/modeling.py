@@ -388,8 +388,10 @@ def freeze_parameters_except(model, patterns: list[str], note=None) -> None:
     recipe.parse_unfrozen_pattern). A pattern with a row range keeps only those rows trainable: the other rows'
     gradients are zeroed by a hook, as Axolotl does (so weight decay still reaches them)."""
     parsed = [parse_unfrozen_pattern(pattern) for pattern in patterns]
+    unused = set(patterns)
     for name, parameter in model.named_parameters():
         matched = [rows for regex, rows in parsed if regex.match(name)]
+        unused -= {pattern for pattern, (regex, _) in zip(patterns, parsed) if regex.match(name)}
         parameter.requires_grad = bool(matched)
         ranges = [(start, len(parameter) if end is None else end) for start, end in (r for r in matched if r)]
         for start, end in ranges:
@@ -404,6 +406,8 @@ def freeze_parameters_except(model, patterns: list[str], note=None) -> None:
     if note:
         count = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
         note(f"unfrozen_parameters: {count:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
+        for pattern in sorted(unused):  # names differ between architectures: a pattern may miss silently
+            note(f"warning: unfrozen_parameters: {pattern!r} matches no parameter of this model")
 
 
 def _rows_outside(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:

@@ -58,13 +58,15 @@ def test_unfrozen_pattern_row_ranges():
 
 
 def test_unfrozen_parameters_train_only_the_matching_parameters(make_recipe):
-    recipe = load_recipe(make_recipe(adapter=None, unfrozen_parameters=["^lm_head.weight$", "model.layers.1.mlp"]))
+    recipe = load_recipe(make_recipe(adapter=None, unfrozen_parameters=["^lm_head.weight$", "model.layers.1.mlp",
+                                                                        "model.language_model.*"]))
     notes = []
     model = load_model(recipe, None, CPU, note=notes.append)
     trained = sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
     assert trained == ["lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.gate_proj.weight",
                        "model.layers.1.mlp.up_proj.weight"]
-    assert notes and "parameters train" in notes[0]
+    assert "parameters train" in notes[0]
+    assert notes[1:] == ["warning: unfrozen_parameters: 'model.language_model.*' matches no parameter of this model"]
 
 
 def test_unfrozen_row_range_zeroes_the_other_rows_gradient(make_recipe):
@@ -228,3 +230,18 @@ def test_adamw_torch_4bit_steps_on_the_cpu():
     (weight ** 2).sum().backward()
     optimizer.step()
     assert not torch.equal(before, weight.detach())
+
+
+def test_a_run_with_unfrozen_parameters_changes_only_those(make_recipe, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from ftclip.train import train
+
+    recipe_path = make_recipe(adapter=None, max_steps=3, unfrozen_parameters=["^lm_head.weight$", "model.layers.1.mlp"],
+                              optimizer="adamw_torch")
+    result = train(load_recipe(recipe_path), recipe_path)
+    before = load_file(tiny_model_dir / "model.safetensors")
+    after = load_file(result.artifact / "model.safetensors")
+    changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
+    assert changed == ["lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.gate_proj.weight",
+                       "model.layers.1.mlp.up_proj.weight"]
