@@ -287,6 +287,14 @@ def _tokens(value: Any, config: dict) -> Outcome:
                    "this mapping); special tokens go in special_tokens")
 
 
+def _early_stopping(value: Any, config: dict) -> Outcome:
+    if not config.get("save_steps") or not config.get("eval_steps"):
+        return Refused("Axolotl itself rejects this config: early_stopping_patience needs save_steps and eval_steps "
+                       "set (saves_per_epoch/evals_per_epoch do not count in its check)")
+    return Refused("stops training when eval loss stops improving, and Axolotl then loads the best checkpoint as "
+                   "the final model (load_best_model_at_end); ftclip has neither")
+
+
 def _unfrozen_parameters(value: Any, config: dict) -> Outcome:
     if config.get("adapter"):
         return Refused("with an adapter, Axolotl matches these patterns against the LoRA-wrapped names "
@@ -382,7 +390,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "relora": _refuse("ReLoRA (periodic merge and restart)"),
     **{key: _refuse("ReLoRA (periodic merge and restart)") for key in (
         "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio", "relora_cpu_offload")},
-    "rope_scaling": _refuse("changes the model's position encoding"),
+    "rope_scaling": _refuse("Axolotl itself rejects a top-level rope_scaling (deprecated: it goes under model_config, "
+                            "which ftclip takes as overrides_of_model_config)"),
     **{f"is_{family}_derived_model": _drop("tells Axolotl the model family; ftclip reads it from the checkpoint")
        for family in ("llama", "mistral", "falcon", "qwen")},
     "attention": _drop("not an Axolotl key (Axolotl ignores it); the attention kernel is attn_implementation"),
@@ -414,7 +423,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "eval_sample_packing": _drop(_EVAL_ONLY), "pad_to_sequence_len": _drop(_MEMORY),
     "sample_packing_eff_est": _drop("a packing estimate Axolotl computes"),
     "total_num_tokens": _drop("a token count Axolotl computes"),
-    "max_packed_sequence_len": _refuse("packs to a length other than sequence_len"),
+    "max_packed_sequence_len": _refuse("Axolotl itself rejects it (deprecated: no longer supported); packing uses "
+                                       "sequence_len"),
     "sample_packing_sequentially": _refuse("packs in data order instead of by length"),
     "curriculum_sampling": _refuse("trains in data order without shuffling"),
     "group_by_length": _refuse("batches examples of similar length together"),
@@ -448,8 +458,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "loraplus_lr_embedding": _refuse("LoRA+ (a higher LR for LoRA B)"),
     "max_grad_norm": _to("gradient_clipping", "a number clips by norm; empty means Hugging Face's default 1.0"),
     "neftune_noise_alpha": _refuse("NEFTune embedding noise"), "noisy_embedding_alpha": _refuse("NEFTune noise"),
-    "early_stopping_patience": _refuse("stops training when eval loss stops improving, and Axolotl then loads the "
-                                       "best checkpoint as the final model (load_best_model_at_end); ftclip has neither"),
+    "early_stopping_patience": _to("—", "refused: Axolotl stops when eval loss stops improving and loads the best "
+                                   "checkpoint as the final model; ftclip has neither", _early_stopping),
     "loss_watchdog_threshold": _drop("a safety stop on a high loss; ftclip stops on non-finite steps "
                                      "(max_skipped_steps)"),
     "loss_watchdog_patience": _drop("a safety stop on a high loss (see loss_watchdog_threshold)"),

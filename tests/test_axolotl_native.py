@@ -245,3 +245,11 @@ def test_a_run_with_unfrozen_parameters_changes_only_those(make_recipe, tiny_mod
     changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
     assert changed == ["lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.gate_proj.weight",
                        "model.layers.1.mlp.up_proj.weight"]
+
+
+def test_keys_axolotl_itself_rejects_are_refused_with_that_reason(tmp_path):
+    config = tmp_path / "stop.yml"
+    config.write_text(BASE + "val_set_size: 0.05\nevals_per_epoch: 4\nsaves_per_epoch: 1\nearly_stopping_patience: 3\n")
+    assert "Axolotl itself rejects" in dict(import_config(config).refused)["early_stopping_patience"]
+    config.write_text(BASE + "val_set_size: 0.05\neval_steps: 10\nsave_steps: 20\nearly_stopping_patience: 3\n")
+    assert "load_best_model_at_end" in dict(import_config(config).refused)["early_stopping_patience"]
