@@ -232,6 +232,7 @@ def test_adamw_torch_4bit_steps_on_the_cpu():
     assert not torch.equal(before, weight.detach())
 
 
+@pytest.mark.slow
 def test_a_run_with_unfrozen_parameters_changes_only_those(make_recipe, tiny_model_dir):
     from safetensors.torch import load_file
 
@@ -253,3 +254,20 @@ def test_keys_axolotl_itself_rejects_are_refused_with_that_reason(tmp_path):
     assert "Axolotl itself rejects" in dict(import_config(config).refused)["early_stopping_patience"]
     config.write_text(BASE + "val_set_size: 0.05\neval_steps: 10\nsave_steps: 20\nearly_stopping_patience: 3\n")
     assert "load_best_model_at_end" in dict(import_config(config).refused)["early_stopping_patience"]
+
+
+@pytest.mark.slow
+def test_a_run_with_unfrozen_parameters_resumes_to_the_same_weights(make_recipe, tmp_path):
+    from safetensors.torch import load_file
+
+    from ftclip.train import train
+
+    settings = dict(adapter=None, max_steps=4, save_steps=2, unfrozen_parameters=["^lm_head.weight$"],
+                    optimizer="adamw_torch")
+    straight = make_recipe(**settings)
+    first = train(load_recipe(straight), straight)
+    again = make_recipe("again.yaml", **settings, output_dir=str(tmp_path / "again"))
+    resumed = train(load_recipe(again), again, resume=first.output_dir / "checkpoints" / "step-2")
+    assert resumed.resumed_from is not None
+    one, two = load_file(first.artifact / "model.safetensors"), load_file(resumed.artifact / "model.safetensors")
+    assert all(torch.equal(one[name], two[name]) for name in one)
