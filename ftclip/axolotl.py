@@ -99,13 +99,15 @@ def _attention_flag(implementation: str) -> Converter:
 def _optimizer(value: Any, config: dict) -> Outcome:
     if value in ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"):
         return Mapped({"optimizer": value})
+    if value == "adamw_torch_4bit":
+        return Mapped({"optimizer": value}, "torchao's AdamW4bit, as Hugging Face builds it (pip install 'ftclip[torchao]')")
     if value == "adamw_bnb_8bit":
         return Mapped({"optimizer": "adamw_8bit"}, "Hugging Face's name for bitsandbytes' AdamW8bit")
     if value == "adamw_torch_8bit":
         return Mapped({"optimizer": "adamw_8bit"}, "torchao's 8-bit AdamW there; bitsandbytes' 8-bit AdamW here "
                       "(the same algorithm with block-wise 8-bit state)")
     return Refused(f"optimizer {value!r}: ftclip has adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, "
-                   "paged_adamw_32bit and sgd")
+                   "paged_adamw_32bit, sgd and adamw_torch_4bit")
 
 
 def _scheduler(value: Any, config: dict) -> Outcome:
@@ -281,8 +283,53 @@ def _eot_tokens(value: Any, config: dict) -> Outcome:
 def _tokens(value: Any, config: dict) -> Outcome:
     if isinstance(value, list) and all(isinstance(token, str) for token in value):
         return Mapped({"tokens": value})
-    return Refused("tokens must be a list of token strings (this one is a mapping; special tokens go in "
-                   "special_tokens)")
+    return Refused("tokens must be a list of token strings, in Axolotl's schema too (list[str]: Axolotl rejects "
+                   "this mapping); special tokens go in special_tokens")
+
+
+def _early_stopping(value: Any, config: dict) -> Outcome:
+    if not config.get("save_steps") or not config.get("eval_steps"):
+        return Refused("Axolotl itself rejects this config: early_stopping_patience needs save_steps and eval_steps "
+                       "set (saves_per_epoch/evals_per_epoch do not count in its check)")
+    return Refused("stops training when eval loss stops improving, and Axolotl then loads the best checkpoint as "
+                   "the final model (load_best_model_at_end); ftclip has neither")
+
+
+def _unfrozen_parameters(value: Any, config: dict) -> Outcome:
+    if config.get("adapter"):
+        return Refused("with an adapter, Axolotl matches these patterns against the LoRA-wrapped names "
+                       "(base_model.model.…) after peft has added LoRA, so '^model…' patterns freeze everything, "
+                       "the LoRA weights too; ftclip does not reproduce that")
+    return Mapped({"unfrozen_parameters": value}, "the same regex rules ('.' literal, matched from the name's start)")
+
+
+def _peft_block(value: Any, config: dict) -> Outcome:
+    if isinstance(value, dict) and set(value) <= {"loftq_config"}:
+        return Mapped({"peft": value}, "LoftQ initialization, through peft as in Axolotl")
+    return Refused(f"peft options {sorted(value) if isinstance(value, dict) else value!r}: ftclip's peft block "
+                   "takes loftq_config only")
+
+
+# Axolotl's BitsAndBytesConfig for QLoRA before bnb_config_kwargs update it: the values ftclip also uses.
+_BNB_SAME_AS_FTCLIP = {"load_in_4bit": True, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False}
+
+
+def _bnb_config_kwargs(value: Any, config: dict) -> Outcome:
+    if not isinstance(value, dict):
+        return Refused("bnb_config_kwargs must be a mapping of BitsAndBytesConfig arguments")
+    updates, notes, refused = {}, [], []
+    for key, setting in value.items():
+        if key in ("bnb_4bit_use_double_quant", "bnb_4bit_quant_type"):
+            updates[key] = setting
+        elif key == "bnb_4bit_quant_storage":
+            notes.append("bnb_4bit_quant_storage: how the packed 4-bit bytes are stored; the same weights")
+        elif key in _BNB_SAME_AS_FTCLIP and setting == _BNB_SAME_AS_FTCLIP[key]:
+            notes.append(f"{key}: {setting} is ftclip's too")
+        else:
+            refused.append(f"{key}: {setting!r}")
+    if refused:
+        return Refused(f"BitsAndBytesConfig settings ftclip does not take: {', '.join(refused)}")
+    return Mapped(updates, "; ".join(notes))
 
 
 def _parallel_size(value: Any, config: dict) -> Outcome:
@@ -316,8 +363,10 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "tokenizer_legacy": _refuse("changes how a slow Llama tokenizer splits text"),
     "tokenizer_use_mistral_common": _refuse("mistral-common tokenization: ftclip uses transformers' tokenizer"),
     "processor_type": _refuse("a multimodal processor: ftclip trains text-only causal LMs"),
-    "model_config": _refuse("overrides the model's config"),
-    "revision_of_model": _refuse("ftclip loads base_model's default revision"),
+    "model_config": _to("overrides_of_model_config", "set on the model's config before loading (alias accepted)"),
+    "overrides_of_model_config": _same("Axolotl's field name for model_config"),
+    "revision_of_model": _same("passed to from_pretrained"),
+    "model_revision": _to("revision_of_model", "Axolotl's alias (accepted natively)"),
     "base_model_ignore_patterns": _drop("download filter: no effect on what is trained"),
     "low_cpu_mem_usage": _drop(_MEMORY), "device_map": _refuse("spreads one model over GPUs (model parallel)"),
     "resize_token_embeddings_to_32x": _drop("pads the embedding matrix for speed; the trained tokens are the same"),
@@ -329,25 +378,27 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "lora_dropout": _same("Axolotl's default 0.0 is written out (ftclip's is 0.05)"),
     "lora_target_modules": _to("lora_target_modules", "a list, all-linear or a regex", _target_modules),
     "lora_target_linear": _same(), "lora_modules_to_save": _same(), "lora_model_dir": _same(),
-    "lora_fan_in_fan_out": _refuse("peft sets fan_in_fan_out from the layer type; ftclip does not override it"),
-    "lora_target_parameters": _refuse("LoRA on raw parameters (MoE experts): ftclip adapts modules"),
-    "peft_use_rslora": _refuse("rank-stabilized LoRA scaling (alpha/√r)"),
-    "peft_use_dora": _refuse("DoRA (weight-decomposed LoRA)"),
+    "lora_fan_in_fan_out": _same("peft's fan_in_fan_out (peft turns it off for nn.Linear layers)"),
+    "lora_target_parameters": _same("peft's target_parameters (LoRA on parameters such as MoE experts)"),
+    "peft_use_rslora": _same("peft's use_rslora (alpha/√r scaling)"), "peft_use_dora": _same("peft's use_dora"),
     "peft_layers_to_transform": _refuse("LoRA on a subset of layers"),
-    "peft": _refuse("peft options ftclip does not expose"),
+    "peft": _to("peft", "loftq_config → peft's LoftQ initialization; other options refused", _peft_block),
     "lora_mlp_kernel": _drop(KERNEL_ONLY), "lora_qkv_kernel": _drop(KERNEL_ONLY), "lora_o_kernel": _drop(KERNEL_ONLY),
     "lora_on_cpu": _drop(_MEMORY),
-    "unfrozen_parameters": _refuse("trains a chosen subset of parameters"),
+    "unfrozen_parameters": _to("unfrozen_parameters", "full fine-tuning of the matching parameters; refused with an "
+                               "adapter", _unfrozen_parameters),
     "relora": _refuse("ReLoRA (periodic merge and restart)"),
     **{key: _refuse("ReLoRA (periodic merge and restart)") for key in (
         "relora_steps", "relora_warmup_steps", "relora_anneal_steps", "relora_prune_ratio", "relora_cpu_offload")},
-    "rope_scaling": _refuse("changes the model's position encoding"),
+    "rope_scaling": _refuse("Axolotl itself rejects a top-level rope_scaling (deprecated: it goes under model_config, "
+                            "which ftclip takes as overrides_of_model_config)"),
     **{f"is_{family}_derived_model": _drop("tells Axolotl the model family; ftclip reads it from the checkpoint")
        for family in ("llama", "mistral", "falcon", "qwen")},
     "attention": _drop("not an Axolotl key (Axolotl ignores it); the attention kernel is attn_implementation"),
     "s2_attention": _refuse("shifted-sparse attention (LongLoRA)"),
     "load_in_4bit": _same(), "load_in_8bit": _same(),
-    "bnb_config_kwargs": _refuse("bitsandbytes settings beyond quant type and double quant"),
+    "bnb_config_kwargs": _to("—", "bnb_4bit_use_double_quant and bnb_4bit_quant_type carry over; storage dtype and "
+                             "settings equal to ftclip's are dropped; others refused", _bnb_config_kwargs),
     "gptq": _refuse("GPTQ-quantized bases"), "gptq_groupsize": _refuse("GPTQ-quantized bases"),
     "gptq_model_v1": _refuse("GPTQ-quantized bases"), "gptq_disable_exllama": _refuse("GPTQ-quantized bases"),
     "model_quantization_config": _refuse("quantization other than bitsandbytes 4/8-bit"),
@@ -372,7 +423,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "eval_sample_packing": _drop(_EVAL_ONLY), "pad_to_sequence_len": _drop(_MEMORY),
     "sample_packing_eff_est": _drop("a packing estimate Axolotl computes"),
     "total_num_tokens": _drop("a token count Axolotl computes"),
-    "max_packed_sequence_len": _refuse("packs to a length other than sequence_len"),
+    "max_packed_sequence_len": _refuse("Axolotl itself rejects it (deprecated: no longer supported); packing uses "
+                                       "sequence_len"),
     "sample_packing_sequentially": _refuse("packs in data order instead of by length"),
     "curriculum_sampling": _refuse("trains in data order without shuffling"),
     "group_by_length": _refuse("batches examples of similar length together"),
@@ -393,7 +445,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "cosine_min_lr_ratio": _to("min_lr_ratio", convert=_min_lr_ratio),
     "cosine_constant_lr_ratio": _refuse("holds the LR flat for the last part of the run"),
     "lr_quadratic_warmup": _refuse("quadratic warmup"), "lr_div_factor": _refuse("one-cycle schedule settings"),
-    "eta_min": _refuse("a minimum LR for a schedule ftclip does not have"),
+    "eta_min": _drop("not a key of Axolotl's config schema (at 067b021c): its validation discards it, so it has "
+                     "no effect there"),
     "warmup_steps": _to("warmup_steps", "a fraction below 1 becomes warmup_ratio", _warmup_steps),
     "warmup_ratio": _to("warmup_ratio", convert=_warmup_ratio),
     "adam_beta1": _same(), "adam_beta2": _same(), "adam_epsilon": _same(), "adam_eps": _to("adam_epsilon"),
@@ -405,7 +458,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "loraplus_lr_embedding": _refuse("LoRA+ (a higher LR for LoRA B)"),
     "max_grad_norm": _to("gradient_clipping", "a number clips by norm; empty means Hugging Face's default 1.0"),
     "neftune_noise_alpha": _refuse("NEFTune embedding noise"), "noisy_embedding_alpha": _refuse("NEFTune noise"),
-    "early_stopping_patience": _refuse("stops training when eval loss stops improving"),
+    "early_stopping_patience": _to("—", "refused: Axolotl stops when eval loss stops improving and loads the best "
+                                   "checkpoint as the final model; ftclip has neither", _early_stopping),
     "loss_watchdog_threshold": _drop("a safety stop on a high loss; ftclip stops on non-finite steps "
                                      "(max_skipped_steps)"),
     "loss_watchdog_patience": _drop("a safety stop on a high loss (see loss_watchdog_threshold)"),
@@ -527,8 +581,9 @@ DATASET_KEYS: dict[str, Rule] = {
     "field": _to("—", "completion: text only"),
     "chat_template": _to("chat_template", "per dataset: must match the recipe's one chat_template"),
     "drop_system_message": _refuse("drops system messages"),
-    "field_thinking": _refuse("renders a reasoning field into the template"),
-    "template_thinking_key": _refuse("renders a reasoning field into the template"),
+    "field_thinking": _refuse("Axolotl also splits <think>…</think> out of assistant content into the template's "
+                              "thinking key; ftclip passes thinking/reasoning_content through but does not split"),
+    "template_thinking_key": _refuse("see field_thinking: Axolotl splits <think>…</think> out of the content"),
     "field_system": _refuse("a per-record system prompt field"), "system_prompt": _refuse("a fixed system prompt"),
     "conversation": _refuse("fastchat conversation templates"),
     "field_chosen": _refuse("preference pairs"), "field_rejected": _refuse("preference pairs"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftclip.errors import ModelError
-from ftclip.recipe import Recipe, resolve_input_path
+from ftclip.recipe import Recipe, parse_unfrozen_pattern, resolve_input_path
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,9 @@ def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[st
             problems.append((key, f"{value!r} is neither a local folder ({folder} does not exist) nor a hub id like org/name"))
         elif key == "base_model":
             problems += _check_config(folder, recipe)
+            if recipe.revision_of_model:
+                problems.append(("revision_of_model", f"a revision of a hub model, but base_model is the local folder "
+                                                      f"{folder}, which has none; remove it or name the hub id"))
     return problems
 
 
@@ -73,6 +76,11 @@ def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str
         if no_cuda:
             problems.append(("liger_fused_linear_cross_entropy", f"Liger's kernels are Triton (CUDA) kernels, and {no_cuda}; "
                                                                  "set it to false (chunked_cross_entropy runs anywhere)"))
+    if recipe.optimizer == "adamw_torch_4bit" and importlib.util.find_spec("torchao") is None:
+        problems.append(("optimizer", "adamw_torch_4bit is torchao's AdamW4bit, and torchao is not installed "
+                                      "(pip install 'ftclip[torchao]'); or use adamw_8bit"))
+    if recipe.peft and recipe.peft.loftq_config and recipe.adapter and no_cuda:
+        problems.append(("peft", f"peft's LoftQ initialization (loftq_config) runs on CUDA only, and {no_cuda}"))
     if recipe.quantized and recipe.distributed.strategy == "fsdp" and no_cuda:
         problems.append(("distributed", f"a quantized base (QLoRA) under FSDP needs CUDA (bitsandbytes' 4-bit weights "
                                         f"are sharded as CUDA storage), and {no_cuda}; use strategy: ddp or a GPU"))
@@ -123,7 +131,7 @@ def _check_config(folder: Path, recipe: Recipe) -> list[tuple[str, str]]:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         return [("base_model", f"{config_path}: unreadable: {error}")]
-    limit = config.get("max_position_embeddings")
+    limit = (recipe.overrides_of_model_config or {}).get("max_position_embeddings", config.get("max_position_embeddings"))
     if isinstance(limit, int) and recipe.sequence_len > limit:
         return [("sequence_len", f"{recipe.sequence_len} is longer than the model's max_position_embeddings ({limit})")]
     if not recipe.sample_packing:
@@ -155,8 +163,9 @@ def load_tokenizer(recipe: Recipe, recipe_path: str | Path | None):
     from transformers import AutoTokenizer
 
     source = model_source(recipe.tokenizer or recipe.base_model, recipe_path)
+    revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model and not recipe.tokenizer else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load the tokenizer from {source}: {error}") from None
     _apply_chat_settings(tokenizer, recipe)
@@ -279,7 +288,7 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     the meta device and reads no weights; "host" reads them but leaves them in host memory (rank 0's copy,
     broadcast shard by shard; the device never holds all of it)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     _refuse_kernel_problems(recipe, device)
     source = model_source(recipe.base_model, recipe_path)
@@ -290,13 +299,16 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
                "attn_implementation": recipe.attn_implementation}
     if quantization is not None:
         options.update(quantization_config=quantization, device_map={"": device})
+    revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model else {}
     try:
         if placement == "meta":
-            config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
+            config = _model_config(recipe, source, revision)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, **options)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, **options)
+            if recipe.overrides_of_model_config:
+                options["config"] = _model_config(recipe, source, revision)
+            model = AutoModelForCausalLM.from_pretrained(source, **options, **revision)
     except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the model from {source}: {error}") from None
     from ftclip.padding_free import use_varlen_sdpa
@@ -316,6 +328,8 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     if recipe.gradient_checkpointing and quantization is None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_options)
     if recipe.adapter is None:
+        if recipe.unfrozen_parameters:
+            freeze_parameters_except(model, recipe.unfrozen_parameters, note)
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -336,11 +350,80 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
         modules_to_save=modules_to_save(recipe, model, new_tokens, note),
         # Tied input/output embeddings stay tied when both are trained in full.
         ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False)),
+        **_peft_options(recipe),
     )
     try:
-        return get_peft_model(model, lora)
+        # revision: recorded in adapter_config.json, so the adapter names the base revision it was trained on.
+        return get_peft_model(model, lora, revision=recipe.revision_of_model)
     except ValueError as error:  # e.g. target modules that do not exist in this architecture
         raise ModelError(f"lora_target_modules: {error}") from None
+
+
+def _model_config(recipe: Recipe, source, revision: dict):
+    """The checkpoint's config with overrides_of_model_config set on it, as Axolotl sets them (setattr)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
+    for key, value in (recipe.overrides_of_model_config or {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def _peft_options(recipe: Recipe) -> dict:
+    """LoraConfig fields for the peft options the recipe sets (peft's defaults otherwise)."""
+    from peft import LoftQConfig
+
+    options = {"use_rslora": recipe.peft_use_rslora, "use_dora": recipe.peft_use_dora,
+               "fan_in_fan_out": recipe.lora_fan_in_fan_out}
+    if recipe.lora_target_parameters:
+        options["target_parameters"] = ([recipe.lora_target_parameters] if isinstance(recipe.lora_target_parameters, str)
+                                        else recipe.lora_target_parameters)
+    if recipe.peft and recipe.peft.loftq_config:
+        options.update(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=recipe.peft.loftq_config.loftq_bits))
+    return options
+
+
+def freeze_parameters_except(model, patterns: list[str], note=None) -> None:
+    """unfrozen_parameters: only parameters whose names match one of the patterns train (Axolotl's rules, see
+    recipe.parse_unfrozen_pattern). A pattern with a row range keeps only those rows trainable: the other rows'
+    gradients are zeroed by a hook, as Axolotl does (so weight decay still reaches them)."""
+    parsed = [parse_unfrozen_pattern(pattern) for pattern in patterns]
+    unused = set(patterns)
+    for name, parameter in model.named_parameters():
+        matched = [rows for regex, rows in parsed if regex.match(name)]
+        unused -= {pattern for pattern, (regex, _) in zip(patterns, parsed) if regex.match(name)}
+        parameter.requires_grad = bool(matched)
+        ranges = [(start, len(parameter) if end is None else end) for start, end in (r for r in matched if r)]
+        for start, end in ranges:
+            if start < 0 or end > len(parameter) or start >= end:
+                raise ModelError(f"unfrozen_parameters: rows [{start}:{end}] do not fit {name} ({len(parameter)} rows)")
+        if ranges:
+            frozen_rows = _rows_outside(ranges, len(parameter))
+            parameter.register_hook(lambda gradient, rows=frozen_rows: _zero_rows(gradient, rows))
+    if not any(parameter.requires_grad for parameter in model.parameters()):
+        raise ModelError(f"unfrozen_parameters: no parameter name matches {patterns}; names look like "
+                         f"{next(name for name, _ in model.named_parameters())}")
+    if note:
+        count = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+        note(f"unfrozen_parameters: {count:,} of {sum(p.numel() for p in model.parameters()):,} parameters train")
+        for pattern in sorted(unused):  # names differ between architectures: a pattern may miss silently
+            note(f"warning: unfrozen_parameters: {pattern!r} matches no parameter of this model")
+
+
+def _rows_outside(ranges: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    outside, start = [], 0
+    for first, end in sorted(ranges):
+        if first > start:
+            outside.append((start, first))
+        start = max(start, end)
+    return outside + ([(start, size)] if start < size else [])
+
+
+def _zero_rows(gradient, rows: list[tuple[int, int]]):
+    gradient = gradient.clone()
+    for start, end in rows:
+        gradient[start:end] = 0
+    return gradient
 
 
 def use_tf32(recipe: Recipe, device: torch.device) -> None:

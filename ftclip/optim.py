@@ -34,6 +34,12 @@ def build_optimizer(recipe: Recipe, parameters: list[torch.nn.Parameter]) -> tor
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay, fused=True, **adam)
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(parameters, lr=lr, weight_decay=decay, fused=True)
+    if recipe.optimizer == "adamw_torch_4bit":  # what Hugging Face's adamw_torch_4bit builds
+        try:
+            from torchao.optim import AdamW4bit
+        except ImportError as error:
+            raise ModelError(f"optimizer: adamw_torch_4bit needs torchao (pip install 'ftclip[torchao]'): {error}") from None
+        return AdamW4bit(parameters, lr=lr, weight_decay=decay, **adam)
     try:
         import bitsandbytes as bnb
     except ImportError as error:

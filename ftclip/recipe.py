@@ -33,9 +33,8 @@ DATASET_TYPES = ("alpaca", "completion", "chat")
 # Hugging Face names ftclip has no equivalent for, refused by name (the rest get pydantic's list of choices).
 FOREIGN_OPTIMIZERS = {
     "adamw_torch_8bit": "torchao's 8-bit AdamW; ftclip's 8-bit AdamW is bitsandbytes' adamw_8bit (the same algorithm)",
-    "adamw_torch_4bit": "torchao's 4-bit AdamW; ftclip has no 4-bit optimizer state (adamw_8bit is the smallest)",
     **{name: "not an optimizer ftclip has (adamw_torch, adamw_torch_fused, adamw_8bit, paged_adamw_8bit, "
-             "paged_adamw_32bit, sgd)"
+             "paged_adamw_32bit, sgd, adamw_torch_4bit)"
        for name in ("adafactor", "adagrad", "adalomo", "adamw_anyprecision", "ademamix", "ademamix_8bit", "apollo_adamw",
                     "galore_adamw", "galore_adamw_8bit", "grokadamw", "lion_32bit", "lion_8bit", "lomo", "muon",
                     "paged_ademamix_32bit", "paged_ademamix_8bit", "paged_lion_32bit", "paged_lion_8bit", "rmsprop",
@@ -93,6 +92,46 @@ class DatasetSpec(BaseModel):
     @classmethod
     def _chat_template_is_chat(cls, value: Any) -> Any:
         return "chat" if value == "chat_template" else value  # Axolotl's name for the same record format
+
+
+class LoftQSettings(BaseModel):
+    """peft's LoftQ initialization of the LoRA weights (Axolotl: peft.loftq_config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loftq_bits: int = Field(4, gt=0, le=8, description="Bits of the quantization LoftQ's initialization fits (typically 4).")
+
+
+class PeftSettings(BaseModel):
+    """Axolotl's `peft:` block: options passed to peft's LoraConfig."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    loftq_config: LoftQSettings | None = Field(
+        None, description="Initialize LoRA with LoftQ (peft's init_lora_weights: loftq; the base weights are replaced "
+        "by their quantized-dequantized values, as peft does). Needs an unquantized base (no qlora)."
+    )
+
+
+# unfrozen_parameters, as Axolotl reads them (axolotl/utils/freeze.py): every '.' is a literal dot, the regex is
+# matched at the start of the parameter name (re.match), and an optional trailing [start:end] (or [index]) keeps
+# only those rows trainable (the other rows' gradients are zeroed).
+_UNFROZEN_RANGE = re.compile(r"^(.+)\[([0-9]*)(?::([0-9]*))?\]$")
+
+
+def parse_unfrozen_pattern(pattern: str) -> tuple[re.Pattern, tuple[int, int | None] | None]:
+    """(compiled name regex, row range or None) for one unfrozen_parameters entry, as Axolotl parses it."""
+    found = _UNFROZEN_RANGE.match(pattern)
+    rows: tuple[int, int | None] | None = None
+    if found:
+        pattern, start, end = found.groups()
+        if end is None and start.isdecimal():
+            rows = (int(start), int(start) + 1)
+        else:
+            rows = (int(start) if start else 0, int(end) if end else None)
+            if rows[1] is not None and rows[0] >= rows[1]:
+                raise ValueError(f"range in {found.group(0)!r}: the end must be greater than the start")
+    return re.compile(pattern.replace(".", "\\.")), rows
 
 
 class SpecialTokens(BaseModel):
@@ -234,6 +273,19 @@ class Recipe(BaseModel):
     base_model: str = Field(description="Local model folder (relative to the recipe) or a hub id like org/name.")
     tokenizer: str | None = Field(None, description="Tokenizer folder or hub id; default: base_model's.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint. Off unless set.")
+    revision_of_model: str | None = Field(
+        None, description="base_model's hub commit, tag or branch (passed to from_pretrained; also the tokenizer's "
+        "when tokenizer is not set). Alias: model_revision."
+    )
+    overrides_of_model_config: dict[str, Any] | None = Field(
+        None, description="Values set on the model's config before the weights load, e.g. {output_router_logits: true} "
+        "or {max_position_embeddings: 8192}. Alias: model_config (Axolotl's name)."
+    )
+    unfrozen_parameters: list[str] | None = Field(
+        None, description="Full fine-tuning of only the parameters whose names match one of these regexes (Axolotl's "
+        "rules: '.' is a literal dot, matched from the start of the name, e.g. ^lm_head.weight$ or "
+        "model.layers.[0-9]+.mlp; a trailing [start:end] trains only those rows). The rest stay frozen."
+    )
 
     # Adapter
     adapter: Literal["lora", "qlora"] | None = Field(
@@ -261,6 +313,19 @@ class Recipe(BaseModel):
     load_in_8bit: bool = Field(False, description="Quantize the base to 8 bits with bitsandbytes.")
     bnb_4bit_quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type.")
     bnb_4bit_use_double_quant: bool = Field(True, description="Quantize the quantization constants too.")
+    peft_use_rslora: bool = Field(
+        False, description="Rank-stabilized LoRA: scale by alpha/√r instead of alpha/r (peft's use_rslora)."
+    )
+    peft_use_dora: bool = Field(False, description="DoRA: weight-decomposed LoRA (peft's use_dora).")
+    lora_fan_in_fan_out: bool = Field(
+        False, description="The adapted layers store weights as (fan_in, fan_out), as GPT-2's Conv1D does (peft's "
+        "fan_in_fan_out; peft turns it off for nn.Linear layers)."
+    )
+    lora_target_parameters: list[str] | str | None = Field(
+        None, description="Parameter names (e.g. MoE experts' gate_up_proj) to adapt with LoRA directly, besides "
+        "lora_target_modules (peft's target_parameters; needs lora_dropout: 0)."
+    )
+    peft: PeftSettings | None = Field(None, description="{loftq_config: {loftq_bits: 4}}: peft options (Axolotl's peft block).")
 
     # Data
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training data files.")
@@ -297,11 +362,13 @@ class Recipe(BaseModel):
 
     # Optimizer
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd"] = (
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd",
+                       "adamw_torch_4bit"] = (
         Field(
             "adamw_torch_fused",
             description="adamw_torch_fused folds the clip into its own pass; adamw_8bit and paged_adamw_8bit/32bit "
-            "are bitsandbytes' (paged ones need CUDA).",
+            "are bitsandbytes' (paged ones need CUDA); adamw_torch_4bit is torchao's AdamW4bit "
+            "(pip install 'ftclip[torchao]').",
         )
     )
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field(
@@ -416,6 +483,16 @@ class Recipe(BaseModel):
             return value
         raise ValueError("must be a list of module names (e.g. [q_proj, v_proj]), all-linear, or a regex string")
 
+    @field_validator("unfrozen_parameters")
+    @classmethod
+    def _unfrozen_patterns(cls, value: list[str] | None) -> list[str] | None:
+        for pattern in value or []:
+            try:
+                parse_unfrozen_pattern(pattern)
+            except re.error as error:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({error})") from None
+        return value
+
     @field_validator("optimizer", mode="before")
     @classmethod
     def _optimizer_alias(cls, value: Any) -> Any:
@@ -432,6 +509,11 @@ class Recipe(BaseModel):
         if not isinstance(data, dict):
             return data
         data = _without_empty_values(data)
+        for alias, key in (("model_config", "overrides_of_model_config"), ("model_revision", "revision_of_model")):
+            if alias in data:  # Axolotl's other names for these keys
+                if key in data:
+                    raise ValueError(f"{key} and {alias} (its Axolotl alias) are both given; keep one")
+                data[key] = data.pop(alias)
         if "dataset_prepared_path" in data:
             if "dataset_cache_dir" in data:
                 raise ValueError("dataset_cache_dir and dataset_prepared_path (its Axolotl alias) are both given; keep one")
@@ -538,6 +620,38 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("chat_template", "jinja needs the template text in chat_template_jinja"))
     if recipe.chat_template_jinja and recipe.chat_template not in ("jinja", "tokenizer_default"):
         problems.append(("chat_template_jinja", f"given, but chat_template is {recipe.chat_template}; keep one of them"))
+    problems += _peft_option_problems(recipe)
+    return problems
+
+
+def _peft_option_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """unfrozen_parameters and the peft options, against the rest of the recipe."""
+    problems = []
+    if recipe.unfrozen_parameters:
+        if recipe.adapter:
+            # Axolotl freezes after peft has wrapped the model, so its patterns meet names like
+            # base_model.model.model.layers...: '^model...' then freezes everything, LoRA weights included.
+            problems.append(("unfrozen_parameters", "chooses the parameters of a full fine-tune; with an adapter "
+                                                    "(Axolotl matches them against the LoRA-wrapped names, freezing "
+                                                    "the LoRA weights too) ftclip refuses it: drop one of them"))
+        if (recipe.gradient_checkpointing_kwargs or {}).get("use_reentrant") is True:
+            problems.append(("gradient_checkpointing_kwargs", "use_reentrant: true cannot train a partially frozen "
+                                                              "model (unfrozen_parameters); use false"))
+        ranged = [p for p in recipe.unfrozen_parameters if parse_unfrozen_pattern(p)[1] is not None]
+        if ranged and recipe.distributed.strategy == "fsdp":
+            problems.append(("unfrozen_parameters", f"row ranges ({ranged[0]}) zero gradient rows of whole "
+                                                    "parameters, which FSDP shards; use strategy: ddp"))
+    if recipe.adapter is None:
+        for key in ("peft_use_rslora", "peft_use_dora", "lora_fan_in_fan_out", "lora_target_parameters", "peft"):
+            if getattr(recipe, key):
+                problems.append((key, "a LoRA option, but adapter is not set; set adapter: lora (or qlora)"))
+    if recipe.lora_target_parameters and recipe.lora_dropout:
+        problems.append(("lora_target_parameters", "peft's target_parameters LoRA has no dropout; set lora_dropout: 0"))
+    if recipe.peft and recipe.peft.loftq_config and recipe.quantized:
+        problems.append(("peft", "LoftQ initializes LoRA from the unquantized weights; use adapter: lora without "
+                                 "load_in_4bit/8bit"))
+    if recipe.peft and recipe.peft.loftq_config and recipe.lora_model_dir:
+        problems.append(("peft", "LoftQ initializes a new adapter; lora_model_dir continues an existing one"))
     return problems
 
 
@@ -574,8 +688,10 @@ _OTHER_TOOLS_NAMES = {
 
 _NESTED_MODELS: dict[str, type[BaseModel]] = {
     "datasets": DatasetSpec, "gradient_clipping": GradientClipping, "special_tokens": SpecialTokens,
+    "peft": PeftSettings,
 }
-_ALIASES = {"gradient_clipping": "max_grad_norm", "dataset_cache_dir": "dataset_prepared_path"}
+_ALIASES = {"gradient_clipping": "max_grad_norm", "dataset_cache_dir": "dataset_prepared_path",
+            "overrides_of_model_config": "model_config", "revision_of_model": "model_revision"}
 
 
 def _model_at(loc: tuple) -> type[BaseModel]:
@@ -584,7 +700,7 @@ def _model_at(loc: tuple) -> type[BaseModel]:
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:
     keys = list(model.model_fields)
-    return keys + ["max_grad_norm", "dataset_prepared_path"] if model is Recipe else keys
+    return keys + ["max_grad_norm", "dataset_prepared_path", "model_config", "model_revision"] if model is Recipe else keys
 
 
 _UNION_TAGS = {"bool", "int", "float", "str", "list", "dict", "none"}
@@ -642,7 +758,8 @@ def problems_from_validation(error: ValidationError, file: str, lines: dict) -> 
         key = ".".join(str(part) for part in loc) or "recipe"
         if not loc and "max_grad_norm" in item["msg"]:
             key, loc = "max_grad_norm", ("max_grad_norm",)
-        for alias in ("deepspeed", "fsdp_config", "fsdp", "dataset_prepared_path"):  # model-level alias errors
+        for alias in ("deepspeed", "fsdp_config", "fsdp", "dataset_prepared_path", "overrides_of_model_config",
+                      "revision_of_model"):  # model-level alias errors
             if not loc and item["msg"].removeprefix("Value error, ").startswith(alias):
                 key, loc = alias, (alias,)
                 break
@@ -741,4 +858,6 @@ def keys_markdown() -> str:
     add(GradientClipping, "gradient_clipping.")
     add(DistributedSettings, "distributed.")
     add(SpecialTokens, "special_tokens.")
+    add(PeftSettings, "peft.")
+    add(LoftQSettings, "peft.loftq_config.")
     return "\n".join(rows)

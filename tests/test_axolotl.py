@@ -60,10 +60,10 @@ def test_corpus_outcomes():
     written = {path.name for path in CORPUS if import_config(path).ok}
     assert len(written) >= 21
     refused = {path.name: {key for key, _ in import_config(path).refused} for path in CORPUS}
-    assert refused["qwen3.5__27b-qlora.yaml"] == {"optimizer"}  # adamw_torch_4bit
+    assert refused["qwen3.5__27b-qlora.yaml"] == set()  # adamw_torch_4bit: torchao's AdamW4bit
     assert "rl" in refused["llama-3__instruct-dpo-lora-8b.yml"]
     assert refused["llava__lora-7b.yaml"] == {"processor_type"}
-    assert refused["archived__pythia__lora.yml"] == {"lora_fan_in_fan_out"}
+    assert refused["archived__pythia__lora.yml"] == set()  # lora_fan_in_fan_out: peft's fan_in_fan_out
     assert "relora_steps" in refused["llama-2__relora.yml"]
 
 
@@ -222,7 +222,7 @@ def test_hugging_face_scheduler_names(given, scheduler):
 
 
 @pytest.mark.parametrize("extra, key, text", [
-    ("optimizer: adamw_torch_4bit\n", "optimizer", "no 4-bit optimizer state"),
+    ("optimizer: adamw_torch_8bit\n", "optimizer", "bitsandbytes' adamw_8bit"),
     ("optimizer: lion_8bit\n", "optimizer", "not an optimizer ftclip has"),
     ("lr_scheduler: polynomial\n", "lr_scheduler", "does not have"),
     ("lora_target_modules: '(q|v_proj'\n", "lora_target_modules", "not a valid regular expression"),

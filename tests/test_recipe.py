@@ -73,7 +73,7 @@ BAD = [
     ("learning_rate: -1\n", 5, "learning_rate", "greater than 0"),
     ("lora_r: 0\n", 5, "lora_r", "greater than 0"),
     ("micro_batch_size: 0\n", 5, "micro_batch_size", "greater than 0"),
-    ("optimizer: adam\n", 5, "optimizer", "'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit' or 'sgd'"),
+    ("optimizer: adam\n", 5, "optimizer", "'adamw_8bit', 'paged_adamw_8bit', 'paged_adamw_32bit', 'sgd' or 'adamw_torch_4bit'"),
     ("lr_scheduler: step\n", 5, "lr_scheduler", "'constant', 'linear' or 'cosine'"),
     ("gradient_clipping: {mode: clamp}\n", 5, "gradient_clipping.mode", "'norm', 'value', 'off', 'auto' or 'zscore'"),
     ("gradient_clipping: {mode: value}\n", 5, "gradient_clipping", "needs max_value"),
