@@ -91,6 +91,20 @@ def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradients(chunk_t
     assert evaluated.grad_fn is None
 
 
+def test_far_off_targets_keep_their_exact_loss():
+    # Logits hundreds apart: the target's softmax probability underflows float32 to 0, so log(softmax) would
+    # give inf; the loss is read off the most likely token instead and must equal the plain path's.
+    torch.manual_seed(2)
+    hidden = (torch.randn(9, 16) * 300).requires_grad_()
+    head = torch.nn.Linear(16, VOCAB, bias=False)
+    targets = torch.randint(0, VOCAB, (9,))
+    reference = F.cross_entropy(head(hidden), targets, reduction="sum") / torch.tensor(9.0)
+    assert torch.softmax(head(hidden), -1).gather(1, targets[:, None]).min() == 0  # the case this is about
+    loss = chunked_cross_entropy(hidden, targets, head, num_items_in_batch=torch.tensor(9.0), chunk_tokens=4)
+    torch.testing.assert_close(loss, reference, rtol=1e-6, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(loss, hidden)[0], torch.autograd.grad(reference, hidden)[0])
+
+
 def test_full_fine_tuning_with_accumulation_matches_the_plain_path():
     model = tiny_llama()
     assert_same(model, [batch(1), batch(2)])
