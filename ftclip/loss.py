@@ -107,7 +107,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-        scale = 1.0 / denominator
         # Two chunk-sized buffers for every chunk: a fresh 100 MB tensor per chunk costs its page faults each
         # time on the CPU (allocations that large go back to the OS when freed), which measured more than the
         # softmax itself.
@@ -131,17 +130,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if not (need_hidden or need_weight or need_bias):
                 continue
             probs[rows, chunk_targets] -= 1
-            grad_logits = probs
+            grad_logits = probs.div_(denominator)  # scaled before the matmuls, as autograd does on the plain path
             if need_bias:
                 grad_bias += grad_logits.sum(0)
             grad_logits = grad_logits.to(weight.dtype)
-            if need_hidden:
-                torch.mul(grad_logits @ weight, scale, out=grad_hidden[start:start + chunk_tokens])
+            if need_hidden and grad_hidden.dtype == weight.dtype:
+                torch.mm(grad_logits, weight, out=grad_hidden[start:start + chunk_tokens])
+            elif need_hidden:
+                grad_hidden[start:start + chunk_tokens] = grad_logits @ weight
             if need_weight:
                 grad_weight.addmm_(grad_logits.t(), chunk)
-        for grad in (grad_weight, grad_bias):  # summed over the chunks; scaled once
-            if grad is not None:
-                grad.mul_(scale)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.bias_dtype = bias.dtype if bias is not None else None
         return total / denominator
