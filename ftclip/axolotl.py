@@ -207,6 +207,12 @@ def _target_modules(value: Any, config: dict) -> Outcome:
 def _model_type(value: Any, config: dict) -> Outcome:
     if isinstance(value, str) and (value == "AutoModelForCausalLM" or value.endswith("ForCausalLM")):
         return Dropped("ftclip loads AutoModelForCausalLM, which picks this class from the checkpoint")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if isinstance(value, str) and value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return Dropped(f"{value!r} is the checkpoint's architecture name (config.model_type), a causal LM that "
+                       "AutoModelForCausalLM loads; Axolotl wants a class name here (such as "
+                       f"{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[value]})")
     return Refused(f"{value}: ftclip trains causal language models (AutoModelForCausalLM) only")
 
 
@@ -353,6 +359,34 @@ def _bnb_config_kwargs(value: Any, config: dict) -> Outcome:
     return Mapped(updates, "; ".join(notes))
 
 
+def _device_map(value: Any, config: dict) -> Outcome:
+    devices = set(value.values()) if isinstance(value, dict) else {value}
+    if len(devices) == 1 and not isinstance(next(iter(devices)), (str, dict, list)) or devices <= {"cuda", "cuda:0"}:
+        return Dropped(f"{_show(value)}: the whole model on one device, as ftclip places it for training")
+    return Refused(f"{_show(value)} can spread one model over several GPUs (model parallel); ftclip keeps a whole copy "
+                   "per GPU (DDP) or shards it (FSDP)")
+
+
+# optim_args entries that are the Adam settings ftclip takes by name, with Hugging Face's defaults.
+_ADAM_ARGS = {"eps": ("adam_epsilon", 1e-8), "beta1": ("adam_beta1", 0.9), "beta2": ("adam_beta2", 0.999)}
+
+
+def _optim_args(value: Any, config: dict) -> Outcome:
+    if not isinstance(value, dict):
+        return Refused(f"optimizer arguments {_show(value)}: ftclip's optimizers take adam_beta1, adam_beta2 and "
+                       "adam_epsilon by name")
+    differing = []
+    for name, setting in value.items():
+        key, default = _ADAM_ARGS.get(name, (None, None))
+        given = _as_number(config.get(key)) if key and config.get(key) is not None else default
+        if key is None or _as_number(setting) != given:
+            differing.append(f"{name}: {_show(setting)}")
+    if differing:
+        return Refused(f"optimizer arguments {', '.join(differing)}: ftclip's optimizers take adam_beta1, adam_beta2 "
+                       "and adam_epsilon by name (set those instead where they mean the same)")
+    return Dropped(f"{_show(value)}: the same values the Adam settings have here (adam_epsilon, adam_beta1/2)")
+
+
 def _parallel_size(value: Any, config: dict) -> Outcome:
     if value in (None, 0, 1):
         return Dropped("1: no parallelism of this kind")
@@ -456,7 +490,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "revision_of_model": _same("passed to from_pretrained"),
     "model_revision": _to("revision_of_model", "Axolotl's alias (accepted natively)"),
     "base_model_ignore_patterns": _drop("download filter: no effect on what is trained"),
-    "low_cpu_mem_usage": _drop(_MEMORY), "device_map": _refuse("spreads one model over GPUs (model parallel)"),
+    "low_cpu_mem_usage": _drop(_MEMORY),
+    "device_map": _to("—", "one device: dropped; several (auto, per-layer maps): refused (model parallel)", _device_map),
     "resize_token_embeddings_to_32x": _drop("pads the embedding matrix for speed; the trained tokens are the same"),
     "reinit_weights": _refuse("re-initializes the model's weights"),
     "experimental_skip_move_to_device": _drop(_MEMORY),
@@ -497,7 +532,9 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     # data
     "datasets": _to("datasets", "each entry converted: path, type, split, name, data_files, revision, chat options"),
     "test_datasets": _refuse("a separate eval dataset: ftclip holds out val_set_size of the training data"),
-    "pretraining_dataset": _refuse("streamed pretraining data"), "streaming": _refuse("streamed datasets"),
+    "pretraining_dataset": _refuse("streamed pretraining data (Axolotl streams it in file order and packs it); "
+                                   "ftclip reads datasets whole: list the files under datasets with type: completion"),
+    "streaming": _refuse("streamed datasets"),
     "val_set_size": _same(), "sequence_len": _same(), "train_on_inputs": _same(), "sample_packing": _same(),
     "dataset_prepared_path": _to("dataset_cache_dir", "the tokenized-data cache; alias accepted natively"),
     "dataset_processes": _same(), "dataset_num_proc": _to("dataset_processes"),
@@ -539,7 +576,7 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "warmup_ratio": _to("warmup_ratio", convert=_warmup_ratio),
     "adam_beta1": _same(), "adam_beta2": _same(), "adam_epsilon": _same(), "adam_eps": _to("adam_epsilon"),
     "adam_beta3": _refuse("a third beta (CAME/AdEMAMix)"), "adam_epsilon2": _refuse("a second epsilon (CAME)"),
-    "optim_args": _refuse("optimizer arguments ftclip does not take"),
+    "optim_args": _to("—", "dropped where it repeats the Adam settings; refused otherwise", _optim_args),
     "optim_target_modules": _refuse("GaLore/APOLLO targets"),
     "embedding_lr": _refuse("a separate embedding LR"), "embedding_lr_scale": _refuse("a separate embedding LR"),
     "loraplus_lr_ratio": _refuse("LoRA+ (a higher LR for LoRA B)"),

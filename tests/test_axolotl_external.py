@@ -221,3 +221,23 @@ def test_trainer_arguments_outside_axolotl(tmp_path):
     assert {"report_to", "dataloader_num_workers", "push_to_hub", "logging_dir", "load_best_model_at_end",
             "bos_token"} <= set(dict(result.dropped))
     assert "load_best_model_at_end" in dict(convert(tmp_path, {"load_best_model_at_end": True}).refused)
+
+
+def test_device_map_on_one_device_and_on_several(tmp_path):
+    _, result = recipe_of(tmp_path, {"device_map": {"": 0}})  # was: refused as model parallel
+    assert "device_map" in dict(result.dropped)
+    assert "device_map" in dict(convert(tmp_path, {"device_map": "auto"}).refused)
+    assert "device_map" in dict(convert(tmp_path, {"device_map": {"model.layers.0": 0, "lm_head": 1}}).refused)
+
+
+def test_optim_args_that_repeat_the_adam_settings(tmp_path):
+    _, result = recipe_of(tmp_path, {"optim_args": {"eps": "1e-8"}, "adam_beta1": 0.9})  # was: refused
+    assert "optim_args" in dict(result.dropped)
+    why = dict(convert(tmp_path, {"optim_args": {"eps": 1e-6, "amsgrad": True}}).refused)["optim_args"]
+    assert "eps: 1e-06" in why and "amsgrad" in why
+
+
+def test_model_type_as_an_architecture_name(tmp_path):
+    _, result = recipe_of(tmp_path, {"model_type": "llama"})  # was: "ftclip trains causal language models only"
+    assert "LlamaForCausalLM" in dict(result.dropped)["model_type"]
+    assert "model_type" in dict(convert(tmp_path, {"model_type": "LlamaForSequenceClassification"}).refused)
