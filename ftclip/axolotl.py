@@ -427,6 +427,8 @@ def _steps(key: str, per_epoch: str | None) -> Converter:
     """save_steps, eval_steps, logging_steps: a whole number of steps, or (Hugging Face's form, which Axolotl passes
     on) a fraction below 1 of the run's total steps: every ceil(fraction × max_steps) steps."""
     def convert(value: Any, config: dict) -> Outcome:
+        if key == "eval_steps" and not _as_number(config.get("val_set_size")) and not config.get("test_datasets"):
+            return Dropped("no held-out set (val_set_size is 0 or absent): Axolotl evaluates nothing")
         if _is_count(value) or (isinstance(value, float) and value.is_integer() and value >= 1):
             return Mapped({key: int(value)})
         if not (isinstance(value, float) and 0 < value < 1):

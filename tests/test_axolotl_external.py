@@ -241,3 +241,27 @@ def test_model_type_as_an_architecture_name(tmp_path):
     _, result = recipe_of(tmp_path, {"model_type": "llama"})  # was: "ftclip trains causal language models only"
     assert "LlamaForCausalLM" in dict(result.dropped)["model_type"]
     assert "model_type" in dict(convert(tmp_path, {"model_type": "LlamaForSequenceClassification"}).refused)
+
+
+def test_eval_steps_without_a_held_out_set(tmp_path):
+    recipe, result = recipe_of(tmp_path, {"val_set_size": 0, "eval_steps": 50})  # was: invalid, needs val_set_size
+    assert recipe.eval_steps is None and "eval_steps" in dict(result.dropped)
+    recipe, _ = recipe_of(tmp_path, {"val_set_size": 0.05, "eval_steps": 50})
+    assert recipe.eval_steps == 50
+
+
+def test_yaml_anchors_and_a_deepspeed_file_that_is_not_here(tmp_path):
+    path = tmp_path / "axolotl.yml"
+    path.write_text("base_model: org/model\nlr: &rate 0.0002\nlearning_rate: *rate\n"
+                    "datasets:\n  - &data {path: data.jsonl, type: alpaca}\n  - <<: *data\n    split: test\n"
+                    "deepspeed: deepspeed_configs/zero2.json\n")
+    result = import_config(path)
+    assert dict(result.refused).keys() == {"lr"}  # not an Axolotl key: named, not guessed
+    path.write_text(path.read_text().replace("lr: &rate 0.0002\nlearning_rate: *rate", "learning_rate: &rate 0.0002"))
+    result = import_config(path)
+    assert result.ok, result.refused
+    recipe = parse_recipe(result.text)
+    assert recipe.learning_rate == 2e-4 and [d.split for d in recipe.datasets] == ["train", "test"]
+    assert recipe.distributed.strategy == "ddp"  # ZeRO-2, read from the file name
+    path.write_text("base_model: org/model\ndatasets:\n  - {path: data.jsonl, type: alpaca}\ndeepspeed: ds.json\n")
+    assert "cannot tell the ZeRO stage" in dict(import_config(path).refused)["deepspeed"]
