@@ -7,6 +7,7 @@ training and ftclip has no equivalent). The importer, `validate`'s messages for 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -79,7 +80,7 @@ KERNEL_ONLY = "a faster kernel for the same math; ftclip uses transformers' own 
 
 
 def _attention(value: Any, config: dict) -> Outcome:
-    if value in ATTENTION:
+    if isinstance(value, str) and value in ATTENTION:
         return Mapped({"attn_implementation": ATTENTION[value]})
     if isinstance(value, str) and (value == "xformers" or "flash" in value or "/" in value):
         return Mapped({"attn_implementation": "sdpa"}, f"{value} is an attention kernel ftclip lacks; sdpa computes "
@@ -90,6 +91,8 @@ def _attention(value: Any, config: dict) -> Outcome:
 
 def _attention_flag(implementation: str) -> Converter:
     def convert(value: Any, config: dict) -> Outcome:
+        if _is_off(value):
+            return Dropped(f"{_show(value)}: this attention is off (the model's default attention applies)")
         if config.get("attn_implementation"):
             return Dropped("attn_implementation is given and takes precedence")
         return Mapped({"attn_implementation": implementation}, "the same attention, by transformers' name")
@@ -140,6 +143,8 @@ def _scheduler_kwargs(value: Any, config: dict) -> Outcome:
 
 
 def _warmup_steps(value: Any, config: dict) -> Outcome:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        return Refused(f"{_show(value)} is not a step count (a whole number, or a fraction below 1 for a ratio)")
     if isinstance(value, float) and 0 < value < 1:  # transformers 5 reads a fraction as a ratio
         return Mapped({"warmup_ratio": value}, "a fraction below 1 is a share of the steps (transformers 5)")
     return Mapped({"warmup_steps": int(value)})
@@ -154,7 +159,9 @@ def _warmup_ratio(value: Any, config: dict) -> Outcome:
 def _batch_size(value: Any, config: dict) -> Outcome:
     if config.get("gradient_accumulation_steps"):
         return Dropped("gradient_accumulation_steps is given and takes precedence in Axolotl")
-    micro = config.get("micro_batch_size") or 1
+    micro = _as_number(config.get("micro_batch_size")) or 1
+    if not _is_count(value) or not _is_count(micro):
+        return Refused(f"batch_size {_show(value)} with micro_batch_size {_show(micro)}: both must be whole numbers")
     if value % micro:
         return Refused(f"batch_size {value} is not a multiple of micro_batch_size {micro}")
     return Mapped({"gradient_accumulation_steps": value // micro}, "batch_size = micro_batch_size × accumulation")
@@ -200,10 +207,21 @@ def _target_modules(value: Any, config: dict) -> Outcome:
 def _model_type(value: Any, config: dict) -> Outcome:
     if isinstance(value, str) and (value == "AutoModelForCausalLM" or value.endswith("ForCausalLM")):
         return Dropped("ftclip loads AutoModelForCausalLM, which picks this class from the checkpoint")
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if isinstance(value, str) and value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return Dropped(f"{value!r} is the checkpoint's architecture name (config.model_type), a causal LM that "
+                       "AutoModelForCausalLM loads; Axolotl wants a class name here (such as "
+                       f"{MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[value]})")
     return Refused(f"{value}: ftclip trains causal language models (AutoModelForCausalLM) only")
 
 
 def _strategy_from_deepspeed(value: Any, config: dict, source: Path | None = None) -> Outcome:
+    if isinstance(value, dict):  # Axolotl takes the DeepSpeed settings inline too
+        stage = (value.get("zero_optimization") or {}).get("stage") if isinstance(value.get("zero_optimization"), dict) else None
+        return _strategy_from_zero_stage(stage, "the inline DeepSpeed settings")
+    if not isinstance(value, str):
+        return Refused(f"{_show(value)}: deepspeed takes a DeepSpeed JSON file's path or its settings as a mapping")
     stage = None
     for candidate in (Path(value), (source.parent / value) if source else None):
         if candidate is not None and candidate.is_file():
@@ -215,13 +233,18 @@ def _strategy_from_deepspeed(value: Any, config: dict, source: Path | None = Non
     if stage is None:
         match = re.search(r"zero[_-]?(\d)", str(value))
         stage = int(match.group(1)) if match else None
+    return _strategy_from_zero_stage(stage, repr(value))
+
+
+def _strategy_from_zero_stage(stage: Any, what: str) -> Outcome:
     if stage == 3:
         return Mapped({"distributed": {"strategy": "fsdp"}}, "ZeRO-3 shards parameters, gradients and optimizer "
                       "state, as FSDP does (run with torchrun or --nproc; offload settings are dropped)")
     if stage in (0, 1, 2):
         return Mapped({"distributed": {"strategy": "ddp"}}, f"ZeRO-{stage} keeps full parameters on each GPU; ftclip "
                       "runs plain DDP (same math, more optimizer memory per GPU)")
-    return Refused(f"cannot tell the ZeRO stage of {value!r} (no readable file, no zero1/2/3 in its name)")
+    return Refused(f"cannot tell the ZeRO stage of {what} (no readable file with zero_optimization.stage, no "
+                   "zero1/2/3 in its name)")
 
 
 def _strategy_from_fsdp(value: Any, config: dict) -> Outcome:
@@ -255,6 +278,10 @@ def distributed_strategy(config: dict, source: Path | None = None) -> tuple[str 
 
 
 def _plugins(value: Any, config: dict) -> Outcome:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        return Refused(f"{_show(value)}: plugins is a list of plugin class paths")
     refused, updates, notes = [], {}, []
     for plugin in value:
         name = str(plugin).rsplit(".", 1)[-1]
@@ -332,6 +359,34 @@ def _bnb_config_kwargs(value: Any, config: dict) -> Outcome:
     return Mapped(updates, "; ".join(notes))
 
 
+def _device_map(value: Any, config: dict) -> Outcome:
+    devices = set(value.values()) if isinstance(value, dict) else {value}
+    if len(devices) == 1 and not isinstance(next(iter(devices)), (str, dict, list)) or devices <= {"cuda", "cuda:0"}:
+        return Dropped(f"{_show(value)}: the whole model on one device, as ftclip places it for training")
+    return Refused(f"{_show(value)} can spread one model over several GPUs (model parallel); ftclip keeps a whole copy "
+                   "per GPU (DDP) or shards it (FSDP)")
+
+
+# optim_args entries that are the Adam settings ftclip takes by name, with Hugging Face's defaults.
+_ADAM_ARGS = {"eps": ("adam_epsilon", 1e-8), "beta1": ("adam_beta1", 0.9), "beta2": ("adam_beta2", 0.999)}
+
+
+def _optim_args(value: Any, config: dict) -> Outcome:
+    if not isinstance(value, dict):
+        return Refused(f"optimizer arguments {_show(value)}: ftclip's optimizers take adam_beta1, adam_beta2 and "
+                       "adam_epsilon by name")
+    differing = []
+    for name, setting in value.items():
+        key, default = _ADAM_ARGS.get(name, (None, None))
+        given = _as_number(config.get(key)) if key and config.get(key) is not None else default
+        if key is None or _as_number(setting) != given:
+            differing.append(f"{name}: {_show(setting)}")
+    if differing:
+        return Refused(f"optimizer arguments {', '.join(differing)}: ftclip's optimizers take adam_beta1, adam_beta2 "
+                       "and adam_epsilon by name (set those instead where they mean the same)")
+    return Dropped(f"{_show(value)}: the same values the Adam settings have here (adam_epsilon, adam_beta1/2)")
+
+
 def _parallel_size(value: Any, config: dict) -> Outcome:
     if value in (None, 0, 1):
         return Dropped("1: no parallelism of this kind")
@@ -346,6 +401,72 @@ def _tokenizer_config(value: Any, config: dict) -> Outcome:
     return Mapped({"tokenizer": value})
 
 
+# Keys whose value is a number in Axolotl's schema: pydantic there reads "2e-4" or "16" written as strings (YAML
+# reads 2e-4, without a dot, as a string), so the importer reads them as numbers too before converting.
+NUMERIC_KEYS = {"learning_rate", "weight_decay", "max_grad_norm", "warmup_steps", "warmup_ratio", "lora_r", "lora_alpha",
+                "lora_dropout", "micro_batch_size", "gradient_accumulation_steps", "batch_size", "num_epochs",
+                "max_steps", "val_set_size", "sequence_len", "cosine_min_lr_ratio", "adam_beta1", "adam_beta2",
+                "adam_epsilon", "adam_eps", "logging_steps", "save_steps", "eval_steps", "saves_per_epoch",
+                "evals_per_epoch", "save_total_limit", "seed"}
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _as_number(value: Any) -> Any:
+    """"16" → 16, "2e-4" → 0.0002, "1.0" → 1.0; anything else as it is."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+        return int(number) if number.is_integer() and not any(mark in value for mark in ".eE") else number
+    return value
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _steps(key: str, per_epoch: str | None) -> Converter:
+    """save_steps, eval_steps, logging_steps: a whole number of steps, or (Hugging Face's form, which Axolotl passes
+    on) a fraction below 1 of the run's total steps: every ceil(fraction × max_steps) steps."""
+    def convert(value: Any, config: dict) -> Outcome:
+        if key == "eval_steps" and not _as_number(config.get("val_set_size")) and not config.get("test_datasets"):
+            return Dropped("no held-out set (val_set_size is 0 or absent): Axolotl evaluates nothing")
+        if _is_count(value) or (isinstance(value, float) and value.is_integer() and value >= 1):
+            return Mapped({key: int(value)})
+        if not (isinstance(value, float) and 0 < value < 1):
+            return Refused(f"{_show(value)}: a whole number of steps or a fraction below 1 of the run's steps")
+        max_steps = _as_number(config.get("max_steps"))
+        if _is_count(max_steps):
+            return Mapped({key: math.ceil(max_steps * value)}, f"{value} of max_steps {max_steps}, rounded up as "
+                          "Hugging Face does")
+        if per_epoch is None:
+            return Dropped(f"{value}: every {value:.0%} of the run's steps (Hugging Face's form; Axolotl's schema now "
+                           "takes whole numbers only); logging has no effect on training, so ftclip's default applies")
+        epochs = _as_number(config.get("num_epochs")) or 1
+        if not _is_count(epochs):
+            return Refused(f"{value} of the run's steps with num_epochs {_show(epochs)}: cannot tell how often per epoch")
+        per_run = 1 / value
+        times = max(1, round(per_run / epochs))
+        exact = abs(per_run - round(per_run)) < 1e-9 and round(per_run) % epochs == 0
+        how = "the same count" if exact else "the nearest whole count"
+        return Mapped({per_epoch: times}, f"a fraction: Hugging Face acts every ceil({value} × total steps) steps, "
+                      f"{per_run:g} times in a run of {epochs} epoch(s); {per_epoch} {times} is {how} (when it fires "
+                      "can differ by a step; no effect on the trained weights)")
+    return convert
+
+
+def _base_model_config(value: Any, config: dict) -> Outcome:
+    if value == config.get("base_model"):
+        return Dropped("the same as base_model, where ftclip reads the model's config")
+    return Refused(f"loads the model's config (its architecture) from {_show(value)} instead of base_model "
+                   f"{_show(config.get('base_model'))}; ftclip reads it from base_model (for single values use "
+                   "model_config / overrides_of_model_config)")
+
+
+def _not_axolotl(note: str = "") -> Rule:
+    """A key Axolotl's schema (at 067b021c) lacks: its validation discards it, so it had no effect there."""
+    return _drop("not a key of Axolotl's config schema: Axolotl discards it, so it has no effect there"
+                 + (f" ({note})" if note else ""))
+
+
 # ---------------------------------------------------------------- the table
 
 _TRACKER = "a tracker setting: no effect on what is trained"
@@ -355,7 +476,10 @@ _HUB = "hub upload or credentials: no effect on what is trained"
 
 AXOLOTL_KEYS: dict[str, Rule] = {
     # model
-    "base_model": _same(), "tokenizer_config": _to("tokenizer", convert=_tokenizer_config),
+    "base_model": _same(),
+    "base_model_config": _to("—", "dropped when it is base_model; refused when the config comes from elsewhere",
+                             _base_model_config),
+    "tokenizer_config": _to("tokenizer", convert=_tokenizer_config),
     "trust_remote_code": _same(),
     "model_type": _to("—", "dropped for *ForCausalLM, refused otherwise", _model_type),
     "tokenizer_type": _drop("ftclip loads AutoTokenizer, which picks the tokenizer class from the checkpoint"),
@@ -368,7 +492,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "revision_of_model": _same("passed to from_pretrained"),
     "model_revision": _to("revision_of_model", "Axolotl's alias (accepted natively)"),
     "base_model_ignore_patterns": _drop("download filter: no effect on what is trained"),
-    "low_cpu_mem_usage": _drop(_MEMORY), "device_map": _refuse("spreads one model over GPUs (model parallel)"),
+    "low_cpu_mem_usage": _drop(_MEMORY),
+    "device_map": _to("—", "one device: dropped; several (auto, per-layer maps): refused (model parallel)", _device_map),
     "resize_token_embeddings_to_32x": _drop("pads the embedding matrix for speed; the trained tokens are the same"),
     "reinit_weights": _refuse("re-initializes the model's weights"),
     "experimental_skip_move_to_device": _drop(_MEMORY),
@@ -409,7 +534,9 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     # data
     "datasets": _to("datasets", "each entry converted: path, type, split, name, data_files, revision, chat options"),
     "test_datasets": _refuse("a separate eval dataset: ftclip holds out val_set_size of the training data"),
-    "pretraining_dataset": _refuse("streamed pretraining data"), "streaming": _refuse("streamed datasets"),
+    "pretraining_dataset": _refuse("streamed pretraining data (Axolotl streams it in file order and packs it); "
+                                   "ftclip reads datasets whole: list the files under datasets with type: completion"),
+    "streaming": _refuse("streamed datasets"),
     "val_set_size": _same(), "sequence_len": _same(), "train_on_inputs": _same(), "sample_packing": _same(),
     "dataset_prepared_path": _to("dataset_cache_dir", "the tokenized-data cache; alias accepted natively"),
     "dataset_processes": _same(), "dataset_num_proc": _to("dataset_processes"),
@@ -451,7 +578,7 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "warmup_ratio": _to("warmup_ratio", convert=_warmup_ratio),
     "adam_beta1": _same(), "adam_beta2": _same(), "adam_epsilon": _same(), "adam_eps": _to("adam_epsilon"),
     "adam_beta3": _refuse("a third beta (CAME/AdEMAMix)"), "adam_epsilon2": _refuse("a second epsilon (CAME)"),
-    "optim_args": _refuse("optimizer arguments ftclip does not take"),
+    "optim_args": _to("—", "dropped where it repeats the Adam settings; refused otherwise", _optim_args),
     "optim_target_modules": _refuse("GaLore/APOLLO targets"),
     "embedding_lr": _refuse("a separate embedding LR"), "embedding_lr_scale": _refuse("a separate embedding LR"),
     "loraplus_lr_ratio": _refuse("LoRA+ (a higher LR for LoRA B)"),
@@ -517,8 +644,14 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "torchdistx_path": _drop(_MEMORY), "local_rank": _drop("set by the launcher"),
     "use_ray": _refuse("Ray launching: ftclip runs under torchrun"), "ray_num_workers": _refuse("Ray launching"),
     # run
-    "seed": _same(), "output_dir": _same(), "logging_steps": _same(),
-    "save_steps": _same(), "eval_steps": _same(), "saves_per_epoch": _same(), "evals_per_epoch": _same(),
+    "seed": _same(), "output_dir": _same(),
+    "logging_steps": _to("logging_steps", "a fraction below 1 of the run's steps: dropped (logging only)",
+                         _steps("logging_steps", None)),
+    "save_steps": _to("save_steps", "a fraction below 1 of the run's steps → saves_per_epoch (× max_steps when set)",
+                      _steps("save_steps", "saves_per_epoch")),
+    "eval_steps": _to("eval_steps", "a fraction below 1 of the run's steps → evals_per_epoch (× max_steps when set)",
+                      _steps("eval_steps", "evals_per_epoch")),
+    "saves_per_epoch": _same(), "evals_per_epoch": _same(),
     "save_total_limit": _to("save_total_limit", "absent = keep all (written as 0; ftclip's default keeps 3)",
                             _save_total_limit),
     "save_strategy": _drop("when checkpoints are written: save_steps/saves_per_epoch carry it"),
@@ -554,6 +687,29 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "expert_parallel_token_capacity": _refuse("expert parallelism"),
     "use_dsv4_kernels": _drop(KERNEL_ONLY), "use_glm_dsa_kernels": _drop(KERNEL_ONLY),
     "accelerator_config": _drop("accelerate's launcher settings"),
+    # Hugging Face TrainingArguments and other settings seen in configs outside Axolotl's repository
+    "report_to": _drop(_TRACKER), "push_to_hub": _drop(_HUB), "hub_private_repo": _drop(_HUB),
+    "hub_token": _drop(_HUB), "logging_first_step": _drop("logging"), "logging_dir": _drop("logging"),
+    "dataloader_pin_memory": _drop(_MEMORY), "dataloader_num_workers": _drop(_MEMORY),
+    "dataloader_prefetch_factor": _drop(_MEMORY), "max_memory": _drop("per-device memory caps for device_map"),
+    "eval_accumulation_steps": _drop(_EVAL_ONLY), "torch_distributed_port": _drop("a launcher port"),
+    "load_best_model_at_end": _refuse("the final model is the checkpoint with the best eval loss, not the last "
+                                      "step's; ftclip's final model is the last step's"),
+    "metric_for_best_model": _drop("picks the best checkpoint for load_best_model_at_end / early stopping"),
+    "greater_is_better": _drop("picks the best checkpoint for load_best_model_at_end / early stopping"),
+    "max_packed_no_ctx_sequence_len": _refuse("an old packing setting Axolotl no longer has; packing uses "
+                                              "sequence_len"),
+    "sequence_parallel_degree": _to("—", "Axolotl's older name for context_parallel_size: refused above 1",
+                                    _parallel_size),
+    "heads_k_stride": _drop("a setting of sequence parallelism (refused above 1 there)"),
+    "ring_attn_func": _drop("a setting of sequence parallelism (refused above 1 there)"),
+    "dpo_beta": _refuse("preference training"), "rl_adapter_ref_model": _refuse("preference training"),
+    "save_embedding_layers": _not_axolotl("peft's switch to save embeddings with the adapter"),
+    "sample_packing_size": _not_axolotl(), "datasets_path": _not_axolotl(), "output_file": _not_axolotl(),
+    "deepspeed_config": _not_axolotl("the deepspeed key decides"),
+    "eval_dataset": _not_axolotl("Axolotl's is test_datasets"),
+    **{key: _not_axolotl("Axolotl's is special_tokens." + key)
+       for key in ("bos_token", "eos_token", "pad_token", "unk_token")},
     # cloud launcher settings (axolotl's modal/baseten runners), not training
     **{key: _drop("cloud launcher setting, not training") for key in (
         "gpu", "gpu_count", "provider", "node_count", "volumes", "branch", "dockerfile_commands", "memory", "timeout",
@@ -585,7 +741,15 @@ DATASET_KEYS: dict[str, Rule] = {
                               "thinking key; ftclip passes thinking/reasoning_content through but does not split"),
     "template_thinking_key": _refuse("see field_thinking: Axolotl splits <think>…</think> out of the content"),
     "field_system": _refuse("a per-record system prompt field"), "system_prompt": _refuse("a fixed system prompt"),
-    "conversation": _refuse("fastchat conversation templates"),
+    "conversation": _refuse("a fastchat conversation template, used by the ShareGPT format (see type: sharegpt)"),
+    "field_human": _refuse("ShareGPT's role names (see type: sharegpt)"),
+    "field_model": _refuse("ShareGPT's role names (see type: sharegpt)"),
+    **{key: _to("—", f"{column}: dropped (alpaca's own column); another column: refused")
+       for key, column in (("field_instruction", "instruction"), ("field_input", "input"), ("field_output", "output"))},
+    "field_prompt": _refuse("Axolotl's completion format reads one text column (field) and discards field_prompt/"
+                            "field_completion (preference-data keys): the prompt and completion columns are not read"),
+    "field_completion": _refuse("see field_prompt: Axolotl's completion format reads one text column"),
+    "prompt_style": _drop("not a key of Axolotl's dataset schema: Axolotl discards it, so it has no effect there"),
     "field_chosen": _refuse("preference pairs"), "field_rejected": _refuse("preference pairs"),
     "shards": _refuse("trains on a shard"), "shards_idx": _refuse("trains on a shard"),
     "preprocess_shards": _refuse("trains on a shard"), "train_on_split": _refuse("an extra split"),
@@ -675,6 +839,23 @@ def _rebase(value: str, output_dir: Path) -> str:
     return os.path.relpath(candidate.resolve(), output_dir.resolve())
 
 
+ALPACA_COLUMNS = {"field_instruction": "instruction", "field_input": "input", "field_output": "output"}
+
+
+def _dataset_type_refusal(value: Any) -> str:
+    if isinstance(value, dict):
+        return ("a user-defined prompt format (type as a mapping of format strings and field_* columns); ftclip reads "
+                "alpaca, completion and chat_template records: write the data in one of them")
+    if isinstance(value, str) and value.split(".")[0].split(":")[0] == "sharegpt":
+        return (f"{value}: Axolotl's older ShareGPT format with fastchat conversation templates (Axolotl itself now "
+                "rejects it); as type: chat_template with field_messages: conversations, message_property_mappings "
+                "{role: from, content: value} and roles {user: [human], assistant: [gpt]} ftclip reads the same "
+                "records with the model's chat template")
+    if value in ("json", "jsonl", "csv", "parquet", "text", "arrow"):
+        return f"{value!r} is a file format (Axolotl's ds_type), not a prompt format; ftclip's are alpaca, completion, chat"
+    return f"prompt format {_show(value)}: ftclip reads alpaca, completion and chat_template records"
+
+
 def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, output_dir: Path) -> dict | None:
     result = builder.result
     where = f"datasets[{index}]"
@@ -693,9 +874,8 @@ def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, ou
         elif key == "path":
             converted["path"] = _rebase(str(value), output_dir)
         elif key == "type":
-            if value not in DATASET_TYPES:
-                result.refused.append((name, f"prompt format {value!r}: ftclip reads alpaca, completion and "
-                                             "chat_template records"))
+            if not isinstance(value, str) or value not in DATASET_TYPES:
+                result.refused.append((name, _dataset_type_refusal(value)))
             else:
                 converted["type"] = DATASET_TYPES[value]
                 if value != DATASET_TYPES[value]:
@@ -705,10 +885,24 @@ def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, ou
             mappings["role" if key.endswith("role") else "content"] = value
             result.mapped.append((name, f"{where}.message_property_mappings", "Axolotl's older spelling"))
         elif key == "field":
-            if entry.get("type") == "completion" and value == "text":
+            if entry.get("type") != "completion":
+                result.dropped.append((name, f"Axolotl's completion format alone reads it (the text column); with "
+                                             f"type {_show(entry.get('type'))} it has no effect"))
+            elif value == "text":
                 result.dropped.append((name, "text: ftclip's completion field"))
             else:
-                result.refused.append((name, f"reads records from field {value!r}; ftclip's completion reads text"))
+                result.refused.append((name, f"completion text read from column {value!r}; ftclip's completion reads "
+                                             "the text column"))
+        elif key in ALPACA_COLUMNS:
+            if entry.get("type") == "alpaca" and value == ALPACA_COLUMNS[key]:
+                result.dropped.append((name, f"{value}: alpaca's own column, read by ftclip's alpaca too (Axolotl "
+                                             "reads field_* only inside a user-defined type mapping)"))
+            elif entry.get("type") == "alpaca":
+                result.refused.append((name, f"reads {value!r} as the {ALPACA_COLUMNS[key]} column: ftclip's alpaca "
+                                             "reads instruction, input and output (rename the columns)"))
+            else:
+                result.refused.append((name, f"a column of Axolotl's user-defined prompt formats; with type "
+                                             f"{_show(entry.get('type'))} there is no format that reads it"))
         elif key == "chat_template":
             top = config.get("chat_template")
             if top in (None, value):
@@ -730,7 +924,7 @@ def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, ou
 def _apply(key: str, value: Any, config: dict, builder: _Builder, source: Path) -> None:
     result = builder.result
     origin = f"from {key}: {_show(value)}"
-    if value is None:
+    if value is None or value == "":  # `key:` or `key: ""`, as configs written from a template leave them
         result.dropped.append((key, "empty: not set, the default applies"))
         return
     rule = AXOLOTL_KEYS.get(key)
@@ -752,14 +946,17 @@ def _apply(key: str, value: Any, config: dict, builder: _Builder, source: Path) 
         else:
             result.refused.append((key, rule.why))
         return
-    if key == "deepspeed":
-        outcome = _strategy_from_deepspeed(value, config, source)
-    elif rule.convert is not None:
-        outcome = rule.convert(value, config)
-    elif rule.kind == "same":
-        outcome = Mapped({key: value})  # the rule's note is for the README table
-    else:
-        outcome = Mapped({rule.ftclip: value}, rule.why)
+    try:
+        if key == "deepspeed":
+            outcome = _strategy_from_deepspeed(value, config, source)
+        elif rule.convert is not None:
+            outcome = rule.convert(value, config)
+        elif rule.kind == "same":
+            outcome = Mapped({key: value})  # the rule's note is for the README table
+        else:
+            outcome = Mapped({rule.ftclip: value}, rule.why)
+    except (TypeError, ValueError, AttributeError, KeyError):  # a value of a form Axolotl's schema does not take
+        outcome = Refused(f"{_show(value)} ({type(value).__name__}) is not a value of the form this key takes")
     if isinstance(outcome, Dropped):
         result.dropped.append((key, outcome.why))
     elif isinstance(outcome, Refused):
@@ -832,11 +1029,16 @@ def import_config(source: str | Path, output: str | Path | None = None) -> Impor
             result.text = f"# Already an ftclip recipe ({source}); copied unchanged by `ftclip import-axolotl`.\n" + text
             return result
 
+    # Numbers written as strings ("2e-4": YAML reads an exponent without a dot as text) are numbers to Axolotl.
+    config = {key: _as_number(value) if key in NUMERIC_KEYS else value for key, value in config.items()}
     builder = _Builder(result)
     for key, value in config.items():
         if key == "datasets" and value is not None:
+            if isinstance(value, dict):  # one dataset written without the list's "- "
+                result.mapped.append(("datasets", "datasets", "a single mapping: read as a list of one entry"))
+                value = [value]
             if not isinstance(value, list):
-                result.refused.append(("datasets", "must be a list of dataset entries"))
+                result.refused.append(("datasets", f"{_show(value)}: datasets is a list of entries with path and type"))
                 continue
             entries = [_convert_dataset(i, entry, config, builder, output_dir) for i, entry in enumerate(value)]
             builder.put("datasets", [entry for entry in entries if entry is not None], "from datasets")

@@ -26,6 +26,7 @@ class ChatSource:
     folder: Path  # the adapter or the model folder
     base_model: str | None  # set when `folder` is an adapter
     recipe: dict[str, Any]  # the saved recipe ({} when the folder has none)
+    base_given: bool = False  # the base model was named by hand (--base-model), not read from the adapter
 
 
 def find_chat_source(path: Path, base_model: str | None = None) -> ChatSource:
@@ -40,7 +41,7 @@ def find_chat_source(path: Path, base_model: str | None = None) -> ChatSource:
                 raise ModelError(f"{folder / ADAPTER_CONFIG} does not name its base model; pass --base-model")
             if Path(base).is_absolute() and not (Path(base) / "config.json").is_file():
                 raise ModelError(f"the adapter's base model {base} is gone (no config.json); pass --base-model")
-            return ChatSource(folder, base, _saved_recipe(folder, path))
+            return ChatSource(folder, base, _saved_recipe(folder, path), base_given=base_model is not None)
         if (folder / "config.json").is_file():
             return ChatSource(folder, None, _saved_recipe(folder, path))
     raise ModelError(f"{path}: no adapter ({ADAPTER_CONFIG}) or model (config.json) here or in adapter/, model/ "
@@ -100,7 +101,7 @@ def load_for_chat(source: ChatSource, trust_remote_code: bool = False):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ftclip.merge import merge_precision
+    from ftclip.merge import base_model_options, merge_precision
 
     on_gpu = torch.cuda.is_available()
     dtype = getattr(torch, merge_precision(source.folder)[0]) if on_gpu else torch.float32
@@ -108,7 +109,12 @@ def load_for_chat(source: ChatSource, trust_remote_code: bool = False):
     tokenizer_source = source.folder if (source.folder / "tokenizer_config.json").is_file() else model_source
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, trust_remote_code=trust_remote_code)
+        # An adapter's base is loaded as training loaded it (revision, overrides_of_model_config); a merged or full
+        # model folder saved its config with the overrides already set.
+        options = base_model_options(source.base_model, source.folder, source.recipe, source.base_given,
+                                     trust_remote_code) if source.base_model else {}
+        model = AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **options)
         if source.base_model:
             from peft import PeftModel
 

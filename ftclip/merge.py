@@ -62,6 +62,33 @@ def merge_precision(adapter: Path, requested: str = "auto") -> tuple[str, str]:
     return "float32", "the run trained in fp32"
 
 
+def saved_recipe(adapter: Path) -> dict:
+    """The recipe the run saved beside its adapter ({} when there is none)."""
+    recipe_file = adapter / RECIPE_FILE
+    return (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}) if recipe_file.is_file() else {}
+
+
+def base_model_options(base: str, adapter: Path, recipe: dict, base_given: bool = False,
+                       trust_remote_code: bool = False) -> dict:
+    """from_pretrained's revision and config for an adapter's base, as training loaded it (modeling.load_model):
+    the revision adapter_config.json records (peft writes the one training passed; the recipe's
+    revision_of_model otherwise), and the recipe's overrides_of_model_config (alias model_config) set on the
+    base's config. A base given by hand (--base-model) is loaded as it is, with the overrides only."""
+    config = json.loads((adapter / ADAPTER_CONFIG).read_text()) if (adapter / ADAPTER_CONFIG).is_file() else {}
+    revision = None if base_given else (config.get("revision") or recipe.get("revision_of_model")
+                                        or recipe.get("model_revision"))
+    options: dict = {"revision": revision} if revision else {}
+    overrides = recipe.get("overrides_of_model_config") or recipe.get("model_config") or {}
+    if overrides:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **options)
+        for key, value in overrides.items():  # as Axolotl and ftclip's training set them (setattr)
+            setattr(model_config, key, value)
+        options["config"] = model_config
+    return options
+
+
 def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | None = None, dtype: str = "auto",
                   report=lambda message: None) -> Path:
     """Merge and save; `report(message)` hears which precision was chosen and why."""
@@ -82,7 +109,8 @@ def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | N
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype_name))
+        options = base_model_options(base, adapter, saved_recipe(adapter), base_given=base_model is not None)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype_name), **options)
         grow_embeddings(model, tokenizer)  # an adapter trained with added tokens saved the larger embeddings
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (OSError, ValueError, RuntimeError) as error:
