@@ -1,25 +1,16 @@
-"""Axolotl configs → ftclip recipes. One table (AXOLOTL_KEYS) says, for every Axolotl key ftclip knows
-about, whether it maps to an ftclip key, is dropped (no effect on what is trained) or is refused (it changes
-training and ftclip has no equivalent). The importer, `validate`'s messages for Axolotl keys and the README's
-"Coming from Axolotl" table are all made from it. Meanings and defaults follow Axolotl's schema
-(src/axolotl/utils/schemas/*.py in axolotl-ai-cloud/axolotl)."""
+"""Axolotl's keys and what each becomes in ftclip: the outcomes (mapped, dropped, refused), the converters that
+read a value in the context of the whole config, and the one table (AXOLOTL_KEYS, DATASET_KEYS) that the
+importer, validate's messages for Axolotl keys and the README's table are all made from."""
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import yaml
-
-from ftclip.errors import RecipeError
-from ftclip.recipe import Recipe, parse_recipe
 
 # ---------------------------------------------------------------- outcomes of one key
 
@@ -75,6 +66,16 @@ def _refuse(why: str) -> Rule:
 
 # ---------------------------------------------------------------- converters (value, whole config) → outcome
 
+def is_off(value: Any) -> bool:
+    return value is None or value is False or value == 0 or value in ("", [], {})
+
+
+def show_value(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+
 ATTENTION = {"flash_attention_2": "flash_attention_2", "sdpa": "sdpa", "eager": "eager", "flex_attention": "flex_attention"}
 KERNEL_ONLY = "a faster kernel for the same math; ftclip uses transformers' own implementation"
 
@@ -91,8 +92,8 @@ def _attention(value: Any, config: dict) -> Outcome:
 
 def _attention_flag(implementation: str) -> Converter:
     def convert(value: Any, config: dict) -> Outcome:
-        if _is_off(value):
-            return Dropped(f"{_show(value)}: this attention is off (the model's default attention applies)")
+        if is_off(value):
+            return Dropped(f"{show_value(value)}: this attention is off (the model's default attention applies)")
         if config.get("attn_implementation"):
             return Dropped("attn_implementation is given and takes precedence")
         return Mapped({"attn_implementation": implementation}, "the same attention, by transformers' name")
@@ -144,7 +145,7 @@ def _scheduler_kwargs(value: Any, config: dict) -> Outcome:
 
 def _warmup_steps(value: Any, config: dict) -> Outcome:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        return Refused(f"{_show(value)} is not a step count (a whole number, or a fraction below 1 for a ratio)")
+        return Refused(f"{show_value(value)} is not a step count (a whole number, or a fraction below 1 for a ratio)")
     if isinstance(value, float) and 0 < value < 1:  # transformers 5 reads a fraction as a ratio
         return Mapped({"warmup_ratio": value}, "a fraction below 1 is a share of the steps (transformers 5)")
     return Mapped({"warmup_steps": int(value)})
@@ -159,9 +160,9 @@ def _warmup_ratio(value: Any, config: dict) -> Outcome:
 def _batch_size(value: Any, config: dict) -> Outcome:
     if config.get("gradient_accumulation_steps"):
         return Dropped("gradient_accumulation_steps is given and takes precedence in Axolotl")
-    micro = _as_number(config.get("micro_batch_size")) or 1
+    micro = as_number(config.get("micro_batch_size")) or 1
     if not _is_count(value) or not _is_count(micro):
-        return Refused(f"batch_size {_show(value)} with micro_batch_size {_show(micro)}: both must be whole numbers")
+        return Refused(f"batch_size {show_value(value)} with micro_batch_size {show_value(micro)}: both must be whole numbers")
     if value % micro:
         return Refused(f"batch_size {value} is not a multiple of micro_batch_size {micro}")
     return Mapped({"gradient_accumulation_steps": value // micro}, "batch_size = micro_batch_size × accumulation")
@@ -216,12 +217,12 @@ def _model_type(value: Any, config: dict) -> Outcome:
     return Refused(f"{value}: ftclip trains causal language models (AutoModelForCausalLM) only")
 
 
-def _strategy_from_deepspeed(value: Any, config: dict, source: Path | None = None) -> Outcome:
+def strategy_from_deepspeed(value: Any, config: dict, source: Path | None = None) -> Outcome:
     if isinstance(value, dict):  # Axolotl takes the DeepSpeed settings inline too
         stage = (value.get("zero_optimization") or {}).get("stage") if isinstance(value.get("zero_optimization"), dict) else None
         return _strategy_from_zero_stage(stage, "the inline DeepSpeed settings")
     if not isinstance(value, str):
-        return Refused(f"{_show(value)}: deepspeed takes a DeepSpeed JSON file's path or its settings as a mapping")
+        return Refused(f"{show_value(value)}: deepspeed takes a DeepSpeed JSON file's path or its settings as a mapping")
     stage = None
     for candidate in (Path(value), (source.parent / value) if source else None):
         if candidate is not None and candidate.is_file():
@@ -267,9 +268,9 @@ def distributed_strategy(config: dict, source: Path | None = None) -> tuple[str 
     ZeRO-3 or FULL_SHARD → fsdp, ZeRO-1/2 or NO_SHARD → ddp. strategy is None when none of them is set."""
     for key in ("deepspeed", "fsdp_config", "fsdp"):
         value = config.get(key)
-        if _is_off(value):
+        if is_off(value):
             continue
-        outcome = _strategy_from_deepspeed(value, config, source) if key == "deepspeed" else _strategy_from_fsdp(value, config)
+        outcome = strategy_from_deepspeed(value, config, source) if key == "deepspeed" else _strategy_from_fsdp(value, config)
         if isinstance(outcome, Refused):
             return None, outcome.why, key
         if isinstance(outcome, Mapped):
@@ -281,7 +282,7 @@ def _plugins(value: Any, config: dict) -> Outcome:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
-        return Refused(f"{_show(value)}: plugins is a list of plugin class paths")
+        return Refused(f"{show_value(value)}: plugins is a list of plugin class paths")
     refused, updates, notes = [], {}, []
     for plugin in value:
         name = str(plugin).rsplit(".", 1)[-1]
@@ -362,8 +363,8 @@ def _bnb_config_kwargs(value: Any, config: dict) -> Outcome:
 def _device_map(value: Any, config: dict) -> Outcome:
     devices = set(value.values()) if isinstance(value, dict) else {value}
     if len(devices) == 1 and not isinstance(next(iter(devices)), (str, dict, list)) or devices <= {"cuda", "cuda:0"}:
-        return Dropped(f"{_show(value)}: the whole model on one device, as ftclip places it for training")
-    return Refused(f"{_show(value)} can spread one model over several GPUs (model parallel); ftclip keeps a whole copy "
+        return Dropped(f"{show_value(value)}: the whole model on one device, as ftclip places it for training")
+    return Refused(f"{show_value(value)} can spread one model over several GPUs (model parallel); ftclip keeps a whole copy "
                    "per GPU (DDP) or shards it (FSDP)")
 
 
@@ -373,18 +374,18 @@ _ADAM_ARGS = {"eps": ("adam_epsilon", 1e-8), "beta1": ("adam_beta1", 0.9), "beta
 
 def _optim_args(value: Any, config: dict) -> Outcome:
     if not isinstance(value, dict):
-        return Refused(f"optimizer arguments {_show(value)}: ftclip's optimizers take adam_beta1, adam_beta2 and "
+        return Refused(f"optimizer arguments {show_value(value)}: ftclip's optimizers take adam_beta1, adam_beta2 and "
                        "adam_epsilon by name")
     differing = []
     for name, setting in value.items():
         key, default = _ADAM_ARGS.get(name, (None, None))
-        given = _as_number(config.get(key)) if key and config.get(key) is not None else default
-        if key is None or _as_number(setting) != given:
-            differing.append(f"{name}: {_show(setting)}")
+        given = as_number(config.get(key)) if key and config.get(key) is not None else default
+        if key is None or as_number(setting) != given:
+            differing.append(f"{name}: {show_value(setting)}")
     if differing:
         return Refused(f"optimizer arguments {', '.join(differing)}: ftclip's optimizers take adam_beta1, adam_beta2 "
                        "and adam_epsilon by name (set those instead where they mean the same)")
-    return Dropped(f"{_show(value)}: the same values the Adam settings have here (adam_epsilon, adam_beta1/2)")
+    return Dropped(f"{show_value(value)}: the same values the Adam settings have here (adam_epsilon, adam_beta1/2)")
 
 
 def _parallel_size(value: Any, config: dict) -> Outcome:
@@ -411,7 +412,7 @@ NUMERIC_KEYS = {"learning_rate", "weight_decay", "max_grad_norm", "warmup_steps"
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def _as_number(value: Any) -> Any:
+def as_number(value: Any) -> Any:
     """"16" → 16, "2e-4" → 0.0002, "1.0" → 1.0; anything else as it is."""
     if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
         number = float(value)
@@ -427,22 +428,22 @@ def _steps(key: str, per_epoch: str | None) -> Converter:
     """save_steps, eval_steps, logging_steps: a whole number of steps, or (Hugging Face's form, which Axolotl passes
     on) a fraction below 1 of the run's total steps: every ceil(fraction × max_steps) steps."""
     def convert(value: Any, config: dict) -> Outcome:
-        if key == "eval_steps" and not _as_number(config.get("val_set_size")) and not config.get("test_datasets"):
+        if key == "eval_steps" and not as_number(config.get("val_set_size")) and not config.get("test_datasets"):
             return Dropped("no held-out set (val_set_size is 0 or absent): Axolotl evaluates nothing")
         if _is_count(value) or (isinstance(value, float) and value.is_integer() and value >= 1):
             return Mapped({key: int(value)})
         if not (isinstance(value, float) and 0 < value < 1):
-            return Refused(f"{_show(value)}: a whole number of steps or a fraction below 1 of the run's steps")
-        max_steps = _as_number(config.get("max_steps"))
+            return Refused(f"{show_value(value)}: a whole number of steps or a fraction below 1 of the run's steps")
+        max_steps = as_number(config.get("max_steps"))
         if _is_count(max_steps):
             return Mapped({key: math.ceil(max_steps * value)}, f"{value} of max_steps {max_steps}, rounded up as "
                           "Hugging Face does")
         if per_epoch is None:
             return Dropped(f"{value}: every {value:.0%} of the run's steps (Hugging Face's form; Axolotl's schema now "
                            "takes whole numbers only); logging has no effect on training, so ftclip's default applies")
-        epochs = _as_number(config.get("num_epochs")) or 1
+        epochs = as_number(config.get("num_epochs")) or 1
         if not _is_count(epochs):
-            return Refused(f"{value} of the run's steps with num_epochs {_show(epochs)}: cannot tell how often per epoch")
+            return Refused(f"{value} of the run's steps with num_epochs {show_value(epochs)}: cannot tell how often per epoch")
         per_run = 1 / value
         times = max(1, round(per_run / epochs))
         exact = abs(per_run - round(per_run)) < 1e-9 and round(per_run) % epochs == 0
@@ -456,8 +457,8 @@ def _steps(key: str, per_epoch: str | None) -> Converter:
 def _base_model_config(value: Any, config: dict) -> Outcome:
     if value == config.get("base_model"):
         return Dropped("the same as base_model, where ftclip reads the model's config")
-    return Refused(f"loads the model's config (its architecture) from {_show(value)} instead of base_model "
-                   f"{_show(config.get('base_model'))}; ftclip reads it from base_model (for single values use "
+    return Refused(f"loads the model's config (its architecture) from {show_value(value)} instead of base_model "
+                   f"{show_value(config.get('base_model'))}; ftclip reads it from base_model (for single values use "
                    "model_config / overrides_of_model_config)")
 
 
@@ -467,9 +468,10 @@ def _not_axolotl(note: str = "") -> Rule:
                  + (f" ({note})" if note else ""))
 
 
+
 # ---------------------------------------------------------------- the table
 
-_TRACKER = "a tracker setting: no effect on what is trained"
+TRACKER_WHY = "a tracker setting: no effect on what is trained"
 _EVAL_ONLY = "evaluation only: no effect on what is trained"
 _MEMORY = "memory or speed only: the same gradients"
 _HUB = "hub upload or credentials: no effect on what is trained"
@@ -664,14 +666,14 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "do_causal_lm_eval": _drop(_EVAL_ONLY), "eval_causal_lm_metrics": _drop(_EVAL_ONLY), "do_bench_eval": _drop(_EVAL_ONLY),
     "strict": _drop("Axolotl's config-merging switch"), "debug": _drop("logging"), "gpu_memory_limit": _drop(_MEMORY),
     "wandb_project": _same(), "wandb_entity": _same(), "wandb_name": _same(), "wandb_mode": _same(),
-    "wandb_run_id": _same(), "wandb_watch": _drop(_TRACKER), "wandb_log_model": _drop(_TRACKER),
-    "use_wandb": _drop(_TRACKER),
+    "wandb_run_id": _same(), "wandb_watch": _drop(TRACKER_WHY), "wandb_log_model": _drop(TRACKER_WHY),
+    "use_wandb": _drop(TRACKER_WHY),
     "mlflow_tracking_uri": _same(), "mlflow_experiment_name": _same(), "mlflow_run_name": _same(),
-    "hf_mlflow_log_artifacts": _drop(_TRACKER), "use_mlflow": _drop(_TRACKER),
+    "hf_mlflow_log_artifacts": _drop(TRACKER_WHY), "use_mlflow": _drop(TRACKER_WHY),
     "use_tensorboard": _drop("ftclip always writes TensorBoard logs"),
-    "comet_api_key": _drop(_TRACKER), "comet_workspace": _drop(_TRACKER), "comet_project_name": _drop(_TRACKER),
-    "use_comet": _drop(_TRACKER), "use_swanlab": _drop(_TRACKER), "use_otel_metrics": _drop(_TRACKER),
-    "otel_metrics_host": _drop(_TRACKER), "otel_metrics_port": _drop(_TRACKER),
+    "comet_api_key": _drop(TRACKER_WHY), "comet_workspace": _drop(TRACKER_WHY), "comet_project_name": _drop(TRACKER_WHY),
+    "use_comet": _drop(TRACKER_WHY), "use_swanlab": _drop(TRACKER_WHY), "use_otel_metrics": _drop(TRACKER_WHY),
+    "otel_metrics_host": _drop(TRACKER_WHY), "otel_metrics_port": _drop(TRACKER_WHY),
     "ebft": _refuse("energy-based fine-tuning (an RL-style trainer)"), "vllm": _refuse("vLLM generation for RL"),
     "diffusion": _refuse("diffusion language-model training"),
     "llama4_linearized_experts": _refuse("Llama 4 MoE experts rewritten as linear layers"),
@@ -688,7 +690,7 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "use_dsv4_kernels": _drop(KERNEL_ONLY), "use_glm_dsa_kernels": _drop(KERNEL_ONLY),
     "accelerator_config": _drop("accelerate's launcher settings"),
     # Hugging Face TrainingArguments and other settings seen in configs outside Axolotl's repository
-    "report_to": _drop(_TRACKER), "push_to_hub": _drop(_HUB), "hub_private_repo": _drop(_HUB),
+    "report_to": _drop(TRACKER_WHY), "push_to_hub": _drop(_HUB), "hub_private_repo": _drop(_HUB),
     "hub_token": _drop(_HUB), "logging_first_step": _drop("logging"), "logging_dir": _drop("logging"),
     "dataloader_pin_memory": _drop(_MEMORY), "dataloader_num_workers": _drop(_MEMORY),
     "dataloader_prefetch_factor": _drop(_MEMORY), "max_memory": _drop("per-device memory caps for device_map"),
@@ -763,7 +765,7 @@ def unknown_key_message(key: str, dataset: bool = False, value: Any = None) -> s
     """validate's message for an Axolotl key ftclip's recipe lacks, or None when it is not an Axolotl key."""
     rule = (DATASET_KEYS if dataset else AXOLOTL_KEYS).get(key)
     if rule is None and not dataset and key.startswith(TRACKER_PREFIXES):
-        rule = _drop(_TRACKER)
+        rule = _drop(TRACKER_WHY)
     if rule is None:
         return None
     head = f"Axolotl key `{key}`"
@@ -776,321 +778,6 @@ def unknown_key_message(key: str, dataset: bool = False, value: Any = None) -> s
     note = f" ({rule.why})" if rule.why else ""
     return f"{head}: {where}{note}; run `ftclip import-axolotl` to convert the whole config"
 
-
-# ---------------------------------------------------------------- importing one config
-
-
-@dataclass
-class ImportResult:
-    source: str
-    output: str | None = None
-    mapped: list[tuple[str, str, str]] = field(default_factory=list)  # (axolotl key, ftclip key(s), note)
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    refused: list[tuple[str, str]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)  # unreadable input, or the written recipe fails validation
-    native: bool = False
-    text: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return not self.refused and not self.problems and self.text is not None
-
-    def as_json(self) -> dict:
-        return {
-            "source": self.source, "output": self.output if self.ok else None, "written": self.ok,
-            "native_ftclip": self.native,
-            "mapped": [{"from": old, "to": new, "note": note} for old, new, note in self.mapped],
-            "dropped": [{"key": key, "why": why} for key, why in self.dropped],
-            "refused": [{"key": key, "why": why} for key, why in self.refused],
-            "problems": self.problems,
-        }
-
-
-def _is_off(value: Any) -> bool:
-    return value is None or value is False or value == 0 or value in ("", [], {})
-
-
-def _show(value: Any) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else value
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-class _Builder:
-    """Collects ftclip keys with the comment that says where each came from."""
-
-    def __init__(self, result: ImportResult):
-        self.result = result
-        self.values: dict[str, Any] = {}
-        self.origins: dict[str, list[str]] = {}
-
-    def put(self, key: str, value: Any, origin: str) -> None:
-        if key == "distributed":
-            value = {**self.values.get("distributed", {}), **value}
-        self.values[key] = value
-        self.origins.setdefault(key, []).append(origin)
-
-
-def _rebase(value: str, output_dir: Path) -> str:
-    """A local path Axolotl reads relative to the working directory, made relative to the written recipe
-    (ftclip reads input paths relative to the recipe's folder). Hub ids and absent paths stay as they are."""
-    candidate = Path(value).expanduser()
-    if candidate.is_absolute() or not candidate.exists():
-        return value
-    return os.path.relpath(candidate.resolve(), output_dir.resolve())
-
-
-ALPACA_COLUMNS = {"field_instruction": "instruction", "field_input": "input", "field_output": "output"}
-
-
-def _dataset_type_refusal(value: Any) -> str:
-    if isinstance(value, dict):
-        return ("a user-defined prompt format (type as a mapping of format strings and field_* columns); ftclip reads "
-                "alpaca, completion and chat_template records: write the data in one of them")
-    if isinstance(value, str) and value.split(".")[0].split(":")[0] == "sharegpt":
-        return (f"{value}: Axolotl's older ShareGPT format with fastchat conversation templates (Axolotl itself now "
-                "rejects it); as type: chat_template with field_messages: conversations, message_property_mappings "
-                "{role: from, content: value} and roles {user: [human], assistant: [gpt]} ftclip reads the same "
-                "records with the model's chat template")
-    if value in ("json", "jsonl", "csv", "parquet", "text", "arrow"):
-        return f"{value!r} is a file format (Axolotl's ds_type), not a prompt format; ftclip's are alpaca, completion, chat"
-    return f"prompt format {_show(value)}: ftclip reads alpaca, completion and chat_template records"
-
-
-def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, output_dir: Path) -> dict | None:
-    result = builder.result
-    where = f"datasets[{index}]"
-    if not isinstance(entry, dict):
-        result.refused.append((where, "a dataset entry must be a mapping with path and type"))
-        return None
-    converted: dict[str, Any] = {}
-    for key, value in entry.items():
-        name = f"{where}.{key}"
-        if value is None:
-            result.dropped.append((name, "empty: not set"))
-            continue
-        rule = DATASET_KEYS.get(key)
-        if rule is None:
-            result.refused.append((name, "not a dataset key ftclip's importer knows; it may change the data"))
-        elif key == "path":
-            converted["path"] = _rebase(str(value), output_dir)
-        elif key == "type":
-            if not isinstance(value, str) or value not in DATASET_TYPES:
-                result.refused.append((name, _dataset_type_refusal(value)))
-            else:
-                converted["type"] = DATASET_TYPES[value]
-                if value != DATASET_TYPES[value]:
-                    result.mapped.append((name, f"{where}.type: {DATASET_TYPES[value]}", "the same record format"))
-        elif key in ("message_field_role", "message_field_content"):
-            mappings = converted.setdefault("message_property_mappings", {})
-            mappings["role" if key.endswith("role") else "content"] = value
-            result.mapped.append((name, f"{where}.message_property_mappings", "Axolotl's older spelling"))
-        elif key == "field":
-            if entry.get("type") != "completion":
-                result.dropped.append((name, f"Axolotl's completion format alone reads it (the text column); with "
-                                             f"type {_show(entry.get('type'))} it has no effect"))
-            elif value == "text":
-                result.dropped.append((name, "text: ftclip's completion field"))
-            else:
-                result.refused.append((name, f"completion text read from column {value!r}; ftclip's completion reads "
-                                             "the text column"))
-        elif key in ALPACA_COLUMNS:
-            if entry.get("type") == "alpaca" and value == ALPACA_COLUMNS[key]:
-                result.dropped.append((name, f"{value}: alpaca's own column, read by ftclip's alpaca too (Axolotl "
-                                             "reads field_* only inside a user-defined type mapping)"))
-            elif entry.get("type") == "alpaca":
-                result.refused.append((name, f"reads {value!r} as the {ALPACA_COLUMNS[key]} column: ftclip's alpaca "
-                                             "reads instruction, input and output (rename the columns)"))
-            else:
-                result.refused.append((name, f"a column of Axolotl's user-defined prompt formats; with type "
-                                             f"{_show(entry.get('type'))} there is no format that reads it"))
-        elif key == "chat_template":
-            top = config.get("chat_template")
-            if top in (None, value):
-                builder.put("chat_template", value, f"from {name}: {value}")
-                result.mapped.append((name, "chat_template", "ftclip has one chat template per recipe"))
-            else:
-                result.refused.append((name, f"{value!r} differs from the recipe's chat_template {top!r}; ftclip has one"))
-        elif rule.kind == "same":
-            converted[key] = value
-        elif rule.kind == "drop" or (rule.kind == "refuse" and _is_off(value)):
-            result.dropped.append((name, rule.why if rule.kind == "drop" else f"{_show(value)}: off"))
-        else:
-            result.refused.append((name, rule.why))
-    if "type" not in entry:
-        result.refused.append((f"{where}.type", "missing: ftclip needs the record format (alpaca, completion, chat)"))
-    return converted
-
-
-def _apply(key: str, value: Any, config: dict, builder: _Builder, source: Path) -> None:
-    result = builder.result
-    origin = f"from {key}: {_show(value)}"
-    if value is None or value == "":  # `key:` or `key: ""`, as configs written from a template leave them
-        result.dropped.append((key, "empty: not set, the default applies"))
-        return
-    rule = AXOLOTL_KEYS.get(key)
-    if rule is None and key.startswith(TRACKER_PREFIXES) and key not in Recipe.model_fields:
-        rule = _drop(_TRACKER)
-    if rule is None:
-        if key in Recipe.model_fields:  # ftclip's own key: carried over as it is
-            builder.put(key, value, origin)
-            result.mapped.append((key, key, "an ftclip key"))
-        else:
-            result.refused.append((key, "not a key ftclip's importer knows; it may change training"))
-        return
-    if rule.kind == "drop":
-        result.dropped.append((key, rule.why))
-        return
-    if rule.kind == "refuse":
-        if _is_off(value):
-            result.dropped.append((key, f"{_show(value)}: the feature is off"))
-        else:
-            result.refused.append((key, rule.why))
-        return
-    try:
-        if key == "deepspeed":
-            outcome = _strategy_from_deepspeed(value, config, source)
-        elif rule.convert is not None:
-            outcome = rule.convert(value, config)
-        elif rule.kind == "same":
-            outcome = Mapped({key: value})  # the rule's note is for the README table
-        else:
-            outcome = Mapped({rule.ftclip: value}, rule.why)
-    except (TypeError, ValueError, AttributeError, KeyError):  # a value of a form Axolotl's schema does not take
-        outcome = Refused(f"{_show(value)} ({type(value).__name__}) is not a value of the form this key takes")
-    if isinstance(outcome, Dropped):
-        result.dropped.append((key, outcome.why))
-    elif isinstance(outcome, Refused):
-        result.refused.append((key, outcome.why))
-    else:
-        for new_key, new_value in outcome.updates.items():
-            builder.put(new_key, new_value, origin)
-        targets = ", ".join(f"{k}: {_show(v)}" for k, v in outcome.updates.items()) or "—"
-        result.mapped.append((key, targets, outcome.note))
-
-
-# Where Axolotl's default differs from ftclip's, the importer writes Axolotl's out (when the key is absent).
-def _axolotl_defaults(config: dict, values: dict) -> list[tuple[str, Any, str]]:
-    defaults = [("bf16", "auto", "Axolotl's default bf16: auto (ftclip's is false)"),
-                ("tf32", "auto", "Axolotl's default tf32: auto (ftclip's is false)"),
-                ("save_total_limit", 0, "Axolotl keeps every checkpoint by default (ftclip keeps 3): 0 keeps all")]
-    if values.get("adapter"):
-        defaults.append(("lora_dropout", 0.0, "Axolotl's default lora_dropout 0.0 (ftclip's is 0.05)"))
-    if "warmup_steps" not in values and "warmup_ratio" not in values:
-        defaults.append(("warmup_ratio", 0.03, "Axolotl warms up over 3% of the steps when neither warmup_steps nor "
-                                              "warmup_ratio is set (it caps that at 100 steps; ftclip does not)"))
-    if values.get("fp16") and "bf16" not in values:
-        defaults = [d for d in defaults if d[0] != "bf16"]  # Axolotl turns bf16: auto off when fp16 is set
-    return [(key, value, why) for key, value, why in defaults if key not in values]
-
-
-def _lora_target_check(values: dict, result: ImportResult) -> None:
-    if values.get("adapter") and "lora_target_modules" not in values and not values.get("lora_target_linear"):
-        result.refused.append(("lora_target_modules", "absent: Axolotl lets peft choose the modules by architecture; "
-                                                      "name them (or set lora_target_linear: true)"))
-
-
-def _render(builder: _Builder, source: str) -> str:
-    lines = [f"# Imported from the Axolotl config {source} by `ftclip import-axolotl`.",
-             "# Each key's comment says which Axolotl key it came from.", ""]
-    order = list(Recipe.model_fields)
-    for key in sorted(builder.values, key=lambda k: order.index(k) if k in order else len(order)):
-        for origin in builder.origins[key]:
-            lines.append(f"# {origin}")
-        lines.append(yaml.safe_dump({key: builder.values[key]}, sort_keys=False, allow_unicode=True,
-                                    width=1000).rstrip())
-    return "\n".join(lines) + "\n"
-
-
-def import_config(source: str | Path, output: str | Path | None = None) -> ImportResult:
-    """Convert one Axolotl config to ftclip recipe text (result.text), with the per-key report. Writes nothing."""
-    source = Path(source)
-    result = ImportResult(str(source), str(output) if output else None)
-    output_dir = Path(output).parent if output else source.parent
-    try:
-        text = source.read_text(encoding="utf-8")
-        config = yaml.safe_load(text)
-    except FileNotFoundError:
-        result.problems.append("no such file")
-        return result
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        result.problems.append(f"cannot read it as YAML: {error}")
-        return result
-    if not isinstance(config, dict):
-        result.problems.append("not a mapping of keys (an Axolotl config is one)")
-        return result
-    if set(config) & FTCLIP_ONLY_KEYS:
-        try:
-            parse_recipe(text, str(source))
-        except RecipeError:
-            pass
-        else:  # already an ftclip recipe: its meaning rests on ftclip's defaults, so it is kept as it is
-            result.native = True
-            result.mapped = [(key, key, "an ftclip key") for key in config]
-            result.text = f"# Already an ftclip recipe ({source}); copied unchanged by `ftclip import-axolotl`.\n" + text
-            return result
-
-    # Numbers written as strings ("2e-4": YAML reads an exponent without a dot as text) are numbers to Axolotl.
-    config = {key: _as_number(value) if key in NUMERIC_KEYS else value for key, value in config.items()}
-    builder = _Builder(result)
-    for key, value in config.items():
-        if key == "datasets" and value is not None:
-            if isinstance(value, dict):  # one dataset written without the list's "- "
-                result.mapped.append(("datasets", "datasets", "a single mapping: read as a list of one entry"))
-                value = [value]
-            if not isinstance(value, list):
-                result.refused.append(("datasets", f"{_show(value)}: datasets is a list of entries with path and type"))
-                continue
-            entries = [_convert_dataset(i, entry, config, builder, output_dir) for i, entry in enumerate(value)]
-            builder.put("datasets", [entry for entry in entries if entry is not None], "from datasets")
-            result.mapped.append(("datasets", "datasets", DATASET_KEYS["type"].why))
-            continue
-        if key in ("base_model", "tokenizer", "lora_model_dir") and isinstance(value, str):
-            value = _rebase(value, output_dir)
-        _apply(key, value, config, builder, source)
-    for key, value, why in _axolotl_defaults(config, builder.values):
-        builder.put(key, value, f"not set in the Axolotl config: {why}")
-        result.mapped.append(("(absent)", f"{key}: {_show(value)}", why))
-    _lora_target_check(builder.values, result)
-    if result.refused:
-        return result
-    result.text = _render(builder, str(source))
-    try:
-        parse_recipe(result.text, str(output or source))
-    except RecipeError as error:
-        result.problems += [f"{p.key}: {p.message}" if p.key else p.message for p in error.problems]
-        result.text = None
-    return result
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write the whole file or nothing: a temporary file in the same folder, renamed over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def output_paths(sources: list[Path], output: Path | None, output_dir: Path | None) -> list[Path]:
-    """Where each config's recipe goes: -o for one config; else NAME.ftclip.yaml next to it or in output_dir.
-    Inputs with the same name (examples/a/qlora.yml, examples/b/qlora.yml) are named by their path below the
-    folder they share (a__qlora.ftclip.yaml), so no recipe overwrites another."""
-    if output is not None:
-        return [output]
-    folder = (lambda source: output_dir) if output_dir is not None else (lambda source: source.parent)
-    targets = [folder(source) / f"{source.stem}.ftclip.yaml" for source in sources]
-    if len(set(targets)) == len(targets):
-        return targets
-    resolved = [source.resolve() for source in sources]
-    shared = Path(os.path.commonpath([path.parent for path in resolved]))
-    return [folder(source) / ("__".join(path.relative_to(shared).with_suffix("").parts) + ".ftclip.yaml")
-            for source, path in zip(sources, resolved)]
 
 
 # ---------------------------------------------------------------- README table
@@ -1115,7 +802,3 @@ def mapping_markdown() -> str:
     add(AXOLOTL_KEYS, "")
     add(DATASET_KEYS, "datasets[].")
     return "\n".join(rows)
-
-
-__all__ = ["AXOLOTL_KEYS", "DATASET_KEYS", "ImportResult", "import_config", "mapping_markdown", "output_paths",
-           "unknown_key_message", "write_atomically"]

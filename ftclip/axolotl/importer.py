@@ -1,0 +1,341 @@
+"""Importing Axolotl configs: apply the table to each key, write the recipe (commented with where each value
+came from) atomically, validate it, and report mapped / dropped / refused keys."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ftclip.axolotl.table import (
+    AXOLOTL_KEYS,
+    DATASET_KEYS,
+    DATASET_TYPES,
+    FTCLIP_ONLY_KEYS,
+    NUMERIC_KEYS,
+    TRACKER_PREFIXES,
+    TRACKER_WHY,
+    Dropped,
+    Mapped,
+    Refused,
+    Rule,
+    as_number,
+    is_off,
+    show_value,
+    strategy_from_deepspeed,
+)
+from ftclip.errors import RecipeError
+from ftclip.recipe import Recipe, parse_recipe
+
+# ---------------------------------------------------------------- importing one config
+
+
+@dataclass
+class ImportResult:
+    source: str
+    output: str | None = None
+    mapped: list[tuple[str, str, str]] = field(default_factory=list)  # (axolotl key, ftclip key(s), note)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # unreadable input, or the written recipe fails validation
+    native: bool = False
+    text: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused and not self.problems and self.text is not None
+
+    def as_json(self) -> dict:
+        return {
+            "source": self.source, "output": self.output if self.ok else None, "written": self.ok,
+            "native_ftclip": self.native,
+            "mapped": [{"from": old, "to": new, "note": note} for old, new, note in self.mapped],
+            "dropped": [{"key": key, "why": why} for key, why in self.dropped],
+            "refused": [{"key": key, "why": why} for key, why in self.refused],
+            "problems": self.problems,
+        }
+
+
+
+
+class _Builder:
+    """Collects ftclip keys with the comment that says where each came from."""
+
+    def __init__(self, result: ImportResult):
+        self.result = result
+        self.values: dict[str, Any] = {}
+        self.origins: dict[str, list[str]] = {}
+
+    def put(self, key: str, value: Any, origin: str) -> None:
+        if key == "distributed":
+            value = {**self.values.get("distributed", {}), **value}
+        self.values[key] = value
+        self.origins.setdefault(key, []).append(origin)
+
+
+def _rebase(value: str, output_dir: Path) -> str:
+    """A local path Axolotl reads relative to the working directory, made relative to the written recipe
+    (ftclip reads input paths relative to the recipe's folder). Hub ids and absent paths stay as they are."""
+    candidate = Path(value).expanduser()
+    if candidate.is_absolute() or not candidate.exists():
+        return value
+    return os.path.relpath(candidate.resolve(), output_dir.resolve())
+
+
+ALPACA_COLUMNS = {"field_instruction": "instruction", "field_input": "input", "field_output": "output"}
+
+
+def _dataset_type_refusal(value: Any) -> str:
+    if isinstance(value, dict):
+        return ("a user-defined prompt format (type as a mapping of format strings and field_* columns); ftclip reads "
+                "alpaca, completion and chat_template records: write the data in one of them")
+    if isinstance(value, str) and value.split(".")[0].split(":")[0] == "sharegpt":
+        return (f"{value}: Axolotl's older ShareGPT format with fastchat conversation templates (Axolotl itself now "
+                "rejects it); as type: chat_template with field_messages: conversations, message_property_mappings "
+                "{role: from, content: value} and roles {user: [human], assistant: [gpt]} ftclip reads the same "
+                "records with the model's chat template")
+    if value in ("json", "jsonl", "csv", "parquet", "text", "arrow"):
+        return f"{value!r} is a file format (Axolotl's ds_type), not a prompt format; ftclip's are alpaca, completion, chat"
+    return f"prompt format {show_value(value)}: ftclip reads alpaca, completion and chat_template records"
+
+
+def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, output_dir: Path) -> dict | None:
+    result = builder.result
+    where = f"datasets[{index}]"
+    if not isinstance(entry, dict):
+        result.refused.append((where, "a dataset entry must be a mapping with path and type"))
+        return None
+    converted: dict[str, Any] = {}
+    for key, value in entry.items():
+        name = f"{where}.{key}"
+        if value is None:
+            result.dropped.append((name, "empty: not set"))
+            continue
+        rule = DATASET_KEYS.get(key)
+        if rule is None:
+            result.refused.append((name, "not a dataset key ftclip's importer knows; it may change the data"))
+        elif key == "path":
+            converted["path"] = _rebase(str(value), output_dir)
+        elif key == "type":
+            if not isinstance(value, str) or value not in DATASET_TYPES:
+                result.refused.append((name, _dataset_type_refusal(value)))
+            else:
+                converted["type"] = DATASET_TYPES[value]
+                if value != DATASET_TYPES[value]:
+                    result.mapped.append((name, f"{where}.type: {DATASET_TYPES[value]}", "the same record format"))
+        elif key in ("message_field_role", "message_field_content"):
+            mappings = converted.setdefault("message_property_mappings", {})
+            mappings["role" if key.endswith("role") else "content"] = value
+            result.mapped.append((name, f"{where}.message_property_mappings", "Axolotl's older spelling"))
+        elif key == "field":
+            if entry.get("type") != "completion":
+                result.dropped.append((name, f"Axolotl's completion format alone reads it (the text column); with "
+                                             f"type {show_value(entry.get('type'))} it has no effect"))
+            elif value == "text":
+                result.dropped.append((name, "text: ftclip's completion field"))
+            else:
+                result.refused.append((name, f"completion text read from column {value!r}; ftclip's completion reads "
+                                             "the text column"))
+        elif key in ALPACA_COLUMNS:
+            if entry.get("type") == "alpaca" and value == ALPACA_COLUMNS[key]:
+                result.dropped.append((name, f"{value}: alpaca's own column, read by ftclip's alpaca too (Axolotl "
+                                             "reads field_* only inside a user-defined type mapping)"))
+            elif entry.get("type") == "alpaca":
+                result.refused.append((name, f"reads {value!r} as the {ALPACA_COLUMNS[key]} column: ftclip's alpaca "
+                                             "reads instruction, input and output (rename the columns)"))
+            else:
+                result.refused.append((name, f"a column of Axolotl's user-defined prompt formats; with type "
+                                             f"{show_value(entry.get('type'))} there is no format that reads it"))
+        elif key == "chat_template":
+            top = config.get("chat_template")
+            if top in (None, value):
+                builder.put("chat_template", value, f"from {name}: {value}")
+                result.mapped.append((name, "chat_template", "ftclip has one chat template per recipe"))
+            else:
+                result.refused.append((name, f"{value!r} differs from the recipe's chat_template {top!r}; ftclip has one"))
+        elif rule.kind == "same":
+            converted[key] = value
+        elif rule.kind == "drop" or (rule.kind == "refuse" and is_off(value)):
+            result.dropped.append((name, rule.why if rule.kind == "drop" else f"{show_value(value)}: off"))
+        else:
+            result.refused.append((name, rule.why))
+    if "type" not in entry:
+        result.refused.append((f"{where}.type", "missing: ftclip needs the record format (alpaca, completion, chat)"))
+    return converted
+
+
+def _apply(key: str, value: Any, config: dict, builder: _Builder, source: Path) -> None:
+    result = builder.result
+    origin = f"from {key}: {show_value(value)}"
+    if value is None or value == "":  # `key:` or `key: ""`, as configs written from a template leave them
+        result.dropped.append((key, "empty: not set, the default applies"))
+        return
+    rule = AXOLOTL_KEYS.get(key)
+    if rule is None and key.startswith(TRACKER_PREFIXES) and key not in Recipe.model_fields:
+        rule = Rule("drop", why=TRACKER_WHY)
+    if rule is None:
+        if key in Recipe.model_fields:  # ftclip's own key: carried over as it is
+            builder.put(key, value, origin)
+            result.mapped.append((key, key, "an ftclip key"))
+        else:
+            result.refused.append((key, "not a key ftclip's importer knows; it may change training"))
+        return
+    if rule.kind == "drop":
+        result.dropped.append((key, rule.why))
+        return
+    if rule.kind == "refuse":
+        if is_off(value):
+            result.dropped.append((key, f"{show_value(value)}: the feature is off"))
+        else:
+            result.refused.append((key, rule.why))
+        return
+    try:
+        if key == "deepspeed":
+            outcome = strategy_from_deepspeed(value, config, source)
+        elif rule.convert is not None:
+            outcome = rule.convert(value, config)
+        elif rule.kind == "same":
+            outcome = Mapped({key: value})  # the rule's note is for the README table
+        else:
+            outcome = Mapped({rule.ftclip: value}, rule.why)
+    except (TypeError, ValueError, AttributeError, KeyError):  # a value of a form Axolotl's schema does not take
+        outcome = Refused(f"{show_value(value)} ({type(value).__name__}) is not a value of the form this key takes")
+    if isinstance(outcome, Dropped):
+        result.dropped.append((key, outcome.why))
+    elif isinstance(outcome, Refused):
+        result.refused.append((key, outcome.why))
+    else:
+        for new_key, new_value in outcome.updates.items():
+            builder.put(new_key, new_value, origin)
+        targets = ", ".join(f"{k}: {show_value(v)}" for k, v in outcome.updates.items()) or "—"
+        result.mapped.append((key, targets, outcome.note))
+
+
+# Where Axolotl's default differs from ftclip's, the importer writes Axolotl's out (when the key is absent).
+def _axolotl_defaults(config: dict, values: dict) -> list[tuple[str, Any, str]]:
+    defaults = [("bf16", "auto", "Axolotl's default bf16: auto (ftclip's is false)"),
+                ("tf32", "auto", "Axolotl's default tf32: auto (ftclip's is false)"),
+                ("save_total_limit", 0, "Axolotl keeps every checkpoint by default (ftclip keeps 3): 0 keeps all")]
+    if values.get("adapter"):
+        defaults.append(("lora_dropout", 0.0, "Axolotl's default lora_dropout 0.0 (ftclip's is 0.05)"))
+    if "warmup_steps" not in values and "warmup_ratio" not in values:
+        defaults.append(("warmup_ratio", 0.03, "Axolotl warms up over 3% of the steps when neither warmup_steps nor "
+                                              "warmup_ratio is set (it caps that at 100 steps; ftclip does not)"))
+    if values.get("fp16") and "bf16" not in values:
+        defaults = [d for d in defaults if d[0] != "bf16"]  # Axolotl turns bf16: auto off when fp16 is set
+    return [(key, value, why) for key, value, why in defaults if key not in values]
+
+
+def _lora_target_check(values: dict, result: ImportResult) -> None:
+    if values.get("adapter") and "lora_target_modules" not in values and not values.get("lora_target_linear"):
+        result.refused.append(("lora_target_modules", "absent: Axolotl lets peft choose the modules by architecture; "
+                                                      "name them (or set lora_target_linear: true)"))
+
+
+def _render(builder: _Builder, source: str) -> str:
+    lines = [f"# Imported from the Axolotl config {source} by `ftclip import-axolotl`.",
+             "# Each key's comment says which Axolotl key it came from.", ""]
+    order = list(Recipe.model_fields)
+    for key in sorted(builder.values, key=lambda k: order.index(k) if k in order else len(order)):
+        for origin in builder.origins[key]:
+            lines.append(f"# {origin}")
+        lines.append(yaml.safe_dump({key: builder.values[key]}, sort_keys=False, allow_unicode=True,
+                                    width=1000).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def import_config(source: str | Path, output: str | Path | None = None) -> ImportResult:
+    """Convert one Axolotl config to ftclip recipe text (result.text), with the per-key report. Writes nothing."""
+    source = Path(source)
+    result = ImportResult(str(source), str(output) if output else None)
+    output_dir = Path(output).parent if output else source.parent
+    try:
+        text = source.read_text(encoding="utf-8")
+        config = yaml.safe_load(text)
+    except FileNotFoundError:
+        result.problems.append("no such file")
+        return result
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        result.problems.append(f"cannot read it as YAML: {error}")
+        return result
+    if not isinstance(config, dict):
+        result.problems.append("not a mapping of keys (an Axolotl config is one)")
+        return result
+    if set(config) & FTCLIP_ONLY_KEYS:
+        try:
+            parse_recipe(text, str(source))
+        except RecipeError:
+            pass
+        else:  # already an ftclip recipe: its meaning rests on ftclip's defaults, so it is kept as it is
+            result.native = True
+            result.mapped = [(key, key, "an ftclip key") for key in config]
+            result.text = f"# Already an ftclip recipe ({source}); copied unchanged by `ftclip import-axolotl`.\n" + text
+            return result
+
+    # Numbers written as strings ("2e-4": YAML reads an exponent without a dot as text) are numbers to Axolotl.
+    config = {key: as_number(value) if key in NUMERIC_KEYS else value for key, value in config.items()}
+    builder = _Builder(result)
+    for key, value in config.items():
+        if key == "datasets" and value is not None:
+            if isinstance(value, dict):  # one dataset written without the list's "- "
+                result.mapped.append(("datasets", "datasets", "a single mapping: read as a list of one entry"))
+                value = [value]
+            if not isinstance(value, list):
+                result.refused.append(("datasets", f"{show_value(value)}: datasets is a list of entries with path and type"))
+                continue
+            entries = [_convert_dataset(i, entry, config, builder, output_dir) for i, entry in enumerate(value)]
+            builder.put("datasets", [entry for entry in entries if entry is not None], "from datasets")
+            result.mapped.append(("datasets", "datasets", DATASET_KEYS["type"].why))
+            continue
+        if key in ("base_model", "tokenizer", "lora_model_dir") and isinstance(value, str):
+            value = _rebase(value, output_dir)
+        _apply(key, value, config, builder, source)
+    for key, value, why in _axolotl_defaults(config, builder.values):
+        builder.put(key, value, f"not set in the Axolotl config: {why}")
+        result.mapped.append(("(absent)", f"{key}: {show_value(value)}", why))
+    _lora_target_check(builder.values, result)
+    if result.refused:
+        return result
+    result.text = _render(builder, str(source))
+    try:
+        parse_recipe(result.text, str(output or source))
+    except RecipeError as error:
+        result.problems += [f"{p.key}: {p.message}" if p.key else p.message for p in error.problems]
+        result.text = None
+    return result
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write the whole file or nothing: a temporary file in the same folder, renamed over the target."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def output_paths(sources: list[Path], output: Path | None, output_dir: Path | None) -> list[Path]:
+    """Where each config's recipe goes: -o for one config; else NAME.ftclip.yaml next to it or in output_dir.
+    Inputs with the same name (examples/a/qlora.yml, examples/b/qlora.yml) are named by their path below the
+    folder they share (a__qlora.ftclip.yaml), so no recipe overwrites another."""
+    if output is not None:
+        return [output]
+    folder = (lambda source: output_dir) if output_dir is not None else (lambda source: source.parent)
+    targets = [folder(source) / f"{source.stem}.ftclip.yaml" for source in sources]
+    if len(set(targets)) == len(targets):
+        return targets
+    resolved = [source.resolve() for source in sources]
+    shared = Path(os.path.commonpath([path.parent for path in resolved]))
+    return [folder(source) / ("__".join(path.relative_to(shared).with_suffix("").parts) + ".ftclip.yaml")
+            for source, path in zip(sources, resolved)]
+
