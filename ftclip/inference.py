@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ftclip.checkpoint import RECIPE_FILE
 from ftclip.errors import ModelError
 
@@ -49,9 +47,11 @@ def find_chat_source(path: Path, base_model: str | None = None) -> ChatSource:
 
 
 def _saved_recipe(folder: Path, run_dir: Path) -> dict[str, Any]:
-    for candidate in (folder / RECIPE_FILE, run_dir / "adapter" / RECIPE_FILE, run_dir / "model" / RECIPE_FILE):
-        if candidate.is_file():
-            return yaml.safe_load(candidate.read_text(encoding="utf-8")) or {}
+    from ftclip.merge import saved_recipe
+
+    for candidate in (folder, run_dir / "adapter", run_dir / "model"):
+        if (candidate / RECIPE_FILE).is_file():
+            return saved_recipe(candidate)
     return {}
 
 

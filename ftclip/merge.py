@@ -17,7 +17,7 @@ import yaml
 
 from ftclip.checkpoint import RECIPE_FILE, atomic_directory
 from ftclip.errors import ModelError, OutputError
-from ftclip.modeling import grow_embeddings
+from ftclip.modeling import config_with_overrides, grow_embeddings
 from ftclip.recipe import AUTO_PRECISION_NOTE
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -62,9 +62,9 @@ def merge_precision(adapter: Path, requested: str = "auto") -> tuple[str, str]:
     return "float32", "the run trained in fp32"
 
 
-def saved_recipe(adapter: Path) -> dict:
-    """The recipe the run saved beside its adapter ({} when there is none)."""
-    recipe_file = adapter / RECIPE_FILE
+def saved_recipe(folder: Path) -> dict:
+    """The recipe the run saved beside its adapter or model ({} when there is none)."""
+    recipe_file = folder / RECIPE_FILE
     return (yaml.safe_load(recipe_file.read_text(encoding="utf-8")) or {}) if recipe_file.is_file() else {}
 
 
@@ -80,12 +80,7 @@ def base_model_options(base: str, adapter: Path, recipe: dict, base_given: bool 
     options: dict = {"revision": revision} if revision else {}
     overrides = recipe.get("overrides_of_model_config") or recipe.get("model_config") or {}
     if overrides:
-        from transformers import AutoConfig
-
-        model_config = AutoConfig.from_pretrained(base, trust_remote_code=trust_remote_code, **options)
-        for key, value in overrides.items():  # as Axolotl and ftclip's training set them (setattr)
-            setattr(model_config, key, value)
-        options["config"] = model_config
+        options["config"] = config_with_overrides(base, overrides, trust_remote_code, **options)
     return options
 
 

@@ -302,12 +302,13 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model else {}
     try:
         if placement == "meta":
-            config = _model_config(recipe, source, revision)
+            config = config_with_overrides(source, recipe.overrides_of_model_config, recipe.trust_remote_code, **revision)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(config, **options)
         else:
             if recipe.overrides_of_model_config:
-                options["config"] = _model_config(recipe, source, revision)
+                options["config"] = config_with_overrides(source, recipe.overrides_of_model_config,
+                                                          recipe.trust_remote_code, **revision)
             model = AutoModelForCausalLM.from_pretrained(source, **options, **revision)
     except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the model from {source}: {error}") from None
@@ -359,12 +360,13 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
         raise ModelError(f"lora_target_modules: {error}") from None
 
 
-def _model_config(recipe: Recipe, source, revision: dict):
-    """The checkpoint's config with overrides_of_model_config set on it, as Axolotl sets them (setattr)."""
+def config_with_overrides(source, overrides: dict | None, trust_remote_code: bool = False, **revision):
+    """The checkpoint's config with overrides_of_model_config set on it, as Axolotl sets them (setattr); used by
+    training, merge and chat alike."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
-    for key, value in (recipe.overrides_of_model_config or {}).items():
+    config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **revision)
+    for key, value in (overrides or {}).items():
         setattr(config, key, value)
     return config
 
