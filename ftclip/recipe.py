@@ -509,15 +509,12 @@ class Recipe(BaseModel):
         if not isinstance(data, dict):
             return data
         data = _without_empty_values(data)
-        for alias, key in (("model_config", "overrides_of_model_config"), ("model_revision", "revision_of_model")):
+        for key in ("overrides_of_model_config", "revision_of_model", "dataset_cache_dir"):
+            alias = _ALIASES[key]
             if alias in data:  # Axolotl's other names for these keys
                 if key in data:
                     raise ValueError(f"{key} and {alias} (its Axolotl alias) are both given; keep one")
                 data[key] = data.pop(alias)
-        if "dataset_prepared_path" in data:
-            if "dataset_cache_dir" in data:
-                raise ValueError("dataset_cache_dir and dataset_prepared_path (its Axolotl alias) are both given; keep one")
-            data["dataset_cache_dir"] = data.pop("dataset_prepared_path")
         data = _distributed_from_axolotl(data)
         if "max_grad_norm" in data:
             if "gradient_clipping" in data:
