@@ -337,6 +337,10 @@ class Recipe(BaseModel):
     sample_packing: bool = Field(
         False, description="Pack several examples into each sequence_len row (no attention across them)."
     )
+    dataset_exact_deduplication: bool = Field(
+        False, description="Drop training examples whose tokens and labels repeat an earlier one, and held-out "
+        "examples that repeat a training one (Axolotl's key of the same name)."
+    )
     dataset_cache_dir: str | None = Field(
         None, description="Where tokenized data is cached (relative to cwd); default ~/.cache/ftclip/tokenized. "
         "Alias: dataset_prepared_path."

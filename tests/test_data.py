@@ -352,6 +352,33 @@ def test_validation_split_is_deterministic_by_seed(tmp_path, tokenizer, alpaca_f
     assert split(2)[1] != val or split(3)[1] != val
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_exact_deduplication_drops_repeats_in_train_and_train_repeats_in_val(tmp_path, tokenizer, packing):
+    # 5 distinct records, 12 in all; one differs from another only in its output (not a repeat).
+    first, second, third = ALPACA[0], ALPACA[1], ALPACA[2]
+    near = {**ALPACA[0], "output": "Paris."}
+    records = [first, second, first, third, first, near, second, ALPACA[3], first, third, second, first]
+    path = write_jsonl(tmp_path / "repeats.jsonl", records)
+    spec = [{"path": str(path), "type": "alpaca"}]
+
+    def tokens(data, members):
+        return [(tuple(data.examples.input_ids(i)), tuple(data.examples.labels(i))) for i in members]
+
+    plain = prepare(recipe_for(tmp_path, spec, val_set_size=0.5, seed=3, sample_packing=packing), None, tokenizer)
+    assert len(tokens(plain, plain.train.members)) + len(tokens(plain, plain.val.members)) == 12
+    data = prepare(recipe_for(tmp_path, spec, val_set_size=0.5, seed=3, sample_packing=packing,
+                              dataset_exact_deduplication=True), None, tokenizer)
+    train, val = tokens(data, data.train.members), tokens(data, data.val.members)
+    assert len(set(train)) == len(train) and len(set(val)) == len(val)  # no repeats within either
+    assert not set(train) & set(val)  # nothing held out that also trains
+    assert set(train) | set(val) == set(tokens(plain, range(12)))  # every distinct example is still there, once
+    assert len(train) + len(val) == 5
+    dropped_train, dropped_val = len(plain.train.members) - len(train), len(plain.val.members) - len(val)
+    assert dropped_train + dropped_val == 7
+    assert (f"dataset_exact_deduplication: dropped {dropped_train} repeated training and {dropped_val} repeated "
+            "held-out examples") in data.notes
+
+
 def first_fit_rows(lengths, capacity) -> int:
     """The packing ftclip used before (first-fit decreasing), as the efficiency reference."""
     rooms: list[int] = []

@@ -558,7 +558,7 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "curriculum_sampling": _refuse("trains in data order without shuffling"),
     "group_by_length": _refuse("batches examples of similar length together"),
     "shuffle_merged_datasets": _drop("ftclip shuffles the training data every epoch"),
-    "dataset_exact_deduplication": _refuse("removes duplicate examples"),
+    "dataset_exact_deduplication": _same("exact repeats by tokens and labels, dropped after the held-out split"),
     "min_sample_len": _refuse("drops short examples"), "remove_unused_columns": _drop("dataset columns the trainer keeps"),
     "skip_prepare_dataset": _drop("Axolotl's preprocessing switch"),
     "dataset_shard_num": _refuse("trains on a shard of the data"), "dataset_shard_idx": _refuse("trains on a shard"),

@@ -3,6 +3,7 @@ numpy views into the mapped buffers, so a million examples cost a few index arra
 
 from __future__ import annotations
 
+import hashlib
 import random
 from pathlib import Path
 
@@ -98,3 +99,25 @@ def split_indices(count: int, val_set_size: float, seed: int) -> tuple[np.ndarra
     val = np.sort(np.asarray(order[:val_count], dtype=np.int64))
     train = np.sort(np.asarray(order[val_count:], dtype=np.int64))
     return train, val
+
+
+def without_duplicates(examples: TokenizedExamples, train: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) without exact repeats: a training example whose input_ids and labels equal an earlier one's
+    is dropped, and so is a held-out example that equals a training one or an earlier held-out one. Hashes of
+    the token bytes, one pass over the examples."""
+    def digest(index: int) -> bytes:
+        ids, labels = examples.input_ids(index), examples.labels(index)
+        return hashlib.blake2b(ids.tobytes() + b"|" + labels.tobytes(), digest_size=16).digest()
+
+    seen: set[bytes] = set()
+
+    def first_seen(indices: np.ndarray) -> np.ndarray:
+        kept = []
+        for index in indices.tolist():
+            key = digest(index)
+            if key not in seen:
+                seen.add(key)
+                kept.append(index)
+        return np.asarray(kept, dtype=np.int64)
+
+    return first_seen(train), first_seen(val)

@@ -16,7 +16,7 @@ import numpy as np
 from ftclip.data.batches import Rows
 from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_manifest, staging_folder, tokenizer_digest
 from ftclip.data.chat import check_skipped
-from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices
+from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices, without_duplicates
 from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
 from ftclip.data.sources import Source, open_dataset, resolve_source
 from ftclip.data.tokenize import TokenizeSettings, check_chat_template, tokenize_batch
@@ -183,7 +183,8 @@ def tokenized_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer
 def _packing(recipe: Recipe, examples: TokenizedExamples, train: np.ndarray, entry: Path) -> tuple[Rows, PackingStats]:
     """Best-fit decreasing over the training examples, cached beside the tokens (keyed by the split)."""
     lengths = examples.lengths[train]
-    split = {"packing": PACKING_VERSION, "capacity": recipe.sequence_len, "val": recipe.val_set_size, "seed": recipe.seed}
+    split = {"packing": PACKING_VERSION, "capacity": recipe.sequence_len, "val": recipe.val_set_size, "seed": recipe.seed,
+             "deduplicated": recipe.dataset_exact_deduplication}
     name = f"packing-{entry_key(split)}.npz"
     path = entry / name
     try:
@@ -220,10 +221,15 @@ def prepare(recipe: Recipe, recipe_path: str | Path | None, tokenizer, dist=None
 def _prepare(recipe: Recipe, recipe_path, tokenizer, build: bool) -> PreparedData:
     examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, recipe_path, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
+    notes = list(manifest.get("notes", []))
+    if recipe.dataset_exact_deduplication:
+        unique_train, unique_val = without_duplicates(examples, train, val)
+        notes.append(f"dataset_exact_deduplication: dropped {len(train) - len(unique_train):,} repeated training and "
+                     f"{len(val) - len(unique_val):,} repeated held-out examples")
+        train, val = unique_train, unique_val
     packing = None
     if recipe.sample_packing:
         train_rows, packing = _packing(recipe, examples, train, entry)
     else:
         train_rows = Rows.single(examples, train)
-    return PreparedData(examples, train_rows, Rows.single(examples, val), packing, entry, hit, records, seconds,
-                        manifest.get("notes", []))
+    return PreparedData(examples, train_rows, Rows.single(examples, val), packing, entry, hit, records, seconds, notes)
