@@ -234,7 +234,7 @@ def _call_ends(tokenizer, headers: tuple[str, ...], specials: list[str]) -> tupl
     """The special token a template writes right after a tool call's arguments, unless it starts a turn."""
     for arguments in ({"value": _PROBE}, json.dumps({"value": _PROBE})):  # an object, or a JSON string (DeepSeek)
         call = {"id": "call0", "type": "function", "function": {"name": "probe", "arguments": arguments}}
-        messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "", "tool_calls": [call]},
                     {"role": "tool", "content": "ProbeResult", "tool_call_id": "call0", "name": "probe"}]
         try:
             render = _render(tokenizer, messages, _PROBE_TOOLS)
@@ -243,11 +243,17 @@ def _call_ends(tokenizer, headers: tuple[str, ...], specials: list[str]) -> tupl
         at, result_at = render.find(_PROBE), render.find("ProbeResult")
         if at < 0 or result_at < at:
             return ()
-        found = [(render.find(token, at, result_at), token) for token in specials if 0 <= render.find(token, at, result_at)]
-        if not found:
-            return ()
-        token = min(found, key=lambda item: (item[0], -len(item[1])))[1]
-        return () if any(header.startswith(token) for header in headers) else (token,)
+        # The first special token after the arguments ends the call, unless it starts the next turn (Command R+
+        # writes no end marker, the results turn follows) or also comes before them, a delimiter inside the call
+        # (Gemma 4 quotes strings with <|"|>).
+        call_start = max([render.rfind(header, 0, at) for header in headers] + [0])
+        found = sorted((render.find(token, at, result_at), token) for token in specials if 0 <= render.find(token, at, result_at))
+        for _, token in found:
+            if any(token in header for header in headers):
+                return ()
+            if token not in render[call_start:at]:
+                return (token,)
+        return ()
     return ()
 
 
@@ -405,8 +411,11 @@ def _refusal(error: Exception, conversation: Conversation, marks: TemplateMarks)
         return f"the chat template renders only conversations with tools (a tool-use template) and this one has none: {error}"
     reason = f"the chat template refused it: {error}"
     calls = [call for message in conversation.messages for call in message.get("tool_calls") or []]
-    if any(isinstance(call, dict) and isinstance((call.get("function") or {}).get("arguments"), dict) for call in calls):
+    arguments = [(call.get("function") or {}).get("arguments") for call in calls if isinstance(call, dict)]
+    if any(isinstance(value, dict) for value in arguments):
         reason += " (tool_calls give arguments as an object; this template may want them as a JSON string, OpenAI style)"
+    elif any(isinstance(value, str) for value in arguments):
+        reason += " (tool_calls give arguments as a JSON string; this template may want them as an object)"
     return reason
 
 
