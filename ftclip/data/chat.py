@@ -11,6 +11,10 @@ What a trained assistant turn covers: everything the model generates after the t
 (e.g. `<|im_start|>assistant\\n`) up to and including the end-of-turn marker the template writes after it
 (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, ...): the content, a <think> block the template keeps,
 tool-call markup. Separators after the marker (a newline) and the next turn's header are not trained.
+A template may end turns with several markers (gpt-oss: <|end|>, <|return|> last, <|call|> after a tool call); a
+turn that only calls tools ends at the first of them before the next turn's content, or where the next turn starts
+when the template writes none (Command R+). A turn whose tool_calls the template does not write is skipped, not
+trained as an empty answer.
 """
 
 from __future__ import annotations
