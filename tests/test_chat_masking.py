@@ -619,12 +619,12 @@ def test_trained_tokens_are_the_assistant_turns_on_more_real_templates(template,
     # A tool-use-only template (Command R+'s tool_use) cannot render a record without tools: say so, per record.
     ("CohereForAI-c4ai-command-r-plus-tool_use.jinja", chat(), "renders only conversations with tools (a tool-use template)"),
     # Templates that drop an assistant turn's tool_calls: training that turn would teach an empty answer.
-    ("ibm-granite-granite-3.3-2B-Instruct.jinja", tool_chat(), "assistant turn 2: the chat template does not write its"),
-    ("HuggingFaceTB-SmolLM3-3B.jinja", tool_chat(), "assistant turn 2: the chat template does not write its tool_calls"),
-    ("LFM2.5-Instruct.jinja", tool_chat(), "assistant turn 2: the chat template does not write its tool_calls"),
-    ("llama-cpp-rwkv-world.jinja", tool_chat(), "assistant turn 2: the chat template does not write its tool_calls"),
+    ("ibm-granite-granite-3.3-2B-Instruct.jinja", tool_chat(), "assistant turn 2: the chat template does not write (all of) its"),
+    ("HuggingFaceTB-SmolLM3-3B.jinja", tool_chat(), "assistant turn 2: the chat template does not write (all of) its"),
+    ("LFM2.5-Instruct.jinja", tool_chat(), "assistant turn 2: the chat template does not write (all of) its"),
+    ("llama-cpp-rwkv-world.jinja", tool_chat(), "assistant turn 2: the chat template does not write (all of) its"),
     # DeepSeek R1's template writes tool calls only for content None, which transformers drops before rendering.
-    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", tool_chat(arguments_as_json=True), "does not write its tool_calls"),
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", tool_chat(arguments_as_json=True), "does not write (all of) its"),
     # Tool-call arguments in the form the template does not take: the template's error and what to change.
     ("deepseek-ai-DeepSeek-V3.1.jinja", tool_chat(), "may want them as a JSON string, OpenAI style"),
     ("Qwen3-Coder.jinja", tool_chat(arguments_as_json=True), "may want them as an object"),
@@ -658,6 +658,33 @@ def test_command_r_tool_results_are_not_trained_after_a_call_without_marker():
     # with tool results trained on purpose, they are their own piece
     pieces = trained_pieces(tokenizer, *masked(tool_chat(), tokenizer, roles_to_train=["assistant", "tool"]))
     assert any(TOOL_RESULT in piece for piece in pieces) and pieces[0] == call
+
+
+def two_calls_chat(*, content: str = "") -> Conversation:
+    calls = [CALL, CALL | {"id": "call00043", "function": {"name": "get_weather", "arguments": {"city": "Quito"}}}]
+    return Conversation([
+        {"role": "user", "content": "Weather in Lima and Quito?"},
+        {"role": "assistant", "content": content, "tool_calls": calls if not content else calls[:1]},
+        {"role": "tool", "content": TOOL_RESULT, "tool_call_id": "call00042", "name": "get_weather"},
+        *([] if content else [{"role": "tool", "content": "cold", "tool_call_id": "call00043", "name": "get_weather"}]),
+        {"role": "assistant", "content": "Lima is warmer."},
+    ], TOOLS)
+
+
+def test_parallel_tool_calls_are_all_trained_or_the_turn_is_skipped():
+    gemma = template_tokenizer("google-gemma-4-31B-it.jinja")  # each call closes with <tool_call|>: up to the last
+    assert trained_pieces(gemma, *masked(two_calls_chat(), gemma)) == [
+        '<|tool_call>call:get_weather{city:<|"|>Lima<|"|>}<tool_call|><|tool_call>call:get_weather{city:<|"|>Quito<|"|>}<tool_call|>',
+        "Lima is warmer.<turn|>"]
+    gpt_oss = masked(two_calls_chat(), template_tokenizer("openai-gpt-oss-120b.jinja"))  # writes the first call only
+    assert isinstance(gpt_oss, Skip) and "does not write (all of) its tool_calls" in gpt_oss.reason
+
+
+def test_gemma4_content_after_the_tool_results_is_trained_without_them():
+    tokenizer = template_tokenizer("google-gemma-4-31B-it.jinja")
+    # Gemma 4 writes call, results, then the calling turn's own content, in one model turn
+    assert trained_pieces(tokenizer, *masked(two_calls_chat(content="Let me check."), tokenizer)) == [
+        '<|tool_call>call:get_weather{city:<|"|>Lima<|"|>}<tool_call|>', "Let me check.<turn|>", "Lima is warmer.<turn|>"]
 
 
 def test_qwen3_reasoning_content_field_is_rendered_and_trained():

@@ -329,7 +329,8 @@ def _turn_marker(render: str, end: int, bound: int, calls: bool, marks: Template
     for group in (marks.turn_ends, marks.call_ends if calls else ()):
         found = []
         for marker in group:
-            at = render.find(marker, end)
+            # a call marker closes each of several calls (Gemma 4's <tool_call|>): the turn ends at the last one
+            at = render.rfind(marker, end, bound) if group is marks.call_ends else render.find(marker, end)
             between = render[end:at]
             fits = (not between.strip() if not calls
                     else at + len(marker) <= bound and not any(header in between for header in marks.headers))
@@ -355,6 +356,12 @@ def _turn_spans(render: str, conversation: Conversation, marks: TemplateMarks, r
         # A turn that only calls tools has no content to anchor on: the next turn's content bounds it, so its
         # header search and its marker never reach into a later turn.
         bound = _next_content_start(render, messages[index + 1:], located[1] if located else cursor)
+        content_after_results = None
+        if calls and located and located[0] >= _next_content_start(render, messages[index + 1:], cursor):
+            # Gemma 4 writes the calls, then the tool results, then this turn's content, all in one model turn:
+            # the calls and the content are trained, the results between them are not.
+            content_after_results, located = located, None
+            bound = _next_content_start(render, messages[index + 1:], cursor)
         # Where the model's output starts: after the assistant header nearest before the content.
         window_end = located[0] if located else bound
         header_end = -1
@@ -367,9 +374,6 @@ def _turn_spans(render: str, conversation: Conversation, marks: TemplateMarks, r
             return Skip(f"{message['role']} turn {index}: its content is not in the rendered conversation")
         start = header_end if header_end >= 0 else located[0]
         end = located[1] if located else start
-        if calls and not all(name in render[start:bound] for name in _call_names(calls)):
-            return Skip(f"{message['role']} turn {index}: the chat template does not write its tool_calls, "
-                        f"so they cannot be trained")
         marker = _turn_marker(render, end, bound, bool(calls), marks)
         if marker:
             end = marker[0]
@@ -382,8 +386,21 @@ def _turn_spans(render: str, conversation: Conversation, marks: TemplateMarks, r
                 return Skip(f"{message['role']} turn {index}: the chat template writes no end-of-turn marker after "
                             f"its tool_calls and no turn header, so where they end is unknown")
             end = opened
+        names = _call_names(calls)
+        if calls and not all(render.count(name, start, end) >= names.count(name) for name in names):
+            # gpt-oss writes only the first of several calls; Granite, SmolLM3 and LFM2.5 write none
+            return Skip(f"{message['role']} turn {index}: the chat template does not write (all of) its "
+                        f"tool_calls, so they cannot be trained")
         spans.content.append((start, end))
         cursor = end
+        if content_after_results:
+            start, end = content_after_results
+            marker = _turn_marker(render, end, len(render), False, marks)
+            if marker:
+                end = marker[0]
+                spans.markers.append((marker[0], marker[1], True))
+            spans.content.append((start, end))
+            cursor = end
     return spans
 
 
