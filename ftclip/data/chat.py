@@ -157,7 +157,9 @@ class TemplateMarks:
     turn_ends: tuple[str, ...] = ()
     call_ends: tuple[str, ...] = ()  # what ends a tool call when no turn marker does (gpt-oss' <|call|>)
     needs_tools: bool = False  # the template renders nothing without a tool list (a tool_use template)
-    turn_opener: str | None = None  # the special token every turn starts with (Command R's <|START_OF_TURN_TOKEN|>)
+    # The special token the assistant header starts with; where it also starts other turns (Command R's
+    # <|START_OF_TURN_TOKEN|>), it marks the end of a tool call the template closes with nothing else.
+    turn_opener: str | None = None
 
 
 def _render(tokenizer, messages: list[dict], tools=None, generation_prompt: bool = False) -> str:
