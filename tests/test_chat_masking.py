@@ -50,7 +50,8 @@ SPECIAL_TOKENS = {
 def template_tokenizer(name: str):
     tokenizer = AutoTokenizer.from_pretrained(QUICKSTART_MODEL)
     bos, eos, extra = SPECIAL_TOKENS[name]
-    tokenizer.add_special_tokens({"eos_token": eos, "additional_special_tokens": extra} | ({"bos_token": bos} if bos else {}))
+    special = {"additional_special_tokens": extra} | ({"eos_token": eos} if eos else {}) | ({"bos_token": bos} if bos else {})
+    tokenizer.add_special_tokens(special)
     tokenizer.chat_template = (TEMPLATES / name).read_text()
     return tokenizer
 
@@ -93,11 +94,16 @@ CALL = {"id": "call00042", "type": "function", "function": {"name": "get_weather
 TOOL_RESULT = "temperature 22, clear sky"
 
 
-def tool_chat() -> Conversation:
+def tool_chat(*, arguments_as_json: bool = False) -> Conversation:
+    """arguments_as_json: the call's arguments as a JSON string (OpenAI style; DeepSeek's and functionary's templates
+    take only that), not an object."""
+    call = CALL
+    if arguments_as_json:
+        call = CALL | {"function": CALL["function"] | {"arguments": json.dumps(CALL["function"]["arguments"])}}
     return Conversation([
         {"role": "system", "content": "Use the tools."},
         {"role": "user", "content": "Weather in Lima?"},
-        {"role": "assistant", "content": "", "tool_calls": [CALL]},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
         {"role": "tool", "content": TOOL_RESULT, "tool_call_id": "call00042", "name": "get_weather"},
         {"role": "assistant", "content": "It is 22 C and sunny in Lima."},
     ], TOOLS)
@@ -142,6 +148,543 @@ def test_trained_tokens_are_the_assistant_turns_on_real_templates(template, conv
         if message["role"] != "assistant":
             assert message["content"] not in trained
     assert all(label in (token, IGNORE_INDEX) for token, label in zip(input_ids, labels))
+
+
+# ---------------------------------------------------------------- more real templates (SOURCES.md: the second table)
+
+LLAMA3_TOKENS = ("<|begin_of_text|>", "<|eot_id|>", ["<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|python_tag|>"])
+DEEPSEEK_TOKENS = [
+    "<｜User｜>",
+    "<｜Assistant｜>",
+    "<｜tool▁calls▁begin｜>",
+    "<｜tool▁calls▁end｜>",
+    "<｜tool▁call▁begin｜>",
+    "<｜tool▁call▁end｜>",
+    "<｜tool▁outputs▁begin｜>",
+    "<｜tool▁outputs▁end｜>",
+    "<｜tool▁output▁begin｜>",
+    "<｜tool▁output▁end｜>",
+    "<｜tool▁sep｜>",
+]
+MISTRAL_TOKENS = [
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[TOOL_CALLS]",
+    "[AVAILABLE_TOOLS]",
+    "[/AVAILABLE_TOOLS]",
+    "[TOOL_RESULTS]",
+    "[/TOOL_RESULTS]",
+    "[ARGS]",
+    "[CALL_ID]",
+    "[TOOL_CONTENT]",
+]
+COHERE_TOKENS = ["<|START_OF_TURN_TOKEN|>", "<|CHATBOT_TOKEN|>", "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>"]
+# Each model's bos, eos and the special tokens its template writes (as SPECIAL_TOKENS above).
+MORE_SPECIAL_TOKENS = {
+    "ByteDance-Seed-OSS.jinja": (
+        "<seed:bos>",
+        "<seed:eos>",
+        [
+            "<seed:think>",
+            "</seed:think>",
+            "<seed:cot_budget_reflect>",
+            "</seed:cot_budget_reflect>",
+            "<seed:tool_call>",
+            "</seed:tool_call>",
+            "<seed:pad>",
+        ],
+    ),
+    "CohereForAI-c4ai-command-r-plus-tool_use.jinja": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", COHERE_TOKENS),
+    "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja": (
+        "<BOS_TOKEN>",
+        "<|END_OF_TURN_TOKEN|>",
+        COHERE_TOKENS
+        + [
+            "<|START_ACTION|>",
+            "<|END_ACTION|>",
+            "<|START_RESPONSE|>",
+            "<|END_RESPONSE|>",
+            "<|START_THINKING|>",
+            "<|END_THINKING|>",
+            "<|START_TOOL_RESULT|>",
+            "<|END_TOOL_RESULT|>",
+        ],
+    ),
+    "Mistral-Small-3.2-24B-Instruct-2506.jinja": ("<s>", "</s>", MISTRAL_TOKENS),
+    "unsloth-mistral-Devstral-Small-2507.jinja": ("<s>", "</s>", MISTRAL_TOKENS),
+    "NVIDIA-Nemotron-Nano-v2.jinja": (None, "<SPECIAL_12>", ["<SPECIAL_10>", "<SPECIAL_11>"]),
+    "Qwen-Qwen2.5-7B-Instruct.jinja": (None, "<|im_end|>", ["<|im_start|>"]),
+    "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", DEEPSEEK_TOKENS),
+    "deepseek-ai-DeepSeek-V3.1.jinja": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", DEEPSEEK_TOKENS),
+    "llama-cpp-deepseek-r1.jinja": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", DEEPSEEK_TOKENS),
+    "fireworks-ai-llama-3-firefunction-v2.jinja": LLAMA3_TOKENS,
+    "meta-llama-Llama-3.2-3B-Instruct.jinja": LLAMA3_TOKENS,
+    "meetkai-functionary-medium-v3.1.jinja": LLAMA3_TOKENS,
+    "meetkai-functionary-medium-v3.2.jinja": LLAMA3_TOKENS,
+    "ibm-granite-granite-3.3-2B-Instruct.jinja": (
+        None,
+        "<|end_of_text|>",
+        ["<|start_of_role|>", "<|end_of_role|>", "<|tool_call|>", "<|start_of_cite|>", "<|end_of_cite|>"],
+    ),
+    "llama-cpp-rwkv-world.jinja": (None, None, []),
+    "moonshotai-Kimi-K2.jinja": (
+        None,
+        "<|im_end|>",
+        [
+            "<|im_system|>",
+            "<|im_user|>",
+            "<|im_assistant|>",
+            "<|im_middle|>",
+            "<|tool_calls_section_begin|>",
+            "<|tool_calls_section_end|>",
+            "<|tool_call_begin|>",
+            "<|tool_call_argument_begin|>",
+            "<|tool_call_end|>",
+        ],
+    ),
+    "openai-gpt-oss-120b.jinja": (
+        None,
+        "<|return|>",
+        ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|call|>", "<|constrain|>"],
+    ),
+    "GLM-4.6.jinja": ("[gMASK]", "<|user|>", ["<sop>", "<|system|>", "<|assistant|>", "<|observation|>"]),
+    "HuggingFaceTB-SmolLM3-3B.jinja": (None, "<|im_end|>", ["<|im_start|>"]),
+    "Qwen3-Coder.jinja": (None, "<|im_end|>", ["<|im_start|>"]),
+    "Apertus-8B-Instruct.jinja": (
+        "<s>",
+        "<|assistant_end|>",
+        [
+            "<|system_start|>",
+            "<|system_end|>",
+            "<|developer_start|>",
+            "<|developer_end|>",
+            "<|user_start|>",
+            "<|user_end|>",
+            "<|assistant_start|>",
+            "<|inner_prefix|>",
+            "<|inner_suffix|>",
+            "<|tools_prefix|>",
+            "<|tools_suffix|>",
+        ],
+    ),
+    "google-gemma-4-31B-it.jinja": (
+        "<bos>",
+        "<turn|>",
+        [
+            "<|turn>",
+            "<|channel>",
+            "<channel|>",
+            "<|tool_call>",
+            "<tool_call|>",
+            "<|tool_response>",
+            "<tool_response|>",
+            "<|tool>",
+            "<tool|>",
+            '<|"|>',
+            "<|think|>",
+        ],
+    ),
+    "mistralai-Ministral-3-14B-Reasoning-2512.jinja": ("<s>", "</s>", MISTRAL_TOKENS + ["[THINK]", "[/THINK]"]),
+    "Bielik-11B-v3.0-Instruct.jinja": ("<s>", "<|im_end|>", ["<|im_start|>", "<|function_list|>", "<|function_output|>"]),
+    "LFM2.5-Instruct.jinja": ("<|startoftext|>", "<|im_end|>", ["<|im_start|>"]),
+}
+SPECIAL_TOKENS.update(MORE_SPECIAL_TOKENS)
+
+# What each template renders after the assistant header, as rendered (reviewed by hand): DeepSeek R1/V3.1 and LFM2.5
+# drop think blocks (all, or before the last user turn); gpt-oss ends earlier turns with <|end|>, the last with
+# <|return|>, a tool call with <|call|>; Command R7B trains its eos after <|END_RESPONSE|>; Command R+ writes no marker
+# after a tool call (the call is trained up to the next turn, never the results); Gemma 4 keeps the call, the result and
+# the answer in one model turn (the result is not trained); GLM ends a turn with the next role's token, so the last
+# turn has none in the render, and Apertus leaves the last turn open; RWKV ends turns with a blank line.
+MORE_CASES = [
+    ("ByteDance-Seed-OSS.jinja", chat(), ["Lima.<seed:eos>", "Santiago.<seed:eos>"]),
+    (
+        "ByteDance-Seed-OSS.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<seed:eos>", "<think>\nNext door.\n</think>\n\nSantiago.<seed:eos>"],
+    ),
+    (
+        "ByteDance-Seed-OSS.jinja",
+        tool_chat(),
+        [
+            "<seed:tool_call>\n<function=get_weather>\n<parameter=city>Lima</parameter>\n</function>\n"
+            "</seed:tool_call><seed:eos>",
+            "It is 22 C and sunny in Lima.<seed:eos>",
+        ],
+    ),
+    (
+        "CohereForAI-c4ai-command-r-plus-tool_use.jinja",
+        tool_chat(),
+        [
+            '\nAction:\n```json\n[\n    {\n        "tool_name": "get_weather",\n        "parameters": {\n'
+            '            "city": "Lima"\n        }\n    }\n]```\n',
+            "It is 22 C and sunny in Lima.<|END_OF_TURN_TOKEN|>",
+        ],
+    ),
+    (
+        "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja",
+        chat(),
+        ["Lima.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>", "Santiago.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"],
+    ),
+    (
+        "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        [
+            "<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+            "<think>\nNext door.\n</think>\n\nSantiago.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+        ],
+    ),
+    (
+        "CohereForAI-c4ai-command-r7b-12-2024-tool_use.jinja",
+        tool_chat(),
+        [
+            '<|START_THINKING|><|END_THINKING|><|START_ACTION|>[\n'
+            '    {"tool_call_id": "0", "tool_name": "get_weather", "parameters": {"city": "Lima"}}\n]<|END_ACTION|>',
+            "It is 22 C and sunny in Lima.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>",
+        ],
+    ),
+    ("Mistral-Small-3.2-24B-Instruct-2506.jinja", chat(), ["Lima.</s>", "Santiago.</s>"]),
+    (
+        "Mistral-Small-3.2-24B-Instruct-2506.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.</s>", "<think>\nNext door.\n</think>\n\nSantiago.</s>"],
+    ),
+    (
+        "Mistral-Small-3.2-24B-Instruct-2506.jinja",
+        tool_chat(),
+        ['[TOOL_CALLS]get_weather[CALL_ID]call00042[ARGS]{"city": "Lima"}</s>', "It is 22 C and sunny in Lima.</s>"],
+    ),
+    ("unsloth-mistral-Devstral-Small-2507.jinja", chat(), ["Lima.</s>", "Santiago.</s>"]),
+    (
+        "unsloth-mistral-Devstral-Small-2507.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.</s>", "<think>\nNext door.\n</think>\n\nSantiago.</s>"],
+    ),
+    (
+        "unsloth-mistral-Devstral-Small-2507.jinja",
+        tool_chat(),
+        ['[TOOL_CALLS]get_weather[ARGS]{"city": "Lima"}</s>', "It is 22 C and sunny in Lima.</s>"],
+    ),
+    ("NVIDIA-Nemotron-Nano-v2.jinja", chat(), ["Lima.\n<SPECIAL_12>", "Santiago.\n<SPECIAL_12>"]),
+    (
+        "NVIDIA-Nemotron-Nano-v2.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["Lima.\n<SPECIAL_12>", "<think>\nNext door.\n</think>\n\nSantiago.\n<SPECIAL_12>"],
+    ),
+    (
+        "NVIDIA-Nemotron-Nano-v2.jinja",
+        tool_chat(),
+        [
+            '<TOOLCALL>[{"name": "get_weather", "arguments": {"city": "Lima"}}]</TOOLCALL>\n<SPECIAL_12>',
+            "It is 22 C and sunny in Lima.\n<SPECIAL_12>",
+        ],
+    ),
+    ("Qwen-Qwen2.5-7B-Instruct.jinja", chat(), ["Lima.<|im_end|>", "Santiago.<|im_end|>"]),
+    (
+        "Qwen-Qwen2.5-7B-Instruct.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|im_end|>", "<think>\nNext door.\n</think>\n\nSantiago.<|im_end|>"],
+    ),
+    (
+        "Qwen-Qwen2.5-7B-Instruct.jinja",
+        tool_chat(),
+        [
+            '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call><|im_end|>',
+            "It is 22 C and sunny in Lima.<|im_end|>",
+        ],
+    ),
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", chat(), ["Lima.<｜end▁of▁sentence｜>", "Santiago.<｜end▁of▁sentence｜>"]),
+    (
+        "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["\n\nLima.<｜end▁of▁sentence｜>", "\n\nSantiago.<｜end▁of▁sentence｜>"],
+    ),
+    ("deepseek-ai-DeepSeek-V3.1.jinja", chat(), ["Lima.<｜end▁of▁sentence｜>", "Santiago.<｜end▁of▁sentence｜>"]),
+    (
+        "deepseek-ai-DeepSeek-V3.1.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["\n\nLima.<｜end▁of▁sentence｜>", "\n\nSantiago.<｜end▁of▁sentence｜>"],
+    ),
+    (
+        "deepseek-ai-DeepSeek-V3.1.jinja",
+        tool_chat(arguments_as_json=True),
+        [
+            '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Lima"}<｜tool▁call▁end｜><｜too'
+            'l▁calls▁end｜><｜end▁of▁sentence｜>',
+            "It is 22 C and sunny in Lima.<｜end▁of▁sentence｜>",
+        ],
+    ),
+    ("llama-cpp-deepseek-r1.jinja", chat(), ["Lima.<｜end▁of▁sentence｜>", "Santiago.<｜end▁of▁sentence｜>"]),
+    (
+        "llama-cpp-deepseek-r1.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["\n\nLima.<｜end▁of▁sentence｜>", "\n\nSantiago.<｜end▁of▁sentence｜>"],
+    ),
+    ("meta-llama-Llama-3.2-3B-Instruct.jinja", chat(), ["Lima.<|eot_id|>", "Santiago.<|eot_id|>"]),
+    (
+        "meta-llama-Llama-3.2-3B-Instruct.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|eot_id|>", "<think>\nNext door.\n</think>\n\nSantiago.<|eot_id|>"],
+    ),
+    (
+        "meta-llama-Llama-3.2-3B-Instruct.jinja",
+        tool_chat(),
+        ['{"name": "get_weather", "parameters": {"city": "Lima"}}<|eot_id|>', "It is 22 C and sunny in Lima.<|eot_id|>"],
+    ),
+    ("meetkai-functionary-medium-v3.1.jinja", chat(), ["Lima.<|eot_id|>", "Santiago.<|eot_id|>"]),
+    (
+        "meetkai-functionary-medium-v3.1.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|eot_id|>", "<think>\nNext door.\n</think>\n\nSantiago.<|eot_id|>"],
+    ),
+    (
+        "meetkai-functionary-medium-v3.1.jinja",
+        tool_chat(arguments_as_json=True),
+        ['<function=get_weather>{"city": "Lima"}</function><|eom_id|>', "It is 22 C and sunny in Lima.<|eot_id|>"],
+    ),
+    ("meetkai-functionary-medium-v3.2.jinja", chat(), ["all\nLima.<|eot_id|>", "all\nSantiago.<|eot_id|>"]),
+    (
+        "meetkai-functionary-medium-v3.2.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        [
+            "all\n<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|eot_id|>",
+            "all\n<think>\nNext door.\n</think>\n\nSantiago.<|eot_id|>",
+        ],
+    ),
+    (
+        "meetkai-functionary-medium-v3.2.jinja",
+        tool_chat(arguments_as_json=True),
+        ['get_weather\n{"city": "Lima"}<|eot_id|>', "all\nIt is 22 C and sunny in Lima.<|eot_id|>"],
+    ),
+    ("ibm-granite-granite-3.3-2B-Instruct.jinja", chat(), ["Lima.<|end_of_text|>", "Santiago.<|end_of_text|>"]),
+    (
+        "ibm-granite-granite-3.3-2B-Instruct.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        [
+            "<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|end_of_text|>",
+            "<think>\nNext door.\n</think>\n\nSantiago.<|end_of_text|>",
+        ],
+    ),
+    ("llama-cpp-rwkv-world.jinja", chat(), [" Lima.\n\n", " Santiago.\n\n"]),
+    ("llama-cpp-rwkv-world.jinja", chat(first=THINK_1, second=THINK_2), [" Lima.\n\n", " Santiago.\n\n"]),
+    ("moonshotai-Kimi-K2.jinja", chat(), ["Lima.<|im_end|>", "Santiago.<|im_end|>"]),
+    (
+        "moonshotai-Kimi-K2.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|im_end|>", "<think>\nNext door.\n</think>\n\nSantiago.<|im_end|>"],
+    ),
+    (
+        "moonshotai-Kimi-K2.jinja",
+        tool_chat(),
+        [
+            '<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>{"'
+            'city": "Lima"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>',
+            "It is 22 C and sunny in Lima.<|im_end|>",
+        ],
+    ),
+    (
+        "openai-gpt-oss-120b.jinja",
+        chat(),
+        ["<|channel|>final<|message|>Lima.<|end|>", "<|channel|>final<|message|>Santiago.<|return|>"],
+    ),
+    (
+        "openai-gpt-oss-120b.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        [
+            "<|channel|>final<|message|><think>\nPeru is on the Pacific.\n</think>\n\nLima.<|end|>",
+            "<|channel|>final<|message|><think>\nNext door.\n</think>\n\nSantiago.<|return|>",
+        ],
+    ),
+    (
+        "openai-gpt-oss-120b.jinja",
+        tool_chat(),
+        [
+            ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Lima"}<|call|>',
+            "<|channel|>final<|message|>It is 22 C and sunny in Lima.<|return|>",
+        ],
+    ),
+    ("GLM-4.6.jinja", chat(), ["\n<think></think>\nLima.<|user|>", "\n<think></think>\nSantiago."]),
+    (
+        "GLM-4.6.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["\n<think></think>\nLima.<|user|>", "\n<think>Next door.</think>\nSantiago."],
+    ),
+    (
+        "GLM-4.6.jinja",
+        tool_chat(),
+        [
+            "\n<think></think>\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Lima</arg_value>\n"
+            "</tool_call><|observation|>",
+            "\n<think></think>\nIt is 22 C and sunny in Lima.",
+        ],
+    ),
+    ("HuggingFaceTB-SmolLM3-3B.jinja", chat(), ["Lima.<|im_end|>", "Santiago.<|im_end|>"]),
+    (
+        "HuggingFaceTB-SmolLM3-3B.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|im_end|>", "<think>\nNext door.\n</think>\n\nSantiago.<|im_end|>"],
+    ),
+    ("Qwen3-Coder.jinja", chat(), ["Lima.<|im_end|>", "Santiago.<|im_end|>"]),
+    (
+        "Qwen3-Coder.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|im_end|>", "<think>\nNext door.\n</think>\n\nSantiago.<|im_end|>"],
+    ),
+    (
+        "Qwen3-Coder.jinja",
+        tool_chat(),
+        [
+            "<tool_call>\n<function=get_weather>\n<parameter=city>\nLima\n</parameter>\n</function>\n</tool_call><|im_end|>",
+            "It is 22 C and sunny in Lima.<|im_end|>",
+        ],
+    ),
+    ("Apertus-8B-Instruct.jinja", chat(), ["Lima.<|assistant_end|>", "Santiago."]),
+    (
+        "Apertus-8B-Instruct.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<|assistant_end|>", "<think>\nNext door.\n</think>\n\nSantiago."],
+    ),
+    (
+        "Apertus-8B-Instruct.jinja",
+        tool_chat(),
+        ['<|tools_prefix|>[{"get_weather": {"city": "Lima"}}]<|tools_suffix|>', "It is 22 C and sunny in Lima."],
+    ),
+    ("google-gemma-4-31B-it.jinja", chat(), ["Lima.<turn|>", "Santiago.<turn|>"]),
+    (
+        "google-gemma-4-31B-it.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.<turn|>", "<think>\nNext door.\n</think>\n\nSantiago.<turn|>"],
+    ),
+    (
+        "google-gemma-4-31B-it.jinja",
+        tool_chat(),
+        ['<|tool_call>call:get_weather{city:<|"|>Lima<|"|>}<tool_call|>', "It is 22 C and sunny in Lima.<turn|>"],
+    ),
+    ("mistralai-Ministral-3-14B-Reasoning-2512.jinja", chat(), ["Lima.</s>", "Santiago.</s>"]),
+    (
+        "mistralai-Ministral-3-14B-Reasoning-2512.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\n\nLima.</s>", "<think>\nNext door.\n</think>\n\nSantiago.</s>"],
+    ),
+    (
+        "mistralai-Ministral-3-14B-Reasoning-2512.jinja",
+        tool_chat(),
+        ['[TOOL_CALLS]get_weather[ARGS]{"city": "Lima"}</s>', "It is 22 C and sunny in Lima.</s>"],
+    ),
+    ("Bielik-11B-v3.0-Instruct.jinja", chat(), ["Lima.<|im_end|>", "Santiago.<|im_end|>"]),
+    (
+        "Bielik-11B-v3.0-Instruct.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["<think>\nPeru is on the Pacific.\n</think>\nLima.<|im_end|>", "<think>\nNext door.\n</think>\nSantiago.<|im_end|>"],
+    ),
+    (
+        "Bielik-11B-v3.0-Instruct.jinja",
+        tool_chat(),
+        [
+            '\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Lima"}}\n</tool_call><|im_end|>',
+            "It is 22 C and sunny in Lima.<|im_end|>",
+        ],
+    ),
+    ("LFM2.5-Instruct.jinja", chat(), ["Lima.<|im_end|>", "Santiago.<|im_end|>"]),
+    (
+        "LFM2.5-Instruct.jinja",
+        chat(first=THINK_1, second=THINK_2),
+        ["Lima.<|im_end|>", "<think>\nNext door.\n</think>\n\nSantiago.<|im_end|>"],
+    ),
+]
+
+def assert_trains_exactly(template: str, conversation: Conversation, expected: list[str]) -> None:
+    tokenizer = template_tokenizer(template)
+    result = masked(conversation, tokenizer)
+    assert not isinstance(result, Skip), result
+    input_ids, labels = result
+    assert trained_pieces(tokenizer, input_ids, labels) == expected
+    render = tokenizer.apply_chat_template(conversation.messages, tools=conversation.tools, tokenize=False)
+    assert input_ids == tokenizer(render, add_special_tokens=False)["input_ids"]
+    trained = "".join(expected)
+    for message in conversation.messages:
+        if message["role"] != "assistant":
+            assert message["content"] not in trained  # no system prompt, user turn or tool result
+
+
+@pytest.mark.parametrize(("template", "conversation", "expected"), MORE_CASES,
+                         ids=[f"{name.split('.jinja')[0]}-{index}" for index, (name, _, _) in enumerate(MORE_CASES)])
+def test_trained_tokens_are_the_assistant_turns_on_more_real_templates(template, conversation, expected):
+    assert_trains_exactly(template, conversation, expected)
+
+
+@pytest.mark.parametrize(("template", "conversation", "message"), [
+    # A tool-use-only template (Command R+'s tool_use) cannot render a record without tools: say so, per record.
+    ("CohereForAI-c4ai-command-r-plus-tool_use.jinja", chat(), "renders only conversations with tools (a tool-use template)"),
+    # Templates that drop an assistant turn's tool_calls: training that turn would teach an empty answer.
+    ("ibm-granite-granite-3.3-2B-Instruct.jinja", tool_chat(), "assistant turn 2: the chat template does not write (all of) its"),
+    ("HuggingFaceTB-SmolLM3-3B.jinja", tool_chat(), "assistant turn 2: the chat template does not write (all of) its"),
+    ("LFM2.5-Instruct.jinja", tool_chat(), "assistant turn 2: the chat template does not write (all of) its"),
+    ("llama-cpp-rwkv-world.jinja", tool_chat(), "assistant turn 2: the chat template does not write (all of) its"),
+    # DeepSeek R1's template writes tool calls only for content None, which transformers drops before rendering.
+    ("deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja", tool_chat(arguments_as_json=True), "does not write (all of) its"),
+    # Tool-call arguments in the form the template does not take: the template's error and what to change.
+    ("deepseek-ai-DeepSeek-V3.1.jinja", tool_chat(), "may want them as a JSON string, OpenAI style"),
+    ("Qwen3-Coder.jinja", tool_chat(arguments_as_json=True), "may want them as an object"),
+])
+def test_conversations_a_template_cannot_render_honestly_are_skipped_with_the_reason(template, conversation, message):
+    result = masked(conversation, template_tokenizer(template))
+    assert isinstance(result, Skip) and message in result.reason
+
+
+def test_template_that_needs_its_own_variables_is_refused_clearly():
+    with pytest.raises(DataError, match="cannot render a plain user/assistant exchange: 'functions' is undefined"):
+        masked(chat(), template_tokenizer("fireworks-ai-llama-3-firefunction-v2.jinja"))
+
+
+def test_gpt_oss_turn_markers_and_train_on_eos_all():
+    tokenizer = template_tokenizer("openai-gpt-oss-120b.jinja")
+    marks = template_marks(tokenizer)
+    assert marks.turn_ends == ("<|return|>", "<|end|>") and marks.call_ends == ("<|call|>",)
+    pieces = trained_pieces(tokenizer, *masked(chat(), tokenizer, train_on_eos="all"))
+    # every <|end|>: the system, developer and two user turns', the first answer's; and the last <|return|>
+    assert pieces.count("<|end|>") == 4 and pieces[3] == "<|channel|>final<|message|>Lima.<|end|>"
+    assert pieces[-1] == "<|channel|>final<|message|>Santiago.<|return|>"
+    assert trained_pieces(tokenizer, *masked(chat(), tokenizer, train_on_eos="none"))[0] == "<|channel|>final<|message|>Lima."
+
+
+def test_command_r_tool_results_are_not_trained_after_a_call_without_marker():
+    tokenizer = template_tokenizer("CohereForAI-c4ai-command-r-plus-tool_use.jinja")
+    call, answer = trained_pieces(tokenizer, *masked(tool_chat(), tokenizer))
+    assert call.startswith("\nAction:") and '"tool_name": "get_weather"' in call and call.endswith("```\n")
+    assert TOOL_RESULT not in call and "<|SYSTEM_TOKEN|>" not in call
+    # with tool results trained on purpose, they are their own piece
+    pieces = trained_pieces(tokenizer, *masked(tool_chat(), tokenizer, roles_to_train=["assistant", "tool"]))
+    assert any(TOOL_RESULT in piece for piece in pieces) and pieces[0] == call
+
+
+def two_calls_chat(*, content: str = "") -> Conversation:
+    calls = [CALL, CALL | {"id": "call00043", "function": {"name": "get_weather", "arguments": {"city": "Quito"}}}]
+    return Conversation([
+        {"role": "user", "content": "Weather in Lima and Quito?"},
+        {"role": "assistant", "content": content, "tool_calls": calls if not content else calls[:1]},
+        {"role": "tool", "content": TOOL_RESULT, "tool_call_id": "call00042", "name": "get_weather"},
+        *([] if content else [{"role": "tool", "content": "cold", "tool_call_id": "call00043", "name": "get_weather"}]),
+        {"role": "assistant", "content": "Lima is warmer."},
+    ], TOOLS)
+
+
+def test_parallel_tool_calls_are_all_trained_or_the_turn_is_skipped():
+    gemma = template_tokenizer("google-gemma-4-31B-it.jinja")  # each call closes with <tool_call|>: up to the last
+    assert trained_pieces(gemma, *masked(two_calls_chat(), gemma)) == [
+        '<|tool_call>call:get_weather{city:<|"|>Lima<|"|>}<tool_call|><|tool_call>call:get_weather{city:<|"|>Quito<|"|>}<tool_call|>',
+        "Lima is warmer.<turn|>"]
+    gpt_oss = masked(two_calls_chat(), template_tokenizer("openai-gpt-oss-120b.jinja"))  # writes the first call only
+    assert isinstance(gpt_oss, Skip) and "does not write (all of) its tool_calls" in gpt_oss.reason
+
+
+def test_gemma4_content_after_the_tool_results_is_trained_without_them():
+    tokenizer = template_tokenizer("google-gemma-4-31B-it.jinja")
+    # Gemma 4 writes call, results, then the calling turn's own content, in one model turn
+    assert trained_pieces(tokenizer, *masked(two_calls_chat(content="Let me check."), tokenizer)) == [
+        '<|tool_call>call:get_weather{city:<|"|>Lima<|"|>}<tool_call|>', "Let me check.<turn|>", "Lima is warmer.<turn|>"]
 
 
 def test_qwen3_reasoning_content_field_is_rendered_and_trained():

@@ -111,9 +111,10 @@ MASK_CASES = {
     "gemma3": ("<bos>", "<eos>", ("<start_of_turn>", "<end_of_turn>"), ["Lima.<end_of_turn>", "Santiago.<end_of_turn>"]),
     "cohere": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", COHERE_TURNS,
                ["Lima.<|END_OF_TURN_TOKEN|>", "Santiago.<|END_OF_TURN_TOKEN|>"]),
-    # Command A wraps the answer in <|START_RESPONSE|>...<|END_RESPONSE|>, then <|END_OF_TURN_TOKEN|>
+    # Command A wraps the answer in <|START_RESPONSE|>...<|END_RESPONSE|>, then <|END_OF_TURN_TOKEN|> (its eos, where
+    # generation stops: trained too)
     "command_a": ("<BOS_TOKEN>", "<|END_OF_TURN_TOKEN|>", (*COHERE_TURNS, "<|START_RESPONSE|>", "<|END_RESPONSE|>"),
-                  ["Lima.<|END_RESPONSE|>", "Santiago.<|END_RESPONSE|>"]),
+                  ["Lima.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>", "Santiago.<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"]),
     "llama4": ("<|begin_of_text|>", "<|eot|>", ("<|header_start|>", "<|header_end|>"), ["Lima.<|eot|>", "Santiago.<|eot|>"]),
     "deepseek_v3": ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", ("<｜User｜>", "<｜Assistant｜>"),
                     ["Lima.<｜end▁of▁sentence｜>", "Santiago.<｜end▁of▁sentence｜>"]),
