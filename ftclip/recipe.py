@@ -87,6 +87,9 @@ class DatasetSpec(BaseModel):
     train_on_eos: Literal["turn", "all", "last", "none"] = Field(
         "turn", description="chat: which end-of-turn markers are trained: after each trained turn, all, the last, none."
     )
+    drop_system_message: bool = Field(
+        False, description="chat: leave the records' system turns out (a template's own default system prompt stays)."
+    )
 
     @field_validator("type", mode="before")
     @classmethod

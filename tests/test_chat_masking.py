@@ -774,6 +774,21 @@ def test_axolotl_field_messages_mappings_and_roles():
                                      {"role": "assistant", "content": "Hello.", "reasoning_content": "greet back"}]
 
 
+def test_drop_system_message_leaves_the_records_system_turns_out():
+    # Axolotl's drop_system_message, with its roles mapping: the system turn is recognized after the mapping.
+    record = {"conversations": [{"from": "instructions", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                {"from": "gpt", "value": "Hello."}]}
+    roles = {"system": ["instructions"], "user": ["human"], "assistant": ["gpt"]}
+    kept = conversation_from_record(record, spec(roles=roles))
+    dropped = conversation_from_record(record, spec(roles=roles, drop_system_message=True))
+    assert kept.messages[0] == {"role": "system", "content": "Be brief."}
+    assert dropped.messages == kept.messages[1:]
+    tokenizer = template_tokenizer("Qwen-Qwen3-0.6B.jinja")
+    ids, labels = masked(dropped, tokenizer)
+    assert "Be brief." not in tokenizer.decode(ids) and "Be brief." in tokenizer.decode(masked(kept, tokenizer)[0])
+    assert trained_pieces(tokenizer, ids, labels) == trained_pieces(tokenizer, *masked(kept, tokenizer))
+
+
 def test_tools_and_tool_calls_pass_through():
     record = {"tools": json.dumps(TOOLS), "messages": [
         {"role": "user", "content": "Weather in Lima?"},

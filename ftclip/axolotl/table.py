@@ -738,7 +738,7 @@ DATASET_KEYS: dict[str, Rule] = {
     "trust_remote_code": _drop("dataset loading scripts are not run"),
     "field": _to("—", "completion: text only"),
     "chat_template": _to("chat_template", "per dataset: must match the recipe's one chat_template"),
-    "drop_system_message": _refuse("drops system messages"),
+    "drop_system_message": _same("the records' system turns are left out; a template's default system prompt stays"),
     "field_thinking": _refuse("Axolotl also splits <think>…</think> out of assistant content into the template's "
                               "thinking key; ftclip passes thinking/reasoning_content through but does not split"),
     "template_thinking_key": _refuse("see field_thinking: Axolotl splits <think>…</think> out of the content"),

@@ -125,6 +125,8 @@ def conversation_from_record(record: dict, spec: DatasetSpec) -> Conversation | 
             return f"{key}[{index}] needs string {role_key!r} and {content_key!r}"
         if turn[role_key] not in role_names:
             return f"{key}[{index}].{role_key} is {turn[role_key]!r}; allowed: {', '.join(role_names)}"
+        if spec.drop_system_message and role_names[turn[role_key]] == "system":
+            continue
         message = {"role": role_names[turn[role_key]], "content": content}
         for name, source in mapping.items():
             if name not in ("role", "content") and turn.get(source) is not None:
