@@ -107,7 +107,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-        # Two chunk-sized buffers for every chunk: a fresh 100 MB tensor per chunk costs its page faults each
+        # Two chunk-sized buffers for every chunk: a fresh 128 MiB tensor per chunk costs its page faults each
         # time on the CPU (allocations that large go back to the OS when freed), which measured more than the
         # softmax itself.
         rows_per_chunk = min(chunk_tokens, hidden.shape[0])
