@@ -1,10 +1,13 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
+# Keeps a CPU-only machine on torch's CPU wheel; `make test CONSTRAINTS=` keeps the torch already installed.
+CONSTRAINTS ?= constraints-cpu.txt
+PIP_INSTALL = $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
 .PHONY: install test bench bench-data bench-step bench-validate lint quickstart validate assets
 
 install:
-	$(PIP) install -q -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev]'
 
 test: install
 	$(PYTHON) -m pytest -q
@@ -15,7 +18,7 @@ bench: install
 # ftclip against HF Trainer + peft (needs the bench extra: accelerate). Pass options with STEP_BENCH_ARGS,
 # e.g. make bench-step STEP_BENCH_ARGS="--steps 5 --device cuda".
 bench-step: install
-	$(PIP) install -q -e '.[bench]'
+	$(PIP_INSTALL) -e '.[bench]'
 	$(PYTHON) bench/step_bench.py $(STEP_BENCH_ARGS)
 
 # Data stage vs plain `datasets` (200k generated records; --records N to change): see bench/RESULTS.md.
