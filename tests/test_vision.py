@@ -1,0 +1,239 @@
+"""Vision-language runs on tiny models built from a config with their real processor classes (tests/vision_models.py):
+what is trained (only assistant text; image placeholders, prompts and system turns are -100), that the ids are the
+processor's own, that the loss falls, a resumed run is exact, two DDP ranks equal one process, and broken images
+are named, skipped and counted."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from rich.console import Console
+from safetensors.torch import load_file
+
+from ftclip.data import prepare
+from ftclip.data.records import IGNORE_INDEX
+from ftclip.errors import DataError, RecipeError
+from ftclip.modeling import load_tokenizer
+from ftclip.recipe import load_recipe, parse_recipe
+from ftclip.train import train
+from vision_models import build
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (230, 200, 40)}
+SIZES = [(48, 32), (32, 32), (40, 56)]
+
+
+@pytest.fixture(scope="session")
+def vision_models(tmp_path_factory):
+    cache = {}
+
+    def model(architecture: str) -> Path:
+        if architecture not in cache:
+            cache[architecture] = build(architecture, tmp_path_factory.mktemp(architecture))
+        return cache[architecture]
+
+    return model
+
+
+def picture(path: Path, color: str, shape: str, size: tuple[int, int]) -> Path:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", size, (255, 255, 255))
+    box = (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4)
+    draw = ImageDraw.Draw(image)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def image_chats(folder: Path, count: int = 12) -> Path:
+    """count records in Axolotl's layout, images under folder/photos (paths relative to the data file); every
+    third record has a system turn, every fourth gives its image through the `images` column."""
+    records = []
+    for index in range(count):
+        color, shape = list(COLORS)[index % 4], ("circle", "square")[index // 4 % 2]
+        picture(folder / "photos" / f"{index}.png", color, shape, SIZES[index % 3])
+        user = [{"type": "image", "path": f"photos/{index}.png"}, {"type": "text", "text": "What is in the picture?"}]
+        record = {"messages": [{"role": "user", "content": user},
+                               {"role": "assistant", "content": [{"type": "text", "text": f"A {color} {shape}."}]}]}
+        if index % 4 == 3:
+            user[0] = {"type": "image"}
+            record["images"] = [f"photos/{index}.png"]
+        if index % 3 == 0:
+            record["messages"].insert(0, {"role": "system", "content": "Answer briefly."})
+        records.append(record)
+    path = folder / "chats.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in records))
+    return path
+
+
+def vision_recipe(folder: Path, model: Path, data: Path, name: str = "recipe.yaml", **overrides) -> Path:
+    recipe = {
+        "base_model": str(model), "processor_type": "AutoProcessor", "adapter": "lora", "lora_r": 8, "lora_alpha": 16,
+        "lora_dropout": 0.0, "datasets": [{"path": str(data), "type": "chat"}], "sequence_len": 256,
+        "micro_batch_size": 4, "max_steps": 6, "learning_rate": 1e-2, "lr_scheduler": "constant",
+        "output_dir": str(folder / "out"), "logging_steps": 1, "dataset_cache_dir": str(folder / "cache"),
+        "dataset_processes": 1,
+    }
+    recipe.update(overrides)
+    path = folder / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+ARCHITECTURES = ["qwen2_vl", "llava", "gemma3"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_only_assistant_text_is_trained_and_the_ids_are_the_processors(architecture, vision_models, tmp_path):
+    from PIL import Image
+
+    data = image_chats(tmp_path)
+    recipe = load_recipe(vision_recipe(tmp_path, vision_models(architecture), data))
+    tokenizer = load_tokenizer(recipe)
+    processor = tokenizer.ftclip_processor
+    prepared = prepare(recipe, tokenizer)
+    examples = prepared.examples
+    assert len(examples) == 12
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    image_ids = set(processor.image_token_ids)
+    for index, record in enumerate(records):
+        ids, labels = examples.input_ids(index).tolist(), examples.labels(index).tolist()
+        trained = [token for token, label in zip(ids, labels) if label != IGNORE_INDEX]
+        text = tokenizer.decode(trained).strip()  # a byte-level token may carry the space before the answer
+        answer = record["messages"][-1]["content"][0]["text"]
+        assert text.startswith(answer), (architecture, text)
+        # After the answer only the turn's end marker (nothing when the template writes none, as LLaVA's).
+        assert len(text) - len(answer) <= len(tokenizer.eos_token) + 2
+        assert not image_ids & set(trained)
+        assert "picture" not in text and "briefly" not in text
+        # The ids are exactly what the processor makes of the same conversation and image.
+        messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], list) else
+                     [{"type": "text", "text": m["content"]}]} for m in record["messages"]]
+        for message in messages:
+            message["content"] = [{"type": "image"} if part["type"] == "image" else part for part in message["content"]]
+        render = tokenizer.apply_chat_template(messages, tokenize=False)
+        image = Image.open(tmp_path / "photos" / f"{index}.png").convert("RGB")
+        expected = processor(text=[render], images=[image], add_special_tokens=False)["input_ids"][0]
+        assert ids == list(expected)
+        assert examples.images(index) == [{"path": str(tmp_path / "photos" / f"{index}.png"), "bytes": None}]
+    # A batch carries the processor's tensors, and the model takes them.
+    batch = prepared.train.rows([0, 1, 2])
+    from ftclip.data.batches import collate
+
+    inputs = collate(batch, tokenizer.pad_token_id)
+    assert "pixel_values" in inputs
+    from ftclip.modeling import load_model
+
+    model = load_model(recipe, torch.device("cpu"), tokenizer)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).loss)
+
+
+def test_image_size_resizes_before_the_processor_and_is_part_of_the_cache_key(vision_models, tmp_path):
+    data = image_chats(tmp_path, count=4)
+    model = vision_models("qwen2_vl")
+    plain = load_recipe(vision_recipe(tmp_path, model, data))
+    sized = load_recipe(vision_recipe(tmp_path, model, data, "sized.yaml", image_size=64, image_resize_algorithm="bicubic"))
+    first, second = prepare(plain, load_tokenizer(plain)), prepare(sized, load_tokenizer(sized))
+    assert first.cache != second.cache
+    pad = load_tokenizer(plain).ftclip_processor.image_token_ids[0]
+    # 48×32 pixels are 2×3 merged patches (6 placeholders); padded to 64×64 they are 4×4 (16).
+    assert first.examples.input_ids(0).tolist().count(pad) == 6
+    assert second.examples.input_ids(0).tolist().count(pad) == 16
+
+
+def test_broken_and_missing_images_are_named_skipped_and_counted(vision_models, tmp_path):
+    data = image_chats(tmp_path, count=24)
+    good = (tmp_path / "photos" / "5.png").read_bytes()
+    (tmp_path / "photos" / "5.png").write_bytes(good[: len(good) // 2])  # a real truncated PNG
+    (tmp_path / "photos" / "7.png").write_bytes(b"this is not an image at all")
+    recipe = load_recipe(vision_recipe(tmp_path, vision_models("qwen2_vl"), data))
+    prepared = prepare(recipe, load_tokenizer(recipe))
+    assert len(prepared.examples) == 22
+    note = " ".join(prepared.notes)
+    assert "skipped 2 of 24 image chat records" in note
+    assert "record 6: image " + str(tmp_path / "photos" / "5.png") in note
+    assert "record 8: image " + str(tmp_path / "photos" / "7.png") in note
+    for index in (9, 10, 11):  # 5 of 24 is more than 10 %: the run stops, naming the first ones
+        (tmp_path / "photos" / f"{index}.png").unlink()
+    recipe = load_recipe(vision_recipe(tmp_path, vision_models("qwen2_vl"), data, dataset_cache_dir=str(tmp_path / "c2")))
+    with pytest.raises(DataError, match=r"5 of 24 image chat records were skipped .*no such file"):
+        prepare(recipe, load_tokenizer(recipe))
+
+
+def test_recipe_refuses_packing_and_vision_keys_without_a_processor():
+    base = "base_model: m\ndatasets: [{path: d.jsonl, type: chat}]\n"
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(base + "processor_type: AutoProcessor\nsample_packing: true\n")
+    assert "sample_packing" in str(caught.value) and "not packed" in str(caught.value)
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(base + "image_size: 224\nfreeze_mm_modules: true\n")
+    assert "image_size" in str(caught.value) and "set processor_type" in str(caught.value)
+    with pytest.raises(RecipeError, match="width, height"):
+        parse_recipe(base + "processor_type: AutoProcessor\nimage_size: [1, 2, 3]\n")
+    recipe = parse_recipe(base + "processor_type: Qwen2VLProcessor\nimage_size: [448, 224]\nskip_prepare_dataset: true\n"
+                          "remove_unused_columns: false\n")
+    assert recipe.image_size == [448, 224]
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = (output_dir / "metrics.jsonl").read_text().splitlines()
+    return [value for line in lines for value in json.loads(line)["per_step"]["loss"]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_the_loss_falls(architecture, vision_models, tmp_path):
+    data = image_chats(tmp_path)
+    result = train(load_recipe(vision_recipe(tmp_path, vision_models(architecture), data, max_steps=8)),
+                   Console(quiet=True))
+    steps = losses(result.output_dir)
+    assert sum(steps[-2:]) / 2 < steps[0] - 0.1, steps
+    assert (result.output_dir / "adapter" / "processor_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_resume_reproduces_the_uninterrupted_run(vision_models, tmp_path):
+    data = image_chats(tmp_path)
+    model = vision_models("gemma3")
+    run = dict(max_steps=6, save_steps=2, micro_batch_size=2, lora_dropout=0.1)
+    reference = train(load_recipe(vision_recipe(tmp_path, model, data, "a.yaml", output_dir=str(tmp_path / "a"), **run)),
+                      Console(quiet=True))
+    path = vision_recipe(tmp_path, model, data, "b.yaml", output_dir=str(tmp_path / "b"), **run)
+    train(load_recipe(path), Console(quiet=True))
+    out = tmp_path / "b"
+    shutil.rmtree(out / "checkpoints" / "step-6")
+    shutil.rmtree(out / "checkpoints" / "step-4")
+    (out / "checkpoints" / "latest").write_text("step-2")
+    resumed = train(load_recipe(path), Console(quiet=True))
+    assert resumed.resumed_from == out / "checkpoints" / "step-2"
+    assert losses(out) == losses(reference.output_dir)
+    ours, theirs = load_file(out / "adapter" / "adapter_model.safetensors"), load_file(
+        reference.output_dir / "adapter" / "adapter_model.safetensors")
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+@pytest.mark.slow
+def test_two_ddp_ranks_equal_one_process(vision_models, tmp_path):
+    from test_distributed import per_step, torchrun
+
+    data = image_chats(tmp_path, count=8)
+    model = vision_models("qwen2_vl")
+    steps = dict(max_steps=1, gradient_accumulation_steps=2, gradient_clipping={"mode": "norm", "max_norm": 0.5})
+    single = train(load_recipe(vision_recipe(tmp_path, model, data, "one.yaml", micro_batch_size=4,
+                                             output_dir=str(tmp_path / "one"), **steps)), Console(quiet=True))
+    path = vision_recipe(tmp_path, model, data, "two.yaml", micro_batch_size=2, output_dir=str(tmp_path / "two"),
+                         distributed={"strategy": "ddp"}, dataset_cache_dir=str(tmp_path / "cache-ddp"), **steps)
+    done = torchrun("-m", "ftclip", "train", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    # Each rank processes its own rows' images; gloo sums the gradients in another order than one process
+    # accumulates them, so the norms agree to float32 rounding over a few thousand terms, not bit for bit.
+    assert per_step(tmp_path / "two", "grad_norm") == pytest.approx(per_step(single.output_dir, "grad_norm"), rel=1e-5)
+    assert per_step(tmp_path / "two", "loss") == pytest.approx(per_step(single.output_dir, "loss"), rel=1e-5)
