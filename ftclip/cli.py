@@ -455,7 +455,9 @@ def merge(
                               report=lambda message: console.print(message, highlight=False))
     except FtclipError as error:
         _fail(error)
-    console.print(f"[green]merged[/]: {saved}  (AutoModelForCausalLM.from_pretrained({str(saved)!r}))", highlight=False)
+    loads = ("AutoModelForImageTextToText and AutoProcessor" if (saved / "processor_config.json").is_file()
+             else "AutoModelForCausalLM")
+    console.print(f"[green]merged[/]: {saved}  ({loads}.from_pretrained({str(saved)!r}))", highlight=False)
 
 
 @app.command()
@@ -466,20 +468,23 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(min=0, help="0: greedy (the same reply every time); >0: sample.")] = 0.0,
     base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+    image: Annotated[Path | None, typer.Option(help="A vision-language run: the image the conversation is about.")] = None,
 ) -> None:
     """Talk to what a run trained: base model + adapter (or a merged/full model), prompts formatted as in training
     (chat template, or alpaca for alpaca data), replies streamed. Interactive unless --prompt; chat turns keep history."""
     import sys
 
     _quiet_libraries()
-    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, reply
+    from ftclip.inference import Conversation, chat_image, find_chat_source, load_for_chat, prompt_style, reply
 
     try:
         source = find_chat_source(run_dir, base_model)
         model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
+        processor = getattr(tokenizer, "ftclip_processor", None)
+        picture = chat_image(image, source.recipe, processor) if image is not None else None
     except FtclipError as error:
         _fail(error)
-    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer))
+    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer), processor=processor, image=picture)
 
     def write(text: str) -> None:
         sys.stdout.write(text)

@@ -58,27 +58,25 @@ def needs_torchvision(error: BaseException) -> bool:
     return "torchvision" in str(error).lower()
 
 
-def _processor_class(recipe: Recipe, source):
+def _processor_class(processor_type: str, source, trust_remote_code: bool = False):
     import transformers
 
-    if recipe.processor_type and recipe.processor_type != "AutoProcessor":
-        found = getattr(transformers, recipe.processor_type, None)
+    if processor_type != "AutoProcessor":
+        found = getattr(transformers, processor_type, None)
         if found is None or not isinstance(found, type):
-            raise ModelError(f"processor_type: transformers has no processor class {recipe.processor_type!r}")
+            raise ModelError(f"processor_type: transformers has no processor class {processor_type!r}")
         return found
-    from transformers.models.auto.processing_auto import AutoProcessor
-
-    # AutoProcessor's own lookup, without building anything: processor_config.json, else the model type's entry.
-    config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code)
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES, processor_class_from_name
 
-    saved = _saved_processor_class(source)
-    name = saved or PROCESSOR_MAPPING_NAMES.get(config.model_type)
+    # AutoProcessor's own lookup, without building anything: the saved processor_class, else the model type's.
+    name = _saved_processor_class(source)
+    if name is None:
+        config = transformers.AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        name = PROCESSOR_MAPPING_NAMES.get(config.model_type)
     found = processor_class_from_name(name) if name else None
     if found is None:
-        raise ModelError(f"processor_type: AutoProcessor finds no processor for model type {config.model_type!r}; "
-                         "name the class (e.g. processor_type: Qwen2VLProcessor)")
-    del AutoProcessor
+        raise ModelError(f"processor_type: AutoProcessor finds no processor class for {source}; name the class "
+                         "(e.g. processor_type: Qwen2VLProcessor)")
     return found
 
 
@@ -96,24 +94,30 @@ def _saved_processor_class(source) -> str | None:
 
 def load_processor(recipe: Recipe, source, revision: dict | None = None):
     """The recipe's processor (AutoProcessor or the named class), from the model folder or hub id `source`."""
+    return load_processor_from(source, recipe.processor_type or "AutoProcessor", recipe.trust_remote_code, revision)
+
+
+def load_processor_from(source, processor_type: str = "AutoProcessor", trust_remote_code: bool = False,
+                        revision: dict | None = None):
+    """A processor from `source`; without torchvision, the images-only form of its class (see the module's
+    docstring), with `ftclip_note` saying so."""
     import transformers
 
-    revision = revision or {}
-    options = {"trust_remote_code": recipe.trust_remote_code, **revision}
-    named = recipe.processor_type and recipe.processor_type != "AutoProcessor"
+    options = {"trust_remote_code": trust_remote_code, **(revision or {})}
     try:
-        if named:
-            return _processor_class(recipe, source).from_pretrained(source, **options)
-        return transformers.AutoProcessor.from_pretrained(source, **options)
+        if processor_type != "AutoProcessor":
+            return _with_template(_processor_class(processor_type, source).from_pretrained(source, **options))
+        return _with_template(transformers.AutoProcessor.from_pretrained(source, **options))
     except (ImportError, RuntimeError, ValueError, OSError) as error:
         # Without torchvision the video processor fails to build, with an ImportError naming torchvision, or,
         # for a folder whose image settings live only in processor_config.json, as a missing video config.
         missing = not transformers.utils.is_torchvision_available() and "video" in str(error).lower()
         if not (needs_torchvision(error) or missing):
-            raise ModelError(f"cannot load the processor ({recipe.processor_type}) from {source}: {error}") from None
+            raise ModelError(f"cannot load the processor ({processor_type}) from {source}: {error}") from None
         first = error
     try:
-        processor = images_only_processor_class(_processor_class(recipe, source)).from_pretrained(source, **options)
+        processor_class = _processor_class(processor_type, source, trust_remote_code)
+        processor = images_only_processor_class(processor_class).from_pretrained(source, **options)
     except (ImportError, RuntimeError, ValueError, OSError, TypeError) as error:
         reason = str(first).strip().splitlines()[0] if str(first).strip() else type(first).__name__
         raise ModelError(f"the processor of {source} needs torchvision, which is not installed or does not import "
@@ -122,6 +126,13 @@ def load_processor(recipe: Recipe, source, revision: dict | None = None):
                          f"backend. Building it without the video part failed too: {error}") from None
     processor.ftclip_note = ("torchvision is not installed (or does not import): the processor is built without its "
                              "video part (ftclip trains on images) and its image processor runs on PIL")
+    return _with_template(processor)
+
+
+def _with_template(processor):
+    """The processor's chat template on its tokenizer too, where the tokenizer has none (ftclip renders with it)."""
+    if getattr(processor, "chat_template", None) and not getattr(processor.tokenizer, "chat_template", None):
+        processor.tokenizer.chat_template = processor.chat_template
     return processor
 
 

@@ -237,3 +237,40 @@ def test_two_ddp_ranks_equal_one_process(vision_models, tmp_path):
     # accumulates them, so the norms agree to float32 rounding over a few thousand terms, not bit for bit.
     assert per_step(tmp_path / "two", "grad_norm") == pytest.approx(per_step(single.output_dir, "grad_norm"), rel=1e-5)
     assert per_step(tmp_path / "two", "loss") == pytest.approx(per_step(single.output_dir, "loss"), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_chat_answers_about_an_image_and_merge_saves_what_the_auto_classes_load(vision_models, tmp_path):
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForImageTextToText
+
+    from ftclip.inference import Conversation, chat_image, find_chat_source, load_for_chat, prompt_style
+    from ftclip.merge import merge_adapter
+    from ftclip.vlm import load_processor_from
+
+    data = image_chats(tmp_path)
+    result = train(load_recipe(vision_recipe(tmp_path, vision_models("qwen2_vl"), data, max_steps=4)), Console(quiet=True))
+    source = find_chat_source(result.output_dir)
+    model, tokenizer = load_for_chat(source)
+    processor = tokenizer.ftclip_processor
+    image = chat_image(tmp_path / "photos" / "0.png", source.recipe, processor)
+    inputs = Conversation(tokenizer, prompt_style(source.recipe, tokenizer), processor=processor,
+                          image=image).prompt_inputs("What is in the picture?")
+    assert "pixel_values" in inputs and inputs["input_ids"][0].tolist().count(processor.image_token_ids[0]) == 6
+    merged = merge_adapter(result.output_dir)
+    loaded = AutoModelForImageTextToText.from_pretrained(merged).eval()
+    again = load_processor_from(merged)  # AutoProcessor (images-only here, where torchvision is missing)
+    assert type(again).__name__ == type(processor).__name__
+    with torch.no_grad():
+        # The merged weights are base + B·A folded in: the same logits as base + adapter, to float32 rounding.
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-5)
+    done = subprocess.run([sys.executable, "-m", "ftclip", "chat", str(result.output_dir), "--image",
+                           str(tmp_path / "photos" / "0.png"), "--prompt", "What is in the picture?",
+                           "--max-new-tokens", "4"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
+    refused = subprocess.run([sys.executable, "-m", "ftclip", "chat", str(result.output_dir), "--image",
+                              str(tmp_path / "nothing.png"), "--prompt", "hi"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "nothing.png: no such file" in refused.stdout + refused.stderr
