@@ -14,6 +14,7 @@ import torch
 import yaml
 from rich.console import Console
 from safetensors.torch import load_file
+from vision_models import build
 
 from ftclip.data import prepare
 from ftclip.data.records import IGNORE_INDEX
@@ -21,7 +22,6 @@ from ftclip.errors import DataError, RecipeError
 from ftclip.modeling import load_tokenizer
 from ftclip.recipe import load_recipe, parse_recipe
 from ftclip.train import train
-from vision_models import build
 
 COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (40, 60, 220), "yellow": (230, 200, 40)}
 SIZES = [(48, 32), (32, 32), (40, 56)]
