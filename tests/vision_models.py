@@ -15,9 +15,8 @@ QUICKSTART_TOKENIZER = REPO / "recipes" / "quickstart" / "tiny-llama" / "tokeniz
 TEMPLATES = REPO / "ftclip" / "chat_templates"
 
 # The architectures the tests cover, each with the chat template its family uses.
-ARCHITECTURES = ("qwen2_vl", "llava", "gemma3", "mllama", "smolvlm", "mistral3")
-TEMPLATE = {"qwen2_vl": "qwen2_vl", "llava": "llava", "gemma3": "gemma3", "mllama": "llama3_2_vision",
-            "smolvlm": None, "mistral3": "mistral_v7_tekken"}
+ARCHITECTURES = ("qwen2_vl", "llava", "gemma3", "mllama", "idefics3")
+TEMPLATE = {"qwen2_vl": "qwen2_vl", "llava": "llava", "gemma3": "gemma3", "mllama": "llama3_2_vision"}
 
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=1024)
@@ -33,8 +32,7 @@ def _tokenizer(special: list[str], eos: str, bos: str = "<s>", extra: dict | Non
 
 
 def _template(architecture: str) -> str | None:
-    name = TEMPLATE[architecture]
-    return (TEMPLATES / f"{name}.jinja").read_text() if name else None
+    return (TEMPLATES / f"{TEMPLATE[architecture]}.jinja").read_text()
 
 
 def _save_processor(processor, folder: Path) -> None:
@@ -115,7 +113,58 @@ def _gemma3(folder: Path):
     return Gemma3ForConditionalGeneration(config), processor
 
 
-BUILDERS = {"qwen2_vl": _qwen2_vl, "llava": _llava, "gemma3": _gemma3}
+# SmolVLM's chat template as transformers 5.25 ships it (models/smolvlm/processing_smolvlm.py, DEFAULT_CHAT_TEMPLATE,
+# Apache-2.0): the format SmolVLM (Idefics3) checkpoints use.
+SMOLVLM_TEMPLATE = (
+    "<|im_start|>{% for message in messages %}{{message['role'] | capitalize}}{% if message['content'] is string %}"
+    "{{': ' + message['content']}}{% else %}{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}"
+    "{% endif %}{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}{% elif line['type'] "
+    "== 'image' %}{{ '<image>' }}{% elif line['type'] == 'video' %}{{ '<video>' }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+
+
+def _idefics3(folder: Path):
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor, LlamaConfig
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    rows = [f"<row_{r}_col_{c}>" for r in range(1, 4) for c in range(1, 4)]
+    tokenizer = _tokenizer(["<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>",
+                            *rows], eos="<end_of_utterance>")
+    # 32-pixel tiles of 8-pixel patches, merged 2×2: 4 <image> tokens per tile; a larger image is split into a grid
+    # of tiles plus a global view, each framed by <fake_token_around_image> and named <row_r_col_c>.
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_len=4,
+                                  chat_template=SMOLVLM_TEMPLATE)
+    config = Idefics3Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=LlamaConfig(**TEXT, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2,
+    )
+    return Idefics3ForConditionalGeneration(config), processor
+
+
+def _mllama(folder: Path):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaProcessor
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tokenizer = _tokenizer(["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|image|>",
+                            "<|python_tag|>"], eos="<|eot_id|>", bos="<|begin_of_text|>")
+    image_processor = MllamaImageProcessorPil(size={"height": 32, "width": 32}, max_image_tiles=2)
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=_template("mllama"))
+    config = MllamaConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1,
+                           attention_heads=2, image_size=32, patch_size=8, max_num_tiles=2, vision_output_dim=64,
+                           intermediate_layers_indices=[0], supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
+        text_config=dict(TEXT, vocab_size=len(tokenizer), cross_attention_layers=[1], bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<|image|>"),
+    )
+    return MllamaForConditionalGeneration(config), processor
+
+
+BUILDERS = {"qwen2_vl": _qwen2_vl, "llava": _llava, "gemma3": _gemma3, "idefics3": _idefics3, "mllama": _mllama}
 
 
 def build(architecture: str, folder: Path, seed: int = 0) -> Path:
