@@ -102,6 +102,10 @@ def _notices(recipe: Recipe) -> list[tuple[str, str]]:
         problem = optimizer_device_problem(recipe, why_not is None, why_not or "")
         if problem:  # device: cpu is an error already; auto/cuda may be meant for another machine
             notices.append(("optimizer", f"{problem} — `ftclip train` will refuse it here"))
+    if recipe.processor_type:
+        from ftclip.vlm import vision_notices
+
+        notices += vision_notices(recipe)
     return notices
 
 
@@ -414,8 +418,9 @@ def preprocess(
         from ftclip.show import show_examples
 
         shown = range(min(show, len(examples)))
+        processor = getattr(tokenizer, "ftclip_processor", None)  # image chats: placeholder runs shown as ×N
         show_examples(console, tokenizer, ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown),
-                      as_json=as_json)
+                      as_json=as_json, placeholders=frozenset(processor.image_token_ids) if processor else frozenset())
         if as_json:
             return
     for note in data.notes:

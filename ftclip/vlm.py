@@ -145,6 +145,20 @@ def save_processor(processor, folder: Path) -> None:
         processor.image_processor.save_pretrained(folder)
 
 
+def vision_notices(recipe: Recipe) -> list[tuple[str, str]]:
+    """For validate, without importing transformers: the keys accepted and ignored, and a missing torchvision."""
+    import importlib.util
+
+    notices = [(key, "accepted for Axolotl compatibility and ignored by ftclip") for key in
+               ("skip_prepare_dataset", "remove_unused_columns") if getattr(recipe, key) is not None]
+    if importlib.util.find_spec("torchvision") is None:
+        notices.append(("processor_type", "torchvision is not installed: the processor is built without its video part "
+                                          "(images train as usual); a processor whose image side needs torchvision "
+                                          "(PixtralProcessor, for Pixtral and Mistral 3, in transformers 5) cannot load "
+                                          "— install the torchvision build that matches your torch"))
+    return notices
+
+
 def attach_processor(tokenizer, processor) -> None:
     """The processor rides on its tokenizer (`tokenizer.ftclip_processor`), which the data stage and the saving
     of the adapter receive; both render with the same chat template (the recipe's, else the model's)."""

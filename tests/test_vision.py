@@ -276,3 +276,55 @@ def test_chat_answers_about_an_image_and_merge_saves_what_the_auto_classes_load(
     refused = subprocess.run([sys.executable, "-m", "ftclip", "chat", str(result.output_dir), "--image",
                               str(tmp_path / "nothing.png"), "--prompt", "hi"], capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and "nothing.png: no such file" in refused.stdout + refused.stderr
+
+
+def test_a_processor_that_needs_torchvision_is_refused_saying_so(tmp_path, vision_models):
+    """PixtralProcessor (Pixtral, Mistral 3) needs torchvision in transformers 5: without it, train and validate say
+    so instead of failing deep inside transformers."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed here")
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+    from vision_models import _tokenizer
+
+    from ftclip.cli import app
+    from ftclip.errors import ModelError
+
+    folder = tmp_path / "pixtral"
+    _tokenizer(["[INST]", "[/INST]", "[IMG]", "[IMG_BREAK]", "[IMG_END]"], eos="</s>").save_pretrained(folder)
+    PixtralImageProcessorPil(size={"longest_edge": 64}).save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
+    shutil.copy(vision_models("llava") / "config.json", folder / "config.json")
+    data = image_chats(tmp_path, count=2)
+    path = vision_recipe(tmp_path, folder, data)
+    with pytest.raises(ModelError, match="needs torchvision, which is not installed"):
+        load_tokenizer(load_recipe(path))
+    from typer.testing import CliRunner
+
+    checked = CliRunner().invoke(app, ["validate", str(path)])
+    assert checked.exit_code == 0 and "torchvision is not installed" in checked.output
+
+
+def test_preprocess_show_json_labels_no_image_or_prompt_token(vision_models, tmp_path):
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from ftclip.cli import app
+
+    data = image_chats(tmp_path, count=4)
+    path = vision_recipe(tmp_path, vision_models("qwen2_vl"), data)
+    shown = subprocess.run([sys.executable, "-m", "ftclip", "preprocess", str(path), "--show", "1", "--json"],
+                           capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    [line] = shown.stdout.splitlines()  # nothing but the example on stdout
+    example = json.loads(line)
+    tokenizer = load_tokenizer(load_recipe(path))
+    trained = [token for token, label in zip(example["input_ids"], example["labels"]) if label != -100]
+    assert tokenizer.decode(trained) == "A red circle.<|im_end|>"
+    pad = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    assert example["input_ids"].count(pad) == 6 and pad not in trained
+    plain = CliRunner().invoke(app, ["preprocess", str(path), "--show", "1"])
+    assert "<|image_pad|>×6" in plain.output  # placeholder runs shown with their count
