@@ -582,7 +582,8 @@ def warmup_warning(recipe: Recipe, total_steps: int) -> str | None:
     if warmup < total_steps or warmup <= 1:
         return None
     reached = recipe.learning_rate * total_steps / warmup
-    return (f"warmup_steps: {warmup} warmup steps but the run has {total_steps} optimizer steps: the learning rate "
+    steps = f"{total_steps} optimizer step{'s' if total_steps != 1 else ''}"
+    return (f"warmup_steps: {warmup} warmup steps but the run has {steps}: the learning rate "
             f"will not reach its peak ({recipe.learning_rate:g}; it ends warming up at {reached:.3g})")
 
 
