@@ -110,7 +110,7 @@ def collate(batch: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
         return {"input_ids": input_ids, "labels": labels, "position_ids": mask_or_positions, "use_cache": False}
     inputs = {"input_ids": input_ids, "labels": labels, "attention_mask": mask_or_positions}
     if any(hasattr(row, "image_inputs") for row in batch):  # image chats: the processor's tensors too
-        from ftclip.data.vision_batches import image_batch_inputs
+        from ftclip.data.image_collate import image_batch_inputs
 
         inputs.update(image_batch_inputs(batch, length))
     return inputs

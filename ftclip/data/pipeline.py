@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ftclip.data import vision
+import ftclip.data.vision as vision
 from ftclip.data.batches import Rows
 from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_manifest, staging_folder, tokenizer_digest
 from ftclip.data.chat import check_skipped
