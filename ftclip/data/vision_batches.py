@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -126,7 +126,6 @@ class ImageRows(Rows):
     workers: int = 1
     rank: int = 0
     world_size: int = 1
-    _order_seed: int = field(default=0, repr=False)
 
     @classmethod
     def of(cls, rows: Rows, loader: ImageLoader, workers: int, rank: int = 0, world_size: int = 1) -> ImageRows:
@@ -161,7 +160,7 @@ class ImageRows(Rows):
                             multiprocessing_context="fork",
                             # its own generator: creating the iterator must not draw from the global RNG, or a
                             # resumed run's dropout would differ from the uninterrupted run's
-                            generator=torch.Generator().manual_seed(self._order_seed))
+                            generator=torch.Generator().manual_seed(0))
         for batch in loader:
             if isinstance(batch, _LoadFailure):
                 raise DataError(batch.message)
