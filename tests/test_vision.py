@@ -328,3 +328,54 @@ def test_preprocess_show_json_labels_no_image_or_prompt_token(vision_models, tmp
     assert example["input_ids"].count(pad) == 6 and pad not in trained
     plain = CliRunner().invoke(app, ["preprocess", str(path), "--show", "1"])
     assert "<|image_pad|>×6" in plain.output  # placeholder runs shown with their count
+
+
+def test_a_dataset_with_image_features_in_llava_instruct_mix_layout(vision_models, tmp_path):
+    """HuggingFaceH4/llava-instruct-mix-vsft's layout: messages with bare image parts ({"type": "image", "text": null})
+    and an `images` column of Image features; saved with save_to_disk and read as a dataset folder."""
+    import datasets
+    from PIL import Image
+
+    records = {"messages": [], "images": []}
+    for index, color in enumerate(COLORS):
+        records["messages"].append([
+            {"role": "user", "content": [{"index": 0, "text": None, "type": "image"},
+                                         {"index": None, "text": "Which colour is it?", "type": "text"}]},
+            {"role": "assistant", "content": [{"index": None, "text": f"It is {color}.", "type": "text"}]}])
+        records["images"].append([Image.new("RGB", SIZES[index % 3], COLORS[color])])
+    features = datasets.Features({
+        "messages": [{"role": datasets.Value("string"), "content": [{"index": datasets.Value("int64"),
+                                                                     "text": datasets.Value("string"),
+                                                                     "type": datasets.Value("string")}]}],
+        "images": datasets.Sequence(datasets.Image())})
+    datasets.Dataset.from_dict(records, features=features).save_to_disk(str(tmp_path / "mix"))
+    recipe = load_recipe(vision_recipe(tmp_path, vision_models("qwen2_vl"), tmp_path / "mix"))
+    tokenizer = load_tokenizer(recipe)
+    prepared = prepare(recipe, tokenizer)
+    assert len(prepared.examples) == 4
+    assert prepared.examples.images(0)[0]["bytes"]  # embedded, not a path
+    trained = [t for t, label in zip(prepared.examples.input_ids(1).tolist(), prepared.examples.labels(1).tolist())
+               if label != IGNORE_INDEX]
+    assert tokenizer.decode(trained) == "It is green.<|im_end|>"
+    [row] = prepared.train.rows([1])
+    # 32×32 pixels (index 1 is the second size): 4×4 patches of 8 pixels, 4 placeholders once merged 2×2.
+    assert row.image_inputs["image_grid_thw"].tolist() == [[1, 4, 4]]
+    assert prepared.examples.input_ids(1).tolist().count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 4
+
+
+def test_image_references_resolve_paths_against_the_data_file_and_decode_base64(tmp_path):
+    import base64
+
+    from ftclip.data.vision import image_reference
+
+    png = picture(tmp_path / "a.png", "red", "circle", (32, 32)).read_bytes()
+    encoded = base64.b64encode(png).decode()
+    assert image_reference("a.png", "path", tmp_path) == {"path": str(tmp_path / "a.png"), "bytes": None}
+    assert image_reference(f"file://{tmp_path}/a.png", "url", tmp_path)["path"] == str(tmp_path / "a.png")
+    assert image_reference("https://example.com/a.png", "url", tmp_path) == {"path": "https://example.com/a.png",
+                                                                          "bytes": None}
+    assert image_reference(encoded, "base64", tmp_path)["bytes"] == png
+    assert image_reference("data:image/png;base64," + encoded, "image", tmp_path)["bytes"] == png
+    assert image_reference(encoded, "image", tmp_path)["bytes"] == png  # not a file here: base64, as transformers reads it
+    assert image_reference({"bytes": png, "path": None}, "images", tmp_path)["bytes"] == png
+    assert "not valid base64" in image_reference("%%%", "base64", tmp_path)
