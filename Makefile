@@ -41,3 +41,13 @@ validate: install
 # Rebuild the quickstart's tiny model, tokenizer and data (deterministic; committed to the repo).
 assets: install
 	$(PYTHON) recipes/quickstart/build.py
+
+# The GPU run (issue 25, docs/gpu.md). gpu-wheels: the wheels the lent GPU machine lacks (bitsandbytes slimmed
+# to its CUDA 13 libraries, datasets and its missing needs, pydantic, liger-kernel) into the ignored .whl/,
+# which the device call carries. gpu-check: the same script end to end on the CPU with tiny shapes.
+.PHONY: gpu-wheels gpu-check
+gpu-wheels:
+	$(PYTHON) bench/gpu/wheels.py download .whl
+
+gpu-check: install
+	PYTHON=$(PYTHON) bash bench/gpu/run.sh --cpu-smoke
