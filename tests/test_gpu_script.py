@@ -25,7 +25,7 @@ STEPS = ["versions", "a", "b", "c", "d"]
 def run_script(out: Path, *arguments: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", str(REPO / "bench" / "gpu" / "run.sh"), "--cpu-smoke", *arguments],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=env, timeout=1500)
 
 
 @pytest.mark.slow

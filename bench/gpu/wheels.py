@@ -8,7 +8,10 @@ transformers 5.x, peft, accelerate, triton, pyarrow, pandas, xxhash, fsspec, hug
 pyyaml, safetensors, tokenizers; it lacks bitsandbytes, datasets (and datasets' dill and multiprocess),
 liger-kernel, and pydantic (ftclip's recipe model; with pydantic-core, annotated-types, typing-inspection).
 Those are downloaded as CPython 3.12 manylinux x86_64 wheels, one version each: the version the running
-Python has installed (what the test suite here ran with), else the pin below.
+Python has installed (what the test suite here ran with), else the pin below. A few small ones travel as
+fallbacks, installed only if the machine's own version does not do: peft (ftclip's LoRA setup passes
+ensure_weight_tying, new in peft 0.18; the image's peft version is not recorded), fsspec (datasets pins it
+from above) and typing-extensions (pydantic's floor).
 
 Size: the working tree and the carried wheels travel together, at most 64 MiB. bitsandbytes' wheel is 43 MB,
 almost all of it native libraries for CUDA 11.8-12.8, ROCm and XPU that a CUDA 13 torch never loads
@@ -37,8 +40,10 @@ REPO = Path(__file__).resolve().parents[2]
 PINS = {
     "bitsandbytes": "0.50.2", "datasets": "5.2.0", "dill": "0.4.1", "multiprocess": "0.70.19",
     "pydantic": "2.14.4", "pydantic-core": "2.50.5", "annotated-types": "0.8.0", "typing-inspection": "0.4.5",
-    "liger-kernel": "0.8.5",
+    "liger-kernel": "0.8.5", "peft": "0.21.2", "fsspec": "2026.9.0", "typing-extensions": "4.16.0",
 }
+# What ftclip's code needs beyond the floors pyproject.toml states (checked on the machine with those).
+NEEDS = ["peft>=0.18"]  # LoraConfig(ensure_weight_tying=...) in ftclip/modeling.py
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64"]
 LIMIT_MIB = 64  # the device tool's limit on the working tree plus carried paths
@@ -190,7 +195,7 @@ def install(folder: Path, target: Path) -> None:
     carried = {name: (wheel_name_and_version(path)[1], wheel_requirements(path)) for name, path in wheels.items()}
     installed = {normalize(dist.metadata["Name"]): dist.version for dist in importlib.metadata.distributions()
                  if dist.metadata["Name"]}
-    names, reasons = choose(carried, installed, ftclip_requirements())
+    names, reasons = choose(carried, installed, ftclip_requirements() + NEEDS)
     for reason in reasons:
         print(f"  wheels: {reason}")
     if not names:
