@@ -41,4 +41,6 @@ export FTCLIP_GPU_SITE="$site"
 export PYTHONPATH="${site:+$site:}$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export TOKENIZERS_PARALLELISM=false
+# Nothing here is downloaded, and the GPU machine reaches no network: a hub call would only wait for a timeout.
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1} HF_DATASETS_OFFLINE=${HF_DATASETS_OFFLINE:-1} HF_HUB_DISABLE_TELEMETRY=1
 exec "$PYTHON" bench/gpu/run.py --out "$OUT" "$@"
