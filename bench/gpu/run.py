@@ -107,9 +107,12 @@ def run_step(step: Step, smoke: bool, timeout: float, work: Path, log) -> dict:
         exit_code = process.wait(timeout=timeout)
         status = "ok" if exit_code == 0 else "failed"
     except subprocess.TimeoutExpired:
+        exit_code, status = None, "timeout"
+    try:  # the step's process group: everything it left running (all of it, on a timeout) holds the GPU
         os.killpg(process.pid, signal.SIGKILL)
-        exit_code = process.wait()
-        status = "timeout"
+    except ProcessLookupError:
+        pass
+    exit_code = process.wait() if exit_code is None else exit_code
     reader.join(timeout=10)
     seconds = time.perf_counter() - started
     text = output.decode(errors="replace")
