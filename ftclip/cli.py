@@ -23,8 +23,8 @@ from rich.console import Console
 from rich.markup import escape
 
 from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped, StorageError
-from ftclip.overrides import load_recipe_with_overrides
 from ftclip.recipe import Recipe
+from ftclip.recipe_files import read_recipe
 
 app = typer.Typer(
     add_completion=False,
@@ -71,11 +71,11 @@ def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], lis
     from ftclip.recipe import key_line
     from ftclip.trackers import tracker_problems
 
-    data_problems, notices = check_datasets(recipe, path)
+    data_problems, notices = check_datasets(recipe)
     kernels = _kernel_problems(recipe)
     if recipe.device != "cpu":  # a recipe may be meant for a GPU box: CI validates it here, `train` refuses it
         notices, kernels = notices + [(key, f"{message} — `ftclip train` will refuse it here") for key, message in kernels], []
-    found = data_problems + check_model_source(recipe, path) + tracker_problems(recipe) + kernels
+    found = data_problems + check_model_source(recipe) + tracker_problems(recipe) + kernels
     problems = [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
     return blame(problems, recipe_overrides(recipe)), notices
 
@@ -91,14 +91,41 @@ def _kernel_problems(recipe: Recipe) -> list[tuple[str, str]]:
 def _notices(recipe: Recipe) -> list[tuple[str, str]]:
     """Valid, but worth a word, as (key, message): settings that run foreign code, or that this machine cannot run."""
     from ftclip.optim import optimizer_device_problem, why_no_cuda_without_torch
+    from ftclip.recipe import warmup_warning
 
     notices = [("trust_remote_code", "true runs code shipped with the model")] if recipe.trust_remote_code else []
+    short_warmup = warmup_warning(recipe, recipe.max_steps) if recipe.max_steps else None
+    if short_warmup:  # known here only when max_steps sets the length; train says it in every case
+        notices.append(("warmup_steps", short_warmup.removeprefix("warmup_steps: ")))
     if recipe.optimizer.startswith("paged_"):  # the CUDA probe reads a few files; torch itself is never imported here
         why_not = why_no_cuda_without_torch()
         problem = optimizer_device_problem(recipe, why_not is None, why_not or "")
         if problem:  # device: cpu is an error already; auto/cuda may be meant for another machine
             notices.append(("optimizer", f"{problem} — `ftclip train` will refuse it here"))
     return notices
+
+
+def import_summary(recipe: Recipe) -> list[str]:
+    """For an Axolotl config read through the importer: the short form of its report (plain text, user keys
+    and values in it): how many keys kept their name, which were converted, which were dropped."""
+    result = recipe._imported
+    if result is None:
+        return []
+    same = [old for old, new, _ in result.mapped if new.split(":", 1)[0] == old]
+    converted = [f"{old} → {new}" if old != "(absent)" else f"{new} (Axolotl's default)"
+                 for old, new, _ in result.mapped if new.split(":", 1)[0] != old]
+    lines = ["an Axolotl config, read through the importer in memory (`ftclip import-axolotl` writes the recipe "
+             "to commit):", f"  mapped {len(result.mapped)} keys: {len(same)} keep their names"
+             + (f"; {'; '.join(converted)}" if converted else "")]
+    if result.dropped:
+        lines.append(f"  dropped {len(result.dropped)}, no effect on what is trained: "
+                     + ", ".join(key for key, _ in result.dropped))
+    return lines
+
+
+def _print_import_summary(recipe: Recipe, to: Console) -> None:
+    for index, line in enumerate(import_summary(recipe)):
+        to.print(f"[bold]note:[/] {escape(line)}" if index == 0 else escape(line), highlight=False, soft_wrap=True)
 
 
 def _annotation_property(value: str) -> str:
@@ -147,17 +174,20 @@ def validate(
     results = []
     for path in recipes:
         try:
-            recipe = load_recipe_with_overrides(path, overrides)
+            recipe = read_recipe(path, overrides)
             problems, data_notices = _filesystem_problems(recipe, path)
             notices = _notices(recipe) + data_notices
+            imported = recipe._imported
         except RecipeError as error:
-            problems, notices = error.problems, []
-        results.append({"file": str(path), "valid": not problems, "problems": problems, "notices": notices})
+            problems, notices, imported = error.problems, [], None
+        results.append({"file": str(path), "valid": not problems, "problems": problems, "notices": notices,
+                        "imported": imported, "summary": import_summary(recipe) if imported else []})
     if as_json:
         payload = [
             {"file": r["file"], "valid": r["valid"],
              "problems": [{"line": p.line, "key": p.key, "message": p.message} for p in r["problems"]],
-             "warnings": [f"{key}: {message}" for key, message in r["notices"]]}
+             "warnings": [f"{key}: {message}" for key, message in r["notices"]],
+             **({"axolotl_import": r["imported"].as_json()} if r["imported"] else {})}
             for r in results
         ]
         print(json.dumps(payload, indent=2))
@@ -169,6 +199,9 @@ def validate(
                 console.print(f"[red]invalid[/] {result['file']}", highlight=False, soft_wrap=True)
                 for problem in result["problems"]:
                     console.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
+            for line in result["summary"]:
+                console.print(f"  note: {escape(line.strip())}" if line.startswith("an Axolotl") else f"  {escape(line)}",
+                              highlight=False, soft_wrap=True)
             for key, message in result["notices"]:
                 console.print(f"  [yellow]warning:[/] {key}: {escape(message)}", highlight=False, soft_wrap=True)
     if os.environ.get("GITHUB_ACTIONS") == "true":
@@ -238,7 +271,8 @@ def train(
         # --max-steps/--output-dir are shorthands for --set; an explicit --set of the same key comes later and wins.
         shorthands = ([f"max_steps={max_steps}"] if max_steps is not None else []) + (
             [f"output_dir={json.dumps(output_dir)}"] if output_dir is not None else [])
-        recipe = load_recipe_with_overrides(recipe_path, shorthands + (overrides or []))
+        recipe = read_recipe(recipe_path, shorthands + (overrides or []))
+        _print_import_summary(recipe, console)
         problems, _ = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
@@ -250,7 +284,7 @@ def train(
         if resume is None and not no_resume and recipe.resume_from_checkpoint:
             resume = Path(recipe.resume_from_checkpoint)  # the recipe's spelling of --resume
         _check_verify_mode(verify)
-        result = run_training(recipe, recipe_path, console, resume=False if no_resume else resume, verify=verify)
+        result = run_training(recipe, console, resume=False if no_resume else resume, verify=verify)
     except StorageError as error:
         if _is_rank_zero():
             error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
@@ -391,7 +425,8 @@ def preprocess(
     import time
 
     try:
-        recipe = load_recipe_with_overrides(recipe_path, overrides)
+        recipe = read_recipe(recipe_path, overrides)
+        _print_import_summary(recipe, error_console if as_json else console)  # --json's stdout is JSON alone
         problems, notices = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
@@ -399,9 +434,9 @@ def preprocess(
         from ftclip.data import prepare
         from ftclip.modeling import load_tokenizer
 
-        tokenizer = load_tokenizer(recipe, recipe_path)
+        tokenizer = load_tokenizer(recipe)
         started = time.perf_counter()
-        data = prepare(recipe, recipe_path, tokenizer)
+        data = prepare(recipe, tokenizer)
         seconds = time.perf_counter() - started
     except FtclipError as error:
         _fail(error)
