@@ -4,14 +4,17 @@ listed in docs/index.md and the README.
 
 What counts as a command: a `$ ...` line in any code block (its expected exit code is the `(exit N)` line of its
 output, else 0), and every line of a ```bash block. A block right after a `<!-- not run: reason -->` comment is
-reported as skipped with that reason; so are the programs in NOT_RUN_PROGRAMS, wherever they appear. A page
-added to docs/ is picked up by the glob, with nothing to edit here.
+reported as skipped with that reason; so are the programs in NOT_RUN_PROGRAMS, wherever they appear. After an
+`<!-- output checked -->` comment, every output line the block shows (but `...`) must be in the real output too,
+for examples whose output does not depend on the machine. A page added to docs/ is picked up by the glob, with
+nothing to edit here.
 
 Where the commands run: a fresh copy of a small project per page (the repository's recipes/ and quickstart,
 plus tests/fixtures/docs/<page>/, the files that page's examples name as a user's own, and the copies listed in
 its copies.yaml), offline, with HOME and the Hugging Face cache inside it. A finished quickstart run is in
 every copy (outputs/quickstart), made once by the README's own command. `ftclip train` runs 2 optimizer steps
-with a checkpoint after each (TRAIN_SHORTENING): the same code paths as the full run, a fraction of its time.
+(TRAIN_SHORTENING, a --set that wins over the page's own --max-steps): the same code paths as the full run, a
+fraction of its time.
 Pages run in parallel, their commands in order, each `ftclip` in a fork of one process that imported torch and
 transformers once (tests/docs_zygote.py; FTCLIP_DOCS_FRESH_PROCESSES=1 starts a fresh process for each)."""
 
@@ -44,12 +47,14 @@ PAGES = [REPO / "README.md", *sorted(DOCS.glob("*.md"))]
 FIXTURES = REPO / "tests" / "fixtures" / "docs"
 
 NOT_RUN_MARK = re.compile(r"<!--\s*not run:\s*(.+?)\s*-->")
+OUTPUT_MARK = re.compile(r"<!--\s*output checked\s*-->")
+EXIT_LINE = re.compile(r"^\s*\(exit (\d+)\)\s*$")
 # Programs no test can run, wherever a page shows them.
 NOT_RUN_PROGRAMS = {
     "pip": "installs packages; .ci/run installs ftclip this way on a clean clone",
     "make": "each make target installs the package (pip) first; the test suite runs what the targets run",
 }
-TRAIN_SHORTENING = "--set max_steps=2 --set save_steps=1"
+TRAIN_SHORTENING = "--set max_steps=2"
 SHARED_RUN = "ftclip train recipes/quickstart.yaml"  # the README's; leaves outputs/quickstart in every copy
 TIMEOUT_S = 300
 
@@ -64,6 +69,7 @@ class DocCommand:
     text: str
     exit_code: int = 0
     not_run: str | None = None  # the reason, for a command no test runs
+    output: tuple[str, ...] = ()  # lines its real output must hold (an `<!-- output checked -->` block)
 
     @property
     def label(self) -> str:
@@ -111,13 +117,16 @@ def commands_in(page: Path) -> list[DocCommand]:
     for first, language, body, before in code_blocks(page.read_text(encoding="utf-8")):
         mark = NOT_RUN_MARK.search(before)
         reason = mark.group(1) if mark else None
+        checked = bool(OUTPUT_MARK.search(before))
         prompts = [index for index, line in enumerate(body) if line.strip().startswith("$ ")]
         if prompts:
             for position, index in enumerate(prompts):
                 output = body[index + 1: prompts[position + 1] if position + 1 < len(prompts) else len(body)]
-                exits = [int(m.group(1)) for line in output if (m := re.match(r"^\s*\(exit (\d+)\)\s*$", line))]
+                exits = [int(m.group(1)) for line in output if (m := EXIT_LINE.match(line))]
+                shown = tuple(line.strip() for line in output if line.strip() not in ("", "...") and not EXIT_LINE.match(line))
                 text = body[index].strip()[2:]
-                found.append(DocCommand(name, first + index, text, exits[-1] if exits else 0, reason))
+                found.append(DocCommand(name, first + index, text, exits[-1] if exits else 0, reason,
+                                        shown if checked else ()))
         elif language in ("bash", "sh", "shell"):
             for number, text in logical_lines(body, first):
                 if text and not text.startswith("#"):
@@ -321,6 +330,11 @@ def test_doc_command(command: DocCommand, doc_runs):
         f"{command.label}: `{command.text}` exits {code} (the page says {command.exit_code}); ran `{text}` "
         f"in {seconds:.1f} s:\n{output[-4000:]}"
     )
+    # Wrapping depends on the terminal's width: compare with every run of white space made one space.
+    printed = " ".join(output.split())
+    missing = [line for line in command.output if " ".join(line.split()) not in printed]
+    assert not missing, f"{command.label}: the page shows lines the command no longer prints:\n" + "\n".join(
+        missing) + f"\n\nit printed:\n{output[-4000:]}"
 
 
 def test_the_pages_show_commands_that_run():
