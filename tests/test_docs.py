@@ -258,12 +258,14 @@ def make_template(folder: Path) -> None:
 
 def start_zygote(template: Path) -> tuple[subprocess.Popen, str]:
     address = str(Path(tempfile.mkdtemp(prefix="ftclip-docs-")) / "ftclip.sock")  # short: sockets allow ~100 bytes
-    server = subprocess.Popen([sys.executable, str(ZYGOTE), "serve", address], cwd=template,
-                              env=environment(template), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+    log = template.parent / "zygote.log"  # a file, not a pipe nobody reads while the commands run
+    with open(log, "w") as errors:
+        server = subprocess.Popen([sys.executable, str(ZYGOTE), "serve", address], cwd=template,
+                                  env=environment(template), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=errors, text=True, start_new_session=True)
     if server.stdout.readline().strip() != "ready":
         server.kill()
-        raise RuntimeError(f"the warmed ftclip did not start:\n{server.stderr.read()[-3000:]}")
+        raise RuntimeError(f"the warmed ftclip did not start:\n{log.read_text()[-3000:]}")
     return server, address
 
 
