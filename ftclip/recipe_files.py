@@ -112,7 +112,8 @@ def axolotl_keys(data: dict[str, Any]) -> list[str]:
             continue
         found += [f"datasets.{index}.{key}" for key in entry if key not in dataset_keys and key in DATASET_KEYS]
         kind = entry.get("type")
-        if kind not in native_types and is_axolotl_dataset_type(kind):  # else a typo, for the native error
+        native = isinstance(kind, str) and kind in native_types
+        if not native and is_axolotl_dataset_type(kind):  # else a typo, for the native error
             found.append(f"datasets.{index}.type")  # a mapping (user-defined format) or an Axolotl-only type
     return found
 
