@@ -176,7 +176,12 @@ def save_artifact(model, tokenizer, recipe: Recipe, destination: Path, state_dic
     try:
         with atomic_directory(destination) as staging:
             model.save_pretrained(staging, **({"state_dict": state_dict} if state_dict is not None else {}))
-            tokenizer.save_pretrained(staging)
+            if getattr(tokenizer, "ftclip_processor", None) is not None:  # a vision-language run: the processor
+                from ftclip.vlm import save_processor
+
+                save_processor(tokenizer.ftclip_processor, staging)
+            else:
+                tokenizer.save_pretrained(staging)
             (staging / RECIPE_FILE).write_text(dump_recipe(recipe))
     except WRITE_FAILURES as failure:
         error = as_os_error(failure)

@@ -102,6 +102,10 @@ def _notices(recipe: Recipe) -> list[tuple[str, str]]:
         problem = optimizer_device_problem(recipe, why_not is None, why_not or "")
         if problem:  # device: cpu is an error already; auto/cuda may be meant for another machine
             notices.append(("optimizer", f"{problem} — `ftclip train` will refuse it here"))
+    if recipe.processor_type:
+        from ftclip.vlm import vision_notices
+
+        notices += vision_notices(recipe)
     return notices
 
 
@@ -445,8 +449,9 @@ def preprocess(
         from ftclip.show import show_examples
 
         shown = range(min(show, len(examples)))
+        processor = getattr(tokenizer, "ftclip_processor", None)  # image chats: placeholder runs shown as ×N
         show_examples(console, tokenizer, ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown),
-                      as_json=as_json)
+                      as_json=as_json, placeholders=frozenset(processor.image_token_ids) if processor else frozenset())
         if as_json:
             return
     for note in data.notes:
@@ -486,7 +491,9 @@ def merge(
                               report=lambda message: console.print(message, highlight=False))
     except FtclipError as error:
         _fail(error)
-    console.print(f"[green]merged[/]: {saved}  (AutoModelForCausalLM.from_pretrained({str(saved)!r}))", highlight=False)
+    loads = ("AutoModelForImageTextToText and AutoProcessor" if (saved / "processor_config.json").is_file()
+             else "AutoModelForCausalLM")
+    console.print(f"[green]merged[/]: {saved}  ({loads}.from_pretrained({str(saved)!r}))", highlight=False)
 
 
 @app.command()
@@ -497,20 +504,23 @@ def chat(
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest reply, in tokens.")] = 256,
     temperature: Annotated[float, typer.Option(min=0, help="0: greedy (the same reply every time); >0: sample.")] = 0.0,
     base_model: Annotated[str | None, typer.Option(help="Base model folder, if it moved since training.")] = None,
+    image: Annotated[Path | None, typer.Option(help="A vision-language run: the image the conversation is about.")] = None,
 ) -> None:
     """Talk to what a run trained: base model + adapter (or a merged/full model), prompts formatted as in training
     (chat template, or alpaca for alpaca data), replies streamed. Interactive unless --prompt; chat turns keep history."""
     import sys
 
     _quiet_libraries()
-    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, reply
+    from ftclip.inference import Conversation, chat_image, find_chat_source, load_for_chat, prompt_style, reply
 
     try:
         source = find_chat_source(run_dir, base_model)
         model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
+        processor = getattr(tokenizer, "ftclip_processor", None)
+        picture = chat_image(image, source.recipe, processor) if image is not None else None
     except FtclipError as error:
         _fail(error)
-    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer))
+    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer), processor=processor, image=picture)
 
     def write(text: str) -> None:
         sys.stdout.write(text)

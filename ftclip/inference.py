@@ -77,6 +77,26 @@ class Conversation:
     tokenizer: Any
     style: str
     turns: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant)
+    processor: Any = None  # a vision-language run's processor
+    image: Any = None  # the image the conversation is about (--image), in its first user turn
+
+    def prompt_inputs(self, message: str) -> dict[str, Any]:
+        """The model's inputs for the next reply: the token ids, and the image's tensors when there is one."""
+        import torch
+
+        if self.processor is None:
+            return {"input_ids": torch.tensor([self.prompt_ids(message)])}
+        def turn(role: str, text: str) -> dict:
+            return {"role": role, "content": [{"type": "text", "text": text}]}
+
+        messages = [m for user, reply in self.turns for m in (turn("user", user), turn("assistant", reply))]
+        messages.append(turn("user", message))
+        if self.image is not None:
+            messages[0]["content"].insert(0, {"type": "image"})
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        images = {"images": [self.image]} if self.image is not None else {}
+        inputs = self.processor(text=[text], **images, return_tensors="pt", add_special_tokens=False)
+        return {name: value for name, value in inputs.items() if name != "attention_mask"}
 
     def prompt_ids(self, message: str) -> list[int]:
         tokenizer = self.tokenizer
@@ -107,14 +127,21 @@ def load_for_chat(source: ChatSource, trust_remote_code: bool = False):
     dtype = getattr(torch, merge_precision(source.folder)[0]) if on_gpu else torch.float32
     model_source = source.base_model or source.folder
     tokenizer_source = source.folder if (source.folder / "tokenizer_config.json").is_file() else model_source
+    auto_class = AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
+        if source.recipe.get("processor_type"):  # a vision-language run: the processor rides on its tokenizer
+            from ftclip.vlm import load_processor_from, vision_auto_class
+
+            processor = load_processor_from(tokenizer_source, source.recipe["processor_type"], trust_remote_code)
+            tokenizer, auto_class = processor.tokenizer, vision_auto_class()
+            tokenizer.ftclip_processor = processor
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust_remote_code)
         # An adapter's base is loaded as training loaded it (revision, overrides_of_model_config); a merged or full
         # model folder saved its config with the overrides already set.
         options = base_model_options(source.base_model, source.folder, source.recipe, source.base_given,
                                      trust_remote_code) if source.base_model else {}
-        model = AutoModelForCausalLM.from_pretrained(model_source, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     **options)
+        model = auto_class.from_pretrained(model_source, dtype=dtype, trust_remote_code=trust_remote_code, **options)
         if source.base_model:
             from peft import PeftModel
 
@@ -145,14 +172,29 @@ def reply(model, tokenizer, conversation: Conversation, message: str, max_new_to
         def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
             write(text)
 
-    ids = torch.tensor([conversation.prompt_ids(message)], device=model.device)
+    inputs = {name: value.to(model.device) for name, value in conversation.prompt_inputs(message).items()}
+    ids = inputs["input_ids"]
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+            **inputs, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
             eos_token_id=_stop_ids(model, tokenizer), pad_token_id=tokenizer.pad_token_id,
             streamer=_Echo(tokenizer, skip_prompt=True, skip_special_tokens=True), **sampling,
         )
     answer = tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
     conversation.turns.append((message, answer))
     return answer
+
+
+def chat_image(path: Path, recipe: dict[str, Any], processor):
+    """--image: the picture, prepared as the run prepared its training images (image_size)."""
+    if processor is None:
+        raise ModelError(f"--image {path}: this run trained a text model (its recipe has no processor_type)")
+    from ftclip.data.vision import ImageProblem, ImageSettings, open_image
+
+    size = recipe.get("image_size")
+    settings = ImageSettings(tuple(size) if isinstance(size, list) else size, recipe.get("image_resize_algorithm") or "bilinear")
+    try:
+        return open_image({"path": str(Path(path).resolve()), "bytes": None}, settings)
+    except ImageProblem as problem:
+        raise ModelError(f"--image: {problem}") from None

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from ftclip.data.records import IGNORE_INDEX
+from ftclip.data.vision import IMAGE_MODEL_INPUTS  # what an image chat batch carries (pixel_values, ...)
 from ftclip.errors import ModelError
 
 # Elements of fp32 logits per chunk (2**25 × 4 B = 128 MiB): ~260 tokens at a 128k vocabulary, all of a
@@ -232,7 +233,7 @@ def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch: flo
     chunked=False is the plain path, `model(**inputs).loss`, kept as the reference."""
     if not (chunked or liger):
         return model(**inputs, num_items_in_batch=num_items_in_batch).loss
-    forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS if name in inputs}
+    forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS + IMAGE_MODEL_INPUTS if name in inputs}
     core = _core(model)
     lm_head = core.get_output_embeddings()
     # The decoder body's output (after the final norm) is what lm_head reads; the call goes through the

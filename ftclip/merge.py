@@ -102,10 +102,18 @@ def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | N
     dtype_name, why = merge_precision(adapter, dtype)
     report(f"saving in {dtype_name} ({why})")
     tokenizer_source = adapter if (adapter / "tokenizer_config.json").is_file() else base
+    recipe = saved_recipe(adapter)
+    processor, auto_class = None, AutoModelForCausalLM
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-        options = base_model_options(base, adapter, saved_recipe(adapter), base_given=base_model is not None)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype_name), **options)
+        if recipe.get("processor_type"):  # a vision-language run: its processor and image-text-to-text class
+            from ftclip.vlm import load_processor_from, vision_auto_class
+
+            processor = load_processor_from(tokenizer_source, recipe["processor_type"])
+            tokenizer, auto_class = processor.tokenizer, vision_auto_class()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
+        options = base_model_options(base, adapter, recipe, base_given=base_model is not None)
+        model = auto_class.from_pretrained(base, dtype=getattr(torch, dtype_name), **options)
         grow_embeddings(model, tokenizer)  # an adapter trained with added tokens saved the larger embeddings
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     except (OSError, ValueError, RuntimeError) as error:
@@ -113,7 +121,12 @@ def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | N
     try:
         with atomic_directory(output) as staging:
             merged.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+            if processor is not None:
+                from ftclip.vlm import save_processor
+
+                save_processor(processor, staging)
+            else:
+                tokenizer.save_pretrained(staging)
             if (adapter / RECIPE_FILE).is_file():  # how the run trained: its precision, its prompt format (chat)
                 shutil.copy(adapter / RECIPE_FILE, staging / RECIPE_FILE)
     except OSError as error:

@@ -160,18 +160,32 @@ def weight_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
 
 
 def load_tokenizer(recipe: Recipe):
+    """The tokenizer with the recipe's chat settings. A vision-language run (processor_type) loads the processor
+    and returns its tokenizer, the processor attached as `tokenizer.ftclip_processor` (for the data stage and
+    for saving beside the adapter)."""
     from transformers import AutoTokenizer
 
     source = model_source(recipe.tokenizer or recipe.base_model, recipe)
     revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model and not recipe.tokenizer else {}
+    processor = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
+        if recipe.processor_type:
+            from ftclip.vlm import load_processor
+
+            processor = load_processor(recipe, source, revision)
+            tokenizer = processor.tokenizer
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
     except (OSError, ValueError) as error:
         raise ModelError(f"cannot load the tokenizer from {source}: {error}") from None
     _apply_chat_settings(tokenizer, recipe)
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss, so any id works; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if processor is not None:
+        from ftclip.vlm import attach_processor
+
+        attach_processor(tokenizer, processor)
     return tokenizer
 
 
@@ -290,6 +304,11 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     import torch
     from transformers import AutoModelForCausalLM
 
+    auto_class = AutoModelForCausalLM
+    if recipe.processor_type:  # a vision-language model: its image-text-to-text class
+        from ftclip.vlm import vision_auto_class
+
+        auto_class = vision_auto_class()
     _refuse_kernel_problems(recipe, device)
     source = model_source(recipe.base_model, recipe)
     use_tf32(recipe, device)
@@ -304,12 +323,12 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
         if placement == "meta":
             config = config_with_overrides(source, recipe.overrides_of_model_config, recipe.trust_remote_code, **revision)
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(config, **options)
+                model = auto_class.from_config(config, **options)
         else:
             if recipe.overrides_of_model_config:
                 options["config"] = config_with_overrides(source, recipe.overrides_of_model_config,
                                                           recipe.trust_remote_code, **revision)
-            model = AutoModelForCausalLM.from_pretrained(source, **options, **revision)
+            model = auto_class.from_pretrained(source, **options, **revision)
     except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the model from {source}: {error}") from None
     from ftclip.padding_free import use_varlen_sdpa
@@ -328,6 +347,10 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     checkpointing_options = recipe.gradient_checkpointing_kwargs or {"use_reentrant": False}
     if recipe.gradient_checkpointing and quantization is None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_options)
+    if recipe.freeze_mm_modules:
+        from ftclip.vlm import freeze_mm_modules
+
+        freeze_mm_modules(model, note)
     if recipe.adapter is None:
         if recipe.unfrozen_parameters:
             freeze_parameters_except(model, recipe.unfrozen_parameters, note)
@@ -347,7 +370,7 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
         lora_dropout=recipe.lora_dropout,
-        target_modules=recipe.target_modules,
+        target_modules=lora_targets(recipe, model, note),
         task_type="CAUSAL_LM",
         modules_to_save=saved_in_full,
         # Tied input/output embeddings stay tied when both are trained in full (only then: peft warns otherwise).
@@ -360,6 +383,16 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
         return get_peft_model(model, lora, revision=recipe.revision_of_model)
     except ValueError as error:  # e.g. target modules that do not exist in this architecture
         raise ModelError(f"lora_target_modules: {error}") from None
+
+
+def lora_targets(recipe: Recipe, model, note=None) -> list[str] | str:
+    """The recipe's lora_target_modules; for a vision-language model left at the default, the language model's
+    linear layers only (vlm.py)."""
+    if recipe.processor_type and "lora_target_modules" not in recipe.model_fields_set and not recipe.lora_target_linear:
+        from ftclip.vlm import language_model_targets
+
+        return language_model_targets(model, note)
+    return recipe.target_modules
 
 
 def config_with_overrides(source, overrides: dict | None, trust_remote_code: bool = False, **revision):

@@ -314,6 +314,44 @@ class Recipe(BaseModel):
     )
     peft: PeftSettings | None = Field(None, description="{loftq_config: {loftq_bits: 4}}: peft options (Axolotl's peft block).")
 
+    # Vision-language models
+    processor_type: str | None = Field(
+        None, description="Makes the run a vision-language one: the transformers processor that turns images and text "
+        "into model inputs, AutoProcessor (the model's own) or a processor class name (e.g. Qwen2VLProcessor). The model "
+        "loads through AutoModelForImageTextToText, datasets are image chats (type: chat), and LoRA adapts the language "
+        "model's linear layers unless lora_target_modules says otherwise."
+    )
+    image_size: int | list[int] | None = Field(
+        None, description="Resize every image before the processor sees it (Axolotl's meaning): an int fits it into a "
+        "square of that side, aspect kept, padded black; [width, height] resizes to exactly that. Default: only the "
+        "processor's own sizing."
+    )
+    image_resize_algorithm: Literal["bilinear", "bicubic", "lanczos"] | None = Field(
+        None, description="The resampling image_size uses (PIL's): bilinear (the default), bicubic or lanczos."
+    )
+    freeze_mm_modules: bool | None = Field(
+        None, description="Freeze the vision (and audio) towers and the multimodal projector: a full fine-tune then "
+        "trains the language model only (LoRA leaves them frozen anyway)."
+    )
+    skip_prepare_dataset: bool | None = Field(
+        None, description="Axolotl's switch for multimodal data; accepted and ignored: ftclip tokenizes the text once "
+        "(cached) and processes the images per batch either way."
+    )
+    remove_unused_columns: bool | None = Field(
+        None, description="Axolotl's (Trainer's) switch; accepted and ignored: ftclip's batches carry only what the "
+        "model takes."
+    )
+
+    @field_validator("image_size")
+    @classmethod
+    def _image_size_shape(cls, value: int | list[int] | None) -> int | list[int] | None:
+        sides = [value] if isinstance(value, int) else value or []
+        if isinstance(value, list) and len(value) != 2:
+            raise ValueError("image_size is one side (an int) or [width, height]")
+        if any(side <= 0 for side in sides):
+            raise ValueError("image_size: sides must be positive")
+        return value
+
     # Data
     datasets: list[DatasetSpec] = Field(min_length=1, description="Training data files.")
     val_set_size: float = Field(
@@ -636,6 +674,7 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.chat_template_jinja and recipe.chat_template not in ("jinja", "tokenizer_default"):
         problems.append(("chat_template_jinja", f"given, but chat_template is {recipe.chat_template}; keep one of them"))
     problems += _peft_option_problems(recipe)
+    problems += _vision_problems(recipe)
     return problems
 
 
@@ -667,6 +706,31 @@ def _peft_option_problems(recipe: Recipe) -> list[tuple[str, str]]:
                                  "load_in_4bit/8bit"))
     if recipe.peft and recipe.peft.loftq_config and recipe.lora_model_dir:
         problems.append(("peft", "LoftQ initializes a new adapter; lora_model_dir continues an existing one"))
+    return problems
+
+
+def _vision_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """The vision-language keys, against the rest of the recipe."""
+    problems = []
+    if recipe.processor_type is None:
+        for key in ("image_size", "image_resize_algorithm", "freeze_mm_modules"):
+            if getattr(recipe, key) is not None:
+                problems.append((key, "applies to vision-language runs; set processor_type: AutoProcessor (or the "
+                                      "model's processor class)"))
+        return problems
+    if recipe.processor_type != "AutoProcessor" and not re.fullmatch(r"[A-Z]\w*Processor", recipe.processor_type):
+        problems.append(("processor_type", f"{recipe.processor_type!r} is not a processor class name; use AutoProcessor "
+                                           "or a transformers class such as Qwen2VLProcessor"))
+    if recipe.sample_packing:
+        problems.append(("sample_packing", "vision-language runs are not packed (each example's image placeholders "
+                                           "and pixels are batched together per example); set sample_packing: false"))
+    for index, spec in enumerate(recipe.datasets):
+        if spec.type != "chat":
+            problems.append((f"datasets.{index}.type", f"{spec.type}: vision-language runs train on image chats; "
+                                                       "use type: chat (alias chat_template)"))
+    if recipe.distributed.strategy == "fsdp":
+        problems.append(("distributed", "FSDP is not supported for vision-language models in ftclip yet; use "
+                                        "strategy: ddp"))
     return problems
 
 

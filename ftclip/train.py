@@ -121,10 +121,9 @@ def micro_batch_stream(rows: Rows, recipe: Recipe, world_size: int = 1, epoch: i
     epoch, starting `skip` micro-batches into `epoch` (a resumed run). A global micro-batch holds
     micro_batch_size examples per rank; the loop stops the stream by counting optimizer steps."""
     while True:
-        batches = micro_batches(rows, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size)
-        for index, batch in enumerate(batches):
-            if index >= skip:
-                yield epoch, index + 1, batch
+        batches = micro_batches(rows, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size, skip)
+        for index, batch in enumerate(batches, start=skip):
+            yield epoch, index + 1, batch
         epoch, skip = epoch + 1, 0
 
 

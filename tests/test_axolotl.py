@@ -63,7 +63,7 @@ def test_corpus_outcomes():
     refused = {path.name: {key for key, _ in import_config(path).refused} for path in CORPUS}
     assert refused["qwen3.5__27b-qlora.yaml"] == set()  # adamw_torch_4bit: torchao's AdamW4bit
     assert "rl" in refused["llama-3__instruct-dpo-lora-8b.yml"]
-    assert refused["llava__lora-7b.yaml"] == {"processor_type"}
+    assert refused["llava__lora-7b.yaml"] == set()  # a vision-language run (processor_type, docs/vision.md)
     assert refused["archived__pythia__lora.yml"] == set()  # lora_fan_in_fan_out: peft's fan_in_fan_out
     assert "relora_steps" in refused["llama-2__relora.yml"]
 
@@ -178,9 +178,9 @@ def test_ftclip_recipe_passes_through_unchanged_in_meaning(path):
 
 def test_refused_config_writes_nothing_and_exits_2(tmp_path):
     target = tmp_path / "out.yaml"
-    result = runner.invoke(app, ["import-axolotl", str(CORPUS_DIR / "llava__lora-7b.yaml"), "-o", str(target)])
+    result = runner.invoke(app, ["import-axolotl", str(CORPUS_DIR / "llama-2__relora.yml"), "-o", str(target)])
     assert result.exit_code == 2
-    assert "refused" in result.output and "processor_type" in result.output
+    assert "refused" in result.output and "relora_steps" in result.output
     assert not target.exists()
     result = runner.invoke(app, ["import-axolotl", str(CORPUS_DIR / "llama-3__lora-1b.yml"), "-o", str(target)])
     assert result.exit_code == 0, result.output
@@ -414,3 +414,13 @@ def test_recipe_refuses_an_unreadable_deepspeed_setting(tmp_path):
         read_recipe(path)
     [problem] = caught.value.problems
     assert (problem.key, problem.line) == ("deepspeed", 5) and "ZeRO stage" in problem.message
+
+
+def test_a_multimodal_config_imports_as_a_vision_language_recipe(tmp_path):
+    """Axolotl's LLaVA example: processor_type and the language-model LoRA regex carry over; its no-op keys drop."""
+    result = import_config(CORPUS_DIR / "llava__lora-7b.yaml")
+    assert result.ok
+    recipe = parse_recipe(result.text)
+    assert recipe.processor_type == "AutoProcessor" and recipe.chat_template == "llama3_2_vision"
+    assert recipe.lora_target_modules.startswith("language_model.model.layers")
+    assert not recipe.sample_packing and recipe.datasets[0].type == "chat"

@@ -74,7 +74,7 @@ def test_names_files_and_sources_agree():
     sources = (PACKAGE / "SOURCES.md").read_text()
     for name in AXOLOTL_TEMPLATES:
         assert f"| `{name}.jinja` |" in sources, name
-    assert "llava" not in BUILTIN_TEMPLATES  # skipped: renders only list-of-parts (image) content, see SOURCES.md
+    assert "llava" in AXOLOTL_TEMPLATES  # the version that renders string content too (SOURCES.md)
 
 
 # ---------------------------------------------------------------- every Axolotl name renders
@@ -182,7 +182,7 @@ def test_recipe_takes_axolotl_names(name):
     assert recipe_with(chat_template=name).chat_template == name
 
 
-@pytest.mark.parametrize("name", ["llava", "tokenizer_default_fallback_llava", "tokenizer_default_fallback_jinja",
+@pytest.mark.parametrize("name", ["llava_next", "tokenizer_default_fallback_llava_next", "tokenizer_default_fallback_jinja",
                                   "tokenizer_default_fallback_"])
 def test_unknown_and_skipped_names_are_refused(name):
     from ftclip.errors import RecipeError

@@ -701,6 +701,17 @@ AXOLOTL_KEYS: dict[str, Rule] = {
 }
 TRACKER_PREFIXES = ("trackio_", "swanlab_", "comet_", "wandb_", "mlflow_", "otel_")
 
+# ---------------------------------------------------------------- vision-language models (issue 23, ftclip/vlm.py)
+# Axolotl's multimodal keys are ftclip's own: these rows replace the refusals of processor_type and
+# freeze_mm_modules above (skip_prepare_dataset and remove_unused_columns stay dropped: no-ops in ftclip too).
+AXOLOTL_KEYS.update({
+    "processor_type": _same("AutoProcessor or a transformers processor class; the model loads through "
+                            "AutoModelForImageTextToText"),
+    "image_size": _same("an int pads to a square, [width, height] resizes, as Axolotl does"),
+    "image_resize_algorithm": _same(),
+    "freeze_mm_modules": _same(),
+})
+
 # ftclip's own keys that Axolotl lacks: their presence marks a config as an ftclip recipe already.
 FTCLIP_ONLY_KEYS = {"gradient_clipping", "distributed", "device", "max_skipped_steps", "dataset_cache_dir",
                     "min_lr_ratio", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "fp32", "tokenizer"}

@@ -20,7 +20,7 @@ FTCLIP_TEMPLATES = ("chatml", "llama3", "qwen3", "mistral", "gemma")
 AXOLOTL_TEMPLATES = (
     "alpaca", "aya", "cohere", "command_a", "command_a_rag", "command_a_tool_use", "deepseek_v2", "deepseek_v3",
     "exaone", "exaone4", "falcon_h1", "gemma3", "gemma3n", "gemma4", "gemma4_unified", "granite", "granitemoe",
-    "jamba", "llama3_2_vision", "llama4", "metharme", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken",
+    "jamba", "llama3_2_vision", "llama4", "llava", "metharme", "mistral_v1", "mistral_v2v3", "mistral_v3_tekken",
     "mistral_v7_tekken", "nemotron", "nemotron_h", "phi_3", "phi_35", "phi_4", "pixtral", "qwen2_vl", "qwen3_5",
     "qwen_25",
 )

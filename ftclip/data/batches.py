@@ -53,6 +53,11 @@ class Rows:
     def rows(self, indices) -> list[Row]:
         return [self.row(int(index)) for index in indices]
 
+    def micro_batches(self, chunks: list[list[int]]) -> Iterator[list[Row]]:
+        """The rows of each chunk of row indices, in order (image rows load theirs in worker processes)."""
+        for chunk in chunks:
+            yield self.rows(chunk)
+
 
 def trained_tokens(rows: list[Row]) -> int:
     """Labels the loss scores: the model predicts token t+1 from t, so a row's first label never counts."""
@@ -73,12 +78,14 @@ def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def micro_batches(rows: Rows, micro_batch_size: int, seed: int, epoch: int, world_size: int = 1) -> Iterator[list[Row]]:
+def micro_batches(rows: Rows, micro_batch_size: int, seed: int, epoch: int, world_size: int = 1, skip: int = 0
+                  ) -> Iterator[list[Row]]:
+    """The epoch's micro-batches, from the `skip`-th on (a resumed run builds none of those it skips)."""
     order = epoch_order(len(rows), seed, epoch)
     if len(order) % world_size:  # as DistributedSampler: repeat from the start so every rank has a share
         order += order[: world_size - len(order) % world_size]
-    for start in range(0, len(order), micro_batch_size):
-        yield rows.rows(order[start : start + micro_batch_size])
+    chunks = [order[start : start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
+    yield from rows.micro_batches(chunks[skip:])
 
 
 def collate(batch: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -101,4 +108,9 @@ def collate(batch: list[Row], pad_token_id: int) -> dict[str, torch.Tensor]:
             mask_or_positions[index, :n] = 1
     if packed:
         return {"input_ids": input_ids, "labels": labels, "position_ids": mask_or_positions, "use_cache": False}
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask_or_positions}
+    inputs = {"input_ids": input_ids, "labels": labels, "attention_mask": mask_or_positions}
+    if any(hasattr(row, "image_inputs") for row in batch):  # image chats: the processor's tensors too
+        from ftclip.data.image_collate import image_batch_inputs
+
+        inputs.update(image_batch_inputs(batch, length))
+    return inputs

@@ -485,6 +485,17 @@ def tokenize_conversations(conversations: list[Conversation], tokenizer, *, role
     return results
 
 
+def trained_flags(render: str, conversation: Conversation, marks: TemplateMarks, roles_to_train: list[str],
+                  train_on_eos: str) -> bytearray | Skip:
+    """One flag per character of a rendered conversation: 1 where it is trained. For renders ftclip changes
+    after the template (image chats expand their placeholders, ftclip/data/vision.py): the turns are found in
+    the render as tokenize_conversations finds them."""
+    spans = _turn_spans(render, conversation, marks, roles_to_train)
+    if isinstance(spans, Skip):
+        return spans
+    return _trained_chars(render, spans, marks.turn_ends, train_on_eos)
+
+
 def check_skipped(skipped: int, total: int, first_reasons: list[str], source: str = "") -> str | None:
     """Stop when too many records were skipped (the template does not fit the data); otherwise a line to
     print when some were, or None."""

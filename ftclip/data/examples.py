@@ -72,6 +72,10 @@ class TokenizedExamples:
             trained.append(counts[rows].astype(np.int64))
         self._ids.freeze()
         self._labels.freeze()
+        # Image chats: each example's image references (opened per batch, ftclip/data/vision_batches.py).
+        self._images = [(table.column("images"), rows) for table, rows in zip(tables, kept)
+                        if "images" in table.column_names]
+        self._image_starts = np.cumsum([0] + [len(rows) for _, rows in self._images])
         self.lengths = self._ids.end - self._ids.start
         self.trained = np.concatenate(trained) if trained else np.zeros(0, np.int64)
 
@@ -83,6 +87,14 @@ class TokenizedExamples:
 
     def labels(self, index: int) -> np.ndarray:
         return self._labels.get(index)
+
+    def images(self, index: int) -> list[dict]:
+        """The example's image references ({"path", "bytes"}), [] for text data."""
+        if not self._images:
+            return []
+        table = int(np.searchsorted(self._image_starts, index, side="right")) - 1
+        column, rows = self._images[table]
+        return column[int(rows[index - self._image_starts[table]])].as_py() or []
 
     @property
     def tokens(self) -> int:

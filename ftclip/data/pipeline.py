@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+import ftclip.data.vision as vision
 from ftclip.data.batches import Rows
 from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_manifest, staging_folder, tokenizer_digest
 from ftclip.data.chat import check_skipped
@@ -56,13 +57,16 @@ def _source_identity(source: Source, digests: FileDigests) -> str | None:
 
 
 def _key(recipe: Recipe, sources: list[Source], identities: list[str], tokenizer) -> str:
-    return entry_key({
+    parts = {
         "datasets": [(identity, source.spec.model_dump(mode="json", exclude={"path"}))
                      for source, identity in zip(sources, identities)],
         "tokenizer": tokenizer_digest(tokenizer),
         "sequence_len": recipe.sequence_len,
         "train_on_inputs": recipe.train_on_inputs,
-    })
+    }
+    if vision.is_vision(recipe):  # the expanded image placeholders depend on the processor's settings
+        parts["vision"] = vision.processor_fingerprint(tokenizer.ftclip_processor, vision.ImageSettings.from_recipe(recipe))
+    return entry_key(parts)
 
 
 def _first_problem(mapped, source: Source) -> None:
@@ -77,7 +81,7 @@ def _first_problem(mapped, source: Source) -> None:
     raise DataError(f"{source.label}: record {first + 1}: {column[first].as_py()}{more}")
 
 
-def _skipped_note(mapped, source: Source) -> list[str]:
+def _skipped_note(mapped, source: Source, check=check_skipped) -> list[str]:
     """Chat records the template could not mask: a note, or a stop when so many that the template is wrong."""
     import pyarrow.compute as pc
 
@@ -86,7 +90,7 @@ def _skipped_note(mapped, source: Source) -> list[str]:
     if not skipped:
         return []
     reasons = pc.drop_null(column).slice(0, 3).to_pylist()
-    note = check_skipped(skipped, len(column), reasons, source.label)
+    note = check(skipped, len(column), reasons, source.label)
     return [note] if note else []
 
 
@@ -99,16 +103,25 @@ def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokeniz
         "input_ids": datasets.Sequence(datasets.Value("int32")), "labels": datasets.Sequence(datasets.Value("int32")),
         "trained": datasets.Value("int32"), "problem": datasets.Value("string"), "skipped": datasets.Value("string"),
     })
+    images = vision.is_vision(recipe)
+    if images:  # image chats: each example's image references, opened per batch
+        vision.check_processor(tokenizer)
+        features["images"] = datasets.List({"path": datasets.Value("string"), "bytes": datasets.Value("binary")})
     records, shards, kept_counts, notes = 0, [], [], []
     for index, (source, dataset, setting) in enumerate(zip(sources, datasets_opened, settings)):
         if len(dataset) == 0:
             raise DataError(f"{source.label}: the dataset is empty")
         check_chat_template(tokenizer, setting.kind)
         processes = num_processes(recipe, len(dataset))
+        function = functools.partial(tokenize_batch, tokenizer=tokenizer, settings=setting)
+        if images:  # records are numbered in the messages about their images
+            dataset = vision.undecoded_images(dataset)
+            function = functools.partial(vision.tokenize_batch, tokenizer=tokenizer,
+                                         settings=vision.tokenize_settings(source, setting, recipe))
         environ = os.environ
         try:
             mapped = dataset.map(
-                functools.partial(tokenize_batch, tokenizer=tokenizer, settings=setting),
+                function, with_indices=images,
                 batched=True, batch_size=1000, num_proc=processes if processes > 1 else None,
                 remove_columns=dataset.column_names, features=features,
                 cache_file_name=str(staging / f"d{index}-tokens.arrow"), new_fingerprint=f"{key}-{index}",
@@ -119,7 +132,7 @@ def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokeniz
             # (rich reads NO_COLOR from it) would no longer see later changes.
             os.environ = environ
         _first_problem(mapped, source)
-        notes += _skipped_note(mapped, source)
+        notes += _skipped_note(mapped, source, vision.check_skipped_images if images else check_skipped)
         trained = np.concatenate([chunk.to_numpy() for chunk in mapped.data.column("trained").chunks])
         kept = np.flatnonzero(trained > 0)
         np.save(staging / f"d{index}-kept.npy", kept)
@@ -209,16 +222,16 @@ def prepare(recipe: Recipe, tokenizer, dist=None) -> PreparedData:
         failure = None
         if dist.is_main:
             try:
-                prepared = _prepare(recipe, tokenizer, build=True)
+                prepared = _prepare(recipe, tokenizer, build=True, dist=dist)
             except Exception as error:  # whatever it is, the waiting ranks must hear of it, not hang
                 failure = error
         if dist.agree_max(int(failure is not None)):  # doubles as the barrier: rank 0 has finished
             raise failure or DataError("rank 0 could not prepare the data (see its message)")
-        return prepared if dist.is_main else _prepare(recipe, tokenizer, build=False)
+        return prepared if dist.is_main else _prepare(recipe, tokenizer, build=False, dist=dist)
     return _prepare(recipe, tokenizer, build=True)
 
 
-def _prepare(recipe: Recipe, tokenizer, build: bool) -> PreparedData:
+def _prepare(recipe: Recipe, tokenizer, build: bool, dist=None) -> PreparedData:
     examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))
@@ -232,4 +245,10 @@ def _prepare(recipe: Recipe, tokenizer, build: bool) -> PreparedData:
         train_rows, packing = _packing(recipe, examples, train, entry)
     else:
         train_rows = Rows.single(examples, train)
-    return PreparedData(examples, train_rows, Rows.single(examples, val), packing, entry, hit, records, seconds, notes)
+    val_rows = Rows.single(examples, val)
+    if vision.is_vision(recipe):  # rows that load their images per batch, in worker processes
+        from ftclip.data.vision_batches import image_rows
+
+        train_rows, val_rows = image_rows(recipe, tokenizer, train_rows, val_rows, dist)
+        notes += vision.recipe_notes(recipe, tokenizer)
+    return PreparedData(examples, train_rows, val_rows, packing, entry, hit, records, seconds, notes)

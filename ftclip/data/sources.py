@@ -136,11 +136,11 @@ def _arrow_columns(path: Path) -> list[str]:
         raise DataError(f"{path}: not a readable {path.suffix} file: {error}") from None
 
 
-def check_records(path: Path, records: list[Any], spec: DatasetSpec) -> None:
+def check_records(path: Path, records: list[Any], spec: DatasetSpec, problem_of=record_problem) -> None:
     if not records:
         raise DataError(f"{path}: the dataset is empty")
     for number, record in enumerate(records, start=1):
-        problem = record_problem(record, spec)
+        problem = problem_of(record, spec)
         if problem:
             raise DataError(f"{path}: record {number}: {problem}")
 
@@ -163,6 +163,11 @@ def check_source(spec: DatasetSpec, recipe: Recipe | None) -> str | None:
         problem = missing_columns(_arrow_columns(path), spec)
         if problem:
             raise DataError(f"{path}: {problem}")
+        return None
+    if recipe is not None and recipe.processor_type:  # image chats (ftclip/data/vision.py); images open at train
+        from ftclip.data.vision import record_problem as image_chat_problem
+
+        check_records(path, read_text_records(path), spec, lambda record, spec: image_chat_problem(record, spec, path.parent))
         return None
     check_records(path, read_text_records(path), spec)
     return None
