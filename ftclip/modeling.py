@@ -295,11 +295,12 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     use_tf32(recipe, device)
     dtype = weight_dtype(recipe, device)
     quantization = _quantization_config(recipe, dtype)
+    revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model else {}
     options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code,
-               "attn_implementation": recipe.attn_implementation}
+               "attn_implementation": _attention_for(recipe, source, revision, note)}
     if quantization is not None:
         options.update(quantization_config=quantization, device_map={"": device})
-    revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model else {}
+    experts = _expert_quantization(recipe)
     try:
         if placement == "meta":
             config = config_with_overrides(source, recipe.overrides_of_model_config, recipe.trust_remote_code, **revision)
@@ -309,9 +310,11 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
             if recipe.overrides_of_model_config:
                 options["config"] = config_with_overrides(source, recipe.overrides_of_model_config,
                                                           recipe.trust_remote_code, **revision)
-            model = AutoModelForCausalLM.from_pretrained(source, **options, **revision)
+            with _loading_experts(experts):
+                model = AutoModelForCausalLM.from_pretrained(source, **options, **revision)
     except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the model from {source}: {error}") from None
+    _note_expert_precision(model, recipe, experts, note)
     from ftclip.padding_free import use_varlen_sdpa
 
     problem = packing_problem(model.config) if recipe.sample_packing else None
@@ -340,24 +343,131 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
             use_gradient_checkpointing=recipe.gradient_checkpointing,
             gradient_checkpointing_kwargs=checkpointing_options,
         )
+    from ftclip.expert_quant import lora_ready
+    from ftclip.moe import lora_targets
+
     if recipe.lora_model_dir:
-        return _continue_adapter(model, recipe)
-    lora = LoraConfig(
-        r=recipe.lora_r,
-        lora_alpha=recipe.lora_alpha,
-        lora_dropout=recipe.lora_dropout,
-        target_modules=recipe.target_modules,
-        task_type="CAUSAL_LM",
-        modules_to_save=modules_to_save(recipe, model, new_tokens, note),
-        # Tied input/output embeddings stay tied when both are trained in full.
-        ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False)),
-        **_peft_options(recipe),
-    )
+        with lora_ready(model, experts):
+            return _continue_adapter(model, recipe)
+    save = modules_to_save(recipe, model, new_tokens, note)
     try:
-        # revision: recorded in adapter_config.json, so the adapter names the base revision it was trained on.
-        return get_peft_model(model, lora, revision=recipe.revision_of_model)
+        with lora_ready(model, experts):  # 4-bit experts look like plain parameters to peft (expert_quant.py)
+            target_modules, target_parameters = lora_targets(model, recipe.target_modules,
+                                                             recipe.lora_target_parameters)
+            # peft's LoRA on a parameter (ParamWrapper: the MoE experts) has no dropout (x is not its input);
+            # the linear targets get the recipe's dropout after wrapping (_dropout_on_linear_layers).
+            lora = LoraConfig(
+                r=recipe.lora_r,
+                lora_alpha=recipe.lora_alpha,
+                lora_dropout=0.0 if target_parameters else recipe.lora_dropout,
+                target_modules=target_modules,
+                target_parameters=target_parameters or None,
+                task_type="CAUSAL_LM",
+                modules_to_save=save,
+                # Tied input/output embeddings stay tied when both are trained in full.
+                ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False)),
+                **_peft_options(recipe),
+            )
+            # revision: recorded in adapter_config.json, so the adapter names the base revision it was trained on.
+            model = get_peft_model(model, lora, revision=recipe.revision_of_model)
     except ValueError as error:  # e.g. target modules that do not exist in this architecture
         raise ModelError(f"lora_target_modules: {error}") from None
+    linear_dropout = recipe.lora_dropout if target_parameters else 0.0
+    if target_parameters:
+        _describe_expert_lora(model, recipe, linear_dropout, note)
+    return model
+
+
+def _attention_for(recipe: Recipe, source, revision: dict, note) -> str:
+    """The recipe's attention, except sdpa (the default) on an architecture transformers has no sdpa attention
+    for (gpt-oss: its attention sinks), which gets eager, with a note."""
+    if recipe.attn_implementation != "sdpa":
+        return recipe.attn_implementation
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except (OSError, ValueError, KeyError):
+        return "sdpa"  # from_pretrained reports what is wrong
+    if getattr(model_class, "_supports_sdpa", True):
+        return "sdpa"
+    if note:
+        note(f"note: transformers has no sdpa attention for {config.model_type}; using eager (flex_attention, or "
+             "flash_attention_2 on CUDA, are faster where this architecture has them)")
+    return "eager"
+
+
+def _expert_quantization(recipe: Recipe):
+    """quantize_moe_experts: the record of the 4-bit expert weights (ftclip.expert_quant), or None."""
+    if not recipe.quantize_moe_experts:
+        return None
+    from ftclip.expert_quant import ExpertQuantization
+
+    return ExpertQuantization(quant_type=recipe.bnb_4bit_quant_type, double_quant=recipe.bnb_4bit_use_double_quant)
+
+
+def _loading_experts(experts):
+    from contextlib import nullcontext
+
+    if experts is None:
+        return nullcontext()
+    from ftclip.expert_quant import quantizing_experts_on_load
+
+    return quantizing_experts_on_load(experts)
+
+
+def _note_expert_precision(model, recipe: Recipe, experts, note) -> None:
+    """After loading an MoE model: how many of its values are 4-bit (quantize_moe_experts), or a warning that
+    load_in_4bit left its experts in 16 bits."""
+    from ftclip.moe import expert_parameters
+
+    if experts is not None:
+        experts.quantize_remaining(model)
+        if not experts.quantized:
+            raise ModelError("quantize_moe_experts: this model has no fused expert weights (3-D parameters of "
+                             "an experts module) to quantize; is it an MoE model? Remove quantize_moe_experts")
+        from ftclip.expert_quant import count_4bit_values
+
+        tensors, values, stored, original = experts.summary()
+        four_bit, total = count_4bit_values(model)
+        if note:
+            note(f"quantize_moe_experts: {tensors} expert weights ({values:,} values) in 4-bit "
+                 f"{recipe.bnb_4bit_quant_type}: {stored / 2**20:,.1f} MiB instead of {original / 2**20:,.1f} MiB; "
+                 f"{four_bit:,} of the model's {total:,} parameters ({four_bit / max(total, 1):.0%}) are 4-bit")
+        return
+    found = expert_parameters(model)
+    if recipe.load_in_4bit and found and note:
+        values = sum(model.get_submodule(module).get_parameter(name).numel() for module, name in found)
+        note(f"warning: load_in_4bit quantizes linear layers only: this MoE model's {len(found)} fused expert weights "
+             f"({values:,} values) stay unquantized (and peft's k-bit preparation keeps them in fp32). Set "
+             "quantize_moe_experts: true to store them in 4 bits")
+
+
+def _describe_expert_lora(model, recipe: Recipe, linear_dropout: float, note) -> None:
+    """The MoE LoRA line, and where the recipe's dropout went."""
+    from ftclip.moe import describe_targets
+
+    _dropout_on_linear_layers(model, linear_dropout)
+    if not note:
+        return
+    note(describe_targets(model))
+    if recipe.lora_dropout:
+        note(f"note: lora_dropout {recipe.lora_dropout} applies to the linear LoRA layers only: peft's LoRA on the "
+             "fused expert weights has no dropout (saved as lora_dropout: 0 in adapter_config.json)")
+
+
+def _dropout_on_linear_layers(model, probability: float) -> None:
+    """The recipe's lora_dropout on every linear LoRA layer (peft built them without, for its ParamWrappers)."""
+    if not probability:
+        return
+    import torch
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = torch.nn.Dropout(p=probability)
 
 
 def config_with_overrides(source, overrides: dict | None, trust_remote_code: bool = False, **revision):
@@ -377,9 +487,6 @@ def _peft_options(recipe: Recipe) -> dict:
 
     options = {"use_rslora": recipe.peft_use_rslora, "use_dora": recipe.peft_use_dora,
                "fan_in_fan_out": recipe.lora_fan_in_fan_out}
-    if recipe.lora_target_parameters:
-        options["target_parameters"] = ([recipe.lora_target_parameters] if isinstance(recipe.lora_target_parameters, str)
-                                        else recipe.lora_target_parameters)
     if recipe.peft and recipe.peft.loftq_config:
         options.update(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=recipe.peft.loftq_config.loftq_bits))
     return options
