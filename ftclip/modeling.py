@@ -344,7 +344,7 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
             gradient_checkpointing_kwargs=checkpointing_options,
         )
     from ftclip.expert_quant import lora_ready
-    from ftclip.moe import lora_targets
+    from ftclip.moe import expert_parameters, lora_targets
 
     if recipe.lora_model_dir:
         with lora_ready(model, experts):
@@ -352,16 +352,17 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     save = modules_to_save(recipe, model, new_tokens, note)
     try:
         with lora_ready(model, experts):  # 4-bit experts look like plain parameters to peft (expert_quant.py)
-            target_modules, target_parameters = lora_targets(model, recipe.target_modules,
-                                                             recipe.lora_target_parameters)
-            # peft's LoRA on a parameter (ParamWrapper: the MoE experts) has no dropout (x is not its input);
-            # the linear targets get the recipe's dropout after wrapping (_dropout_on_linear_layers).
+            targets = lora_targets(model, recipe.target_modules, recipe.lora_target_parameters)
+            # peft's LoRA on a parameter (ParamWrapper: the MoE experts) has no dropout (x is not its input), and
+            # peft may target an MoE model's experts by itself (its transformers-4 name conversion): the linear
+            # targets get the recipe's dropout after wrapping (_dropout_on_linear_layers).
+            parameter_lora = bool(targets.parameters) or bool(expert_parameters(model))
             lora = LoraConfig(
                 r=recipe.lora_r,
                 lora_alpha=recipe.lora_alpha,
-                lora_dropout=0.0 if target_parameters else recipe.lora_dropout,
-                target_modules=target_modules,
-                target_parameters=target_parameters or None,
+                lora_dropout=0.0 if parameter_lora else recipe.lora_dropout,
+                target_modules=targets.modules,
+                target_parameters=targets.parameters or None,
                 task_type="CAUSAL_LM",
                 modules_to_save=save,
                 # Tied input/output embeddings stay tied when both are trained in full.
@@ -372,9 +373,8 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
             model = get_peft_model(model, lora, revision=recipe.revision_of_model)
     except ValueError as error:  # e.g. target modules that do not exist in this architecture
         raise ModelError(f"lora_target_modules: {error}") from None
-    linear_dropout = recipe.lora_dropout if target_parameters else 0.0
-    if target_parameters:
-        _describe_expert_lora(model, recipe, linear_dropout, note)
+    if parameter_lora:
+        _describe_expert_lora(model, recipe, targets.meant_modules, note)
     return model
 
 
@@ -444,15 +444,26 @@ def _note_expert_precision(model, recipe: Recipe, experts, note) -> None:
              "quantize_moe_experts: true to store them in 4 bits")
 
 
-def _describe_expert_lora(model, recipe: Recipe, linear_dropout: float, note) -> None:
-    """The MoE LoRA line, and where the recipe's dropout went."""
-    from ftclip.moe import describe_targets
+def _describe_expert_lora(model, recipe: Recipe, requested_modules: list[str] | str, note) -> None:
+    """After wrapping an MoE model: the recipe's dropout on the linear LoRA layers, what LoRA adapts, and the
+    linear layers peft left out."""
+    from peft.tuners.lora import ParamWrapper
 
-    _dropout_on_linear_layers(model, linear_dropout)
+    from ftclip.moe import describe_targets, unadapted_linear_layers
+
+    _dropout_on_linear_layers(model, recipe.lora_dropout)
     if not note:
         return
-    note(describe_targets(model))
-    if recipe.lora_dropout:
+    wrapped = any(isinstance(module, ParamWrapper) for module in model.modules())
+    if wrapped:
+        note(describe_targets(model))
+    missed = unadapted_linear_layers(model, requested_modules)
+    if missed:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in missed})
+        note(f"warning: peft 0.21 takes {', '.join(leaves)} in the LoRA target modules of a {model.config.model_type} "
+             f"model for its experts' transformers-4 names: {len(missed)} linear layers of those names (e.g. "
+             f"{missed[0]}: shared experts, dense MLP layers) get no LoRA")
+    if recipe.lora_dropout and wrapped:
         note(f"note: lora_dropout {recipe.lora_dropout} applies to the linear LoRA layers only: peft's LoRA on the "
              "fused expert weights has no dropout (saved as lora_dropout: 0 in adapter_config.json)")
 

@@ -19,6 +19,7 @@ The router's auxiliary (load-balancing) loss is the model's own (`output_router_
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # Config fields that give an MoE model's expert count (transformers' names across architectures).
 EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
@@ -89,17 +90,43 @@ def linear_module_names(model, exclude_routers: bool = True) -> list[str]:
     return sorted(leaves)
 
 
-def lora_targets(model, target_modules: list[str] | str, target_parameters: list[str] | str | None
-                 ) -> tuple[list[str] | str, list[str]]:
-    """(target_modules, target_parameters) for peft's LoraConfig. On an MoE model, all-linear becomes the linear
-    layers (attention, shared experts, dense MLPs; not lm_head, not the routers) and every fused expert weight;
-    on a dense model it stays peft's all-linear. Parameters the recipe names are kept, after ftclip's own."""
+@dataclass
+class LoraTargets:
+    """peft's target_modules and target_parameters, and the linear layer names meant (for the check that peft
+    adapted them all: unadapted_linear_layers)."""
+
+    modules: list[str] | str
+    parameters: list[str]
+    meant_modules: list[str] | str
+
+
+def lora_targets(model, target_modules: list[str] | str, target_parameters: list[str] | str | None) -> LoraTargets:
+    """The LoRA targets for peft's LoraConfig. On an MoE model, all-linear becomes the linear layers (attention,
+    shared experts, dense MLPs; not lm_head, not the routers) and every fused expert weight; on a dense model it
+    stays peft's all-linear. Parameters the recipe names are kept, after ftclip's own."""
     given = [target_parameters] if isinstance(target_parameters, str) else list(target_parameters or [])
     experts = expert_parameters(model)
     if target_modules != "all-linear" or not experts:
-        return target_modules, given
+        return LoraTargets(target_modules, given, target_modules)
     suffixes = list(dict.fromkeys(parameter_suffix(module, name) for module, name in experts))
-    return linear_module_names(model), list(dict.fromkeys(suffixes + given))
+    linear = linear_module_names(model)
+    return LoraTargets(_names_peft_keeps(model, linear), list(dict.fromkeys(suffixes + given)), linear)
+
+
+def _names_peft_keeps(model, names: list[str]) -> list[str]:
+    """The names peft leaves in target_modules. On some architectures (see unadapted_linear_layers) peft moves
+    gate_proj/up_proj/down_proj/gate to the experts' target_parameters, doubling the rank of the fused
+    gate_up_proj; ftclip names the experts itself, so those names are left out (their layers cannot be reached
+    by name there)."""
+    try:
+        from peft import LoraConfig
+        from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
+    except ImportError:  # another peft: its own rules apply
+        return names
+    probe = LoraConfig(target_modules=list(names))
+    convert_peft_config_for_transformers(probe, model=model, conversions=None)
+    kept = set(probe.target_modules or ())
+    return [name for name in names if name in kept]
 
 
 def describe_targets(model) -> str:
@@ -112,3 +139,25 @@ def describe_targets(model) -> str:
                  for parameter in [*module.lora_A.parameters(), *module.lora_B.parameters()])
     return (f"moe: LoRA on {len(wrappers)} fused expert weights ({', '.join(names)}; {values:,} trainable values "
             "through peft's target_parameters); the routers stay frozen")
+
+
+def unadapted_linear_layers(model, target_modules: list[str] | str) -> list[str]:
+    """Linear layers a list of target_modules names that got no LoRA (after get_peft_model). peft 0.21 reads
+    gate_proj, up_proj, down_proj and gate in the target_modules of some MoE architectures (qwen3_moe, glm4_moe,
+    deepseek_v3, qwen3_next, olmoe, ...) as those experts' transformers-4 module names and moves them to
+    target_parameters, so shared experts and dense MLP layers of those names are left out."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    if isinstance(target_modules, str):
+        return []
+    wanted = set(target_modules)
+    base = model.get_base_model()
+    missed = []
+    for name, module in base.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and not isinstance(module, LoraLayer) and leaf in wanted:
+            parent = base.get_submodule(name.rsplit(".", 1)[0]) if "." in name else base
+            if not isinstance(parent, LoraLayer):  # a LoRA layer's own base_layer
+                missed.append(name)
+    return missed

@@ -109,6 +109,30 @@ def test_all_linear_reaches_the_experts_of_other_architectures(kind, gpt_oss_dir
     assert not any(".router." in name or ".mlp.gate." in name for name in trainable)
 
 
+def test_peft_name_conversion_is_reported_not_silent(tmp_path):
+    # GLM-4.5's dense first layer and shared experts have gate_proj/up_proj/down_proj linears, names peft 0.21 reads
+    # as the experts' transformers-4 names on this architecture: ftclip keeps the experts at rank r and says which
+    # linear layers peft leaves out.
+    from transformers import AutoTokenizer, Glm4MoeConfig, Glm4MoeForCausalLM
+
+    from ftclip.modeling import load_model
+
+    folder = tmp_path / "glm"
+    folder.mkdir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(QUICKSTART_MODEL / name, folder / name)
+    vocab = len(AutoTokenizer.from_pretrained(folder))
+    Glm4MoeForCausalLM(Glm4MoeConfig(vocab_size=vocab, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, n_group=1,
+                                     topk_group=1, first_k_dense_replace=1)).save_pretrained(folder)
+    notes = []
+    model = load_model(load_recipe(_recipe(tmp_path, folder)), torch.device("cpu"), note=notes.append)
+    experts = model.get_base_model().model.layers[1].mlp.experts
+    assert experts.r["default"] == 4 and experts.base_layer.r["default"] == 4  # both nested wrappers
+    assert any("model.layers.0.mlp.gate_proj" in line and "get no LoRA" in line for line in notes), notes
+
+
 def test_a_dense_model_keeps_peft_all_linear(make_recipe):
     model = _load(make_recipe(lora_target_linear=True))
     assert model.peft_config["default"].target_parameters in (None, [], set())
