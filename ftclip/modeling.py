@@ -274,6 +274,17 @@ def _quantization_config(recipe: Recipe, dtype: torch.dtype):
     )
 
 
+def stored_format_config(name: str | None, kwargs: dict | None):
+    """model_quantization_config: transformers' config for a checkpoint stored in a quantized format
+    (Mxfp4Config: gpt-oss's MXFP4 experts, dequantized while loading with {dequantize: true}), or None. Used by
+    training, merge and chat alike, so the base loads the same way in each."""
+    if not name:
+        return None
+    import transformers
+
+    return getattr(transformers, name)(**(kwargs or {}))
+
+
 def _refuse_kernel_problems(recipe: Recipe, device: torch.device) -> None:
     problems = kernel_problems(recipe, device.type == "cuda")
     if problems:
@@ -300,6 +311,9 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
                "attn_implementation": _attention_for(recipe, source, revision, note)}
     if quantization is not None:
         options.update(quantization_config=quantization, device_map={"": device})
+    checkpoint_format = stored_format_config(recipe.model_quantization_config, recipe.model_quantization_config_kwargs)
+    if checkpoint_format is not None:  # dequantized while loading: the model trains like an unquantized one
+        options["quantization_config"] = checkpoint_format
     experts = _expert_quantization(recipe)
     try:
         if placement == "meta":
@@ -427,13 +441,14 @@ def _note_expert_precision(model, recipe: Recipe, experts, note) -> None:
         if not experts.quantized:
             raise ModelError("quantize_moe_experts: this model has no fused expert weights (3-D parameters of "
                              "an experts module) to quantize; is it an MoE model? Remove quantize_moe_experts")
+        from ftclip.checkpoint import human_bytes
         from ftclip.expert_quant import count_4bit_values
 
         tensors, values, stored, original = experts.summary()
         four_bit, total = count_4bit_values(model)
         if note:
             note(f"quantize_moe_experts: {tensors} expert weights ({values:,} values) in 4-bit "
-                 f"{recipe.bnb_4bit_quant_type}: {stored / 2**20:,.1f} MiB instead of {original / 2**20:,.1f} MiB; "
+                 f"{recipe.bnb_4bit_quant_type}: {human_bytes(stored)} instead of {human_bytes(original)}; "
                  f"{four_bit:,} of the model's {total:,} parameters ({four_bit / max(total, 1):.0%}) are 4-bit")
         return
     found = expert_parameters(model)
