@@ -84,6 +84,31 @@ def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str
     if recipe.quantized and recipe.distributed.strategy == "fsdp" and no_cuda:
         problems.append(("distributed", f"a quantized base (QLoRA) under FSDP needs CUDA (bitsandbytes' 4-bit weights "
                                         f"are sharded as CUDA storage), and {no_cuda}; use strategy: ddp or a GPU"))
+    return problems + _model_family_machine_problems(recipe, no_cuda)
+
+
+# torchao's QAT dtypes that need a GPU: float8 kernels (compute capability 8.9+) and the fp4 formats (Blackwell's
+# nvfp4/mxfp4); int4/int8 fake quantization is plain torch and runs anywhere.
+_QAT_CUDA_DTYPES = {"float8_e4m3fn": "float8", "nvfp4": "nvfp4", "mxfp4": "mxfp4"}
+
+
+def _model_family_machine_problems(recipe: Recipe, no_cuda: str | None) -> list[tuple[str, str]]:
+    """What the model-family settings need from this machine (packages, CUDA), from package metadata only.
+    quantize_moe_experts (bitsandbytes 4-bit, CUDA or bitsandbytes' CPU backend) and Mxfp4Config with dequantize
+    (plain torch) run anywhere."""
+    problems = []
+    if recipe.tokenizer_use_mistral_common and importlib.util.find_spec("mistral_common") is None:
+        problems.append(("tokenizer_use_mistral_common", "needs the mistral-common package, which is not installed "
+                                                         "(pip install 'ftclip[mistral]')"))
+    if recipe.qat is not None:
+        if importlib.util.find_spec("torchao") is None:
+            problems.append(("qat", "quantization-aware training is torchao's, and torchao is not installed "
+                                    "(pip install 'ftclip[torchao]')"))
+        for key in ("weight_dtype", "activation_dtype"):
+            dtype = getattr(recipe.qat, key)
+            if dtype in _QAT_CUDA_DTYPES and no_cuda:
+                problems.append((f"qat.{key}", f"torchao's {_QAT_CUDA_DTYPES[dtype]} (fake) quantization runs on "
+                                               f"recent NVIDIA GPUs only, and {no_cuda}; int4/int8 run here"))
     return problems
 
 
