@@ -189,11 +189,18 @@ def load_tokenizer(recipe: Recipe):
 
     source = model_source(recipe.tokenizer or recipe.base_model, recipe)
     revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model and not recipe.tokenizer else {}
+    # tokenizer_use_mistral_common: transformers' MistralCommonBackend over the checkpoint's tekken.json (or
+    # SentencePiece file), in mistral-common's finetuning mode (conversations may end with the assistant's
+    # reply); otherwise the Hugging Face tokenizer even where a tekken.json is present.
+    mistral = {"mistral_format": True, "mode": "finetuning"} if recipe.tokenizer_use_mistral_common else {
+        "mistral_format": False}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
-    except (OSError, ValueError) as error:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **mistral,
+                                                  **revision)
+    except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the tokenizer from {source}: {error}") from None
-    _apply_chat_settings(tokenizer, recipe)
+    if not recipe.tokenizer_use_mistral_common:  # mistral-common: its own chat encoding and a fixed vocabulary
+        _apply_chat_settings(tokenizer, recipe)
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss, so any id works; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -747,6 +747,10 @@ def _model_family_problems(recipe: Recipe) -> list[tuple[str, str]]:
         if recipe.chat_template != "tokenizer_default":
             problems.append(("chat_template", "mistral-common renders chats with its own encoding; keep "
                                               "tokenizer_default or drop tokenizer_use_mistral_common"))
+        for index, spec in enumerate(recipe.datasets):
+            if spec.type == "chat" and spec.roles_to_train != ["assistant"] and not recipe.train_on_inputs:
+                problems.append((f"datasets.{index}.roles_to_train", "with mistral-common's encoding ftclip trains "
+                                                                     "the assistant turns only ([assistant])"))
     if recipe.qat is not None:
         if recipe.adapter is not None:
             problems.append(("qat", "fake-quantizes the weights a full fine-tune trains; with a LoRA adapter the base "
