@@ -87,9 +87,10 @@ def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str
     return problems + _model_family_machine_problems(recipe, no_cuda)
 
 
-# torchao's QAT dtypes that need a GPU: float8 kernels (compute capability 8.9+) and the fp4 formats (Blackwell's
-# nvfp4/mxfp4); int4/int8 fake quantization is plain torch and runs anywhere.
-_QAT_CUDA_DTYPES = {"float8_e4m3fn": "float8", "nvfp4": "nvfp4", "mxfp4": "mxfp4"}
+# torchao's QAT dtypes whose fake quantization runs on recent NVIDIA GPUs only (measured on torchao 0.18: nvfp4's
+# is a CUDA autograd function, mxfp4's swizzles scales the CPU cannot). int4/int8 and float8 fake quantization
+# trains anywhere; quantizing the saved model to float8 or int4 weight-only needs CUDA kernels (train warns).
+_QAT_CUDA_DTYPES = {"nvfp4": "nvfp4", "mxfp4": "mxfp4"}
 
 
 def _model_family_machine_problems(recipe: Recipe, no_cuda: str | None) -> list[tuple[str, str]]:
@@ -107,8 +108,9 @@ def _model_family_machine_problems(recipe: Recipe, no_cuda: str | None) -> list[
         for key in ("weight_dtype", "activation_dtype"):
             dtype = getattr(recipe.qat, key)
             if dtype in _QAT_CUDA_DTYPES and no_cuda:
-                problems.append((f"qat.{key}", f"torchao's {_QAT_CUDA_DTYPES[dtype]} (fake) quantization runs on "
-                                               f"recent NVIDIA GPUs only, and {no_cuda}; int4/int8 run here"))
+                problems.append((f"qat.{key}", f"torchao's {_QAT_CUDA_DTYPES[dtype]} fake quantization runs on "
+                                               f"recent NVIDIA GPUs only, and {no_cuda}; int4, int8 and float8 run "
+                                               "here"))
     return problems
 
 
@@ -380,6 +382,10 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     if recipe.adapter is None:
         if recipe.unfrozen_parameters:
             freeze_parameters_except(model, recipe.unfrozen_parameters, note)
+        if recipe.qat is not None:  # fake-quantized forward (torchao); train.py turns it on at its step
+            from ftclip.qat import prepare
+
+            prepare(model, recipe.qat, note)
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 

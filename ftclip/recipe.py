@@ -710,6 +710,10 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
     return problems
 
 
+# (weight, activation) dtype pairs torchao has a QAT scheme for (besides nvfp4 and mxfp4), as Axolotl maps them.
+_QAT_SCHEMES = {("int4", None), ("int4", "int8"), ("int4", "float8_e4m3fn"), ("float8_e4m3fn", "float8_e4m3fn")}
+
+
 def _model_family_problems(recipe: Recipe) -> list[tuple[str, str]]:
     """quantize_moe_experts, model_quantization_config, tokenizer_use_mistral_common and qat against the rest of
     the recipe. (What this machine can run is modeling.kernel_problems' part.)"""
@@ -758,9 +762,18 @@ def _model_family_problems(recipe: Recipe) -> list[tuple[str, str]]:
         if recipe.quantized or recipe.model_quantization_config:
             problems.append(("qat", "trains full-precision weights under fake quantization; a quantized base "
                                     "(load_in_4bit/8bit, model_quantization_config) cannot be one"))
-        if recipe.qat.quantize_embedding and recipe.qat.weight_dtype not in ("int4", "int8"):
-            problems.append(("qat.quantize_embedding", f"torchao quantizes embeddings to int4/int8, not "
+        if recipe.qat.quantize_embedding and recipe.qat.weight_dtype != "int4":
+            problems.append(("qat.quantize_embedding", f"torchao's QAT quantizes embeddings to int4 weights, not "
                                                        f"{recipe.qat.weight_dtype}"))
+        pair = (recipe.qat.weight_dtype, recipe.qat.activation_dtype)
+        if pair not in _QAT_SCHEMES and recipe.qat.weight_dtype not in ("nvfp4", "mxfp4"):
+            problems.append(("qat", f"weight_dtype {pair[0]} with activation_dtype {pair[1]}: torchao has no QAT scheme "
+                                    "for that pair (int4 weights with int8, float8 or no activations; float8 with "
+                                    "float8; nvfp4; mxfp4)"))
+        if recipe.qat.weight_dtype == "nvfp4" and recipe.qat.group_size not in (None, 16):
+            problems.append(("qat.group_size", "nvfp4 quantizes blocks of 16 values: set group_size: 16"))
+        if recipe.qat.weight_dtype == "mxfp4" and recipe.qat.group_size not in (None, 32):
+            problems.append(("qat.group_size", "mxfp4 quantizes blocks of 32 values: set group_size: 32"))
     return problems
 
 
