@@ -401,7 +401,7 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     if recipe.lora_model_dir:
         with lora_ready(model, experts):
             return _continue_adapter(model, recipe)
-    save = modules_to_save(recipe, model, new_tokens, note)
+    saved_in_full = modules_to_save(recipe, model, new_tokens, note)
     try:
         with lora_ready(model, experts):  # 4-bit experts look like plain parameters to peft (expert_quant.py)
             targets = lora_targets(model, recipe.target_modules, recipe.lora_target_parameters)
@@ -416,9 +416,11 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
                 target_modules=targets.modules,
                 target_parameters=targets.parameters or None,
                 task_type="CAUSAL_LM",
-                modules_to_save=save,
-                # Tied input/output embeddings stay tied when both are trained in full.
-                ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False)),
+                modules_to_save=saved_in_full,
+                # Tied input/output embeddings stay tied when both are trained in full (only then: peft warns
+                # otherwise).
+                ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False))
+                and bool(set(saved_in_full or []) & set(_embedding_module_names(model))),
                 **_peft_options(recipe),
             )
             # revision: recorded in adapter_config.json, so the adapter names the base revision it was trained on.
