@@ -70,7 +70,8 @@ def test_mistral_common_and_qat_blocks_map(tmp_path):
                                           "fake_quant_after_n_steps": 1000}})
     assert (recipe.qat.weight_dtype, recipe.qat.activation_dtype, recipe.qat.group_size,
             recipe.qat.fake_quant_after_n_steps) == ("int4", "int8", 256, 1000)
-    assert recipe_of(tmp_path, {"qat": {"weight_dtype": "fp8"}}).qat.weight_dtype == "float8_e4m3fn"
+    fp8 = recipe_of(tmp_path, {"qat": {"weight_dtype": "fp8", "activation_dtype": "float8"}}).qat
+    assert (fp8.weight_dtype, fp8.activation_dtype) == ("float8_e4m3fn", "float8_e4m3fn")
     why = refusals(tmp_path, {"qat": {"weight_dtype": "int4", "fake_quant_method": "x"}})
     assert "fake_quant_method" in why["qat"]
 
@@ -98,7 +99,7 @@ def test_validate_names_the_missing_extra(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name in ("mistral_common", "torchao") else real(name, *args))
     recipe = parse_recipe("base_model: org/model\ndatasets:\n  - path: d.jsonl\n    type: chat\n"
-                          "tokenizer_use_mistral_common: true\nqat: {weight_dtype: int8}\n")
+                          "tokenizer_use_mistral_common: true\nqat: {weight_dtype: int4}\n")
     problems = dict(kernel_problems(recipe, cuda_available=True))
     assert "pip install 'ftclip[mistral]'" in problems["tokenizer_use_mistral_common"]
     assert "pip install 'ftclip[torchao]'" in problems["qat"]
