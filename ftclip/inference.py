@@ -59,7 +59,10 @@ def prompt_style(recipe: dict[str, Any], tokenizer) -> str:
     """chat, alpaca or completion: how the run's data was formatted (chat wins in a mix, if the tokenizer has
     a template); a folder without a recipe is chatted with through its template when it has one."""
     kinds = {dataset.get("type") for dataset in recipe.get("datasets") or []}
-    has_template = bool(getattr(tokenizer, "chat_template", None))
+    from ftclip.data.mistral_chat import is_mistral_common
+
+    # mistral-common's tokenizer has no template text: its chat encoding is its own.
+    has_template = bool(getattr(tokenizer, "chat_template", None)) or is_mistral_common(tokenizer)
     if kinds & {"chat", "chat_template"} and has_template:
         return "chat"
     if "alpaca" in kinds:
@@ -99,11 +102,15 @@ class Conversation:
         return {name: value for name, value in inputs.items() if name != "attention_mask"}
 
     def prompt_ids(self, message: str) -> list[int]:
+        from ftclip.data.mistral_chat import is_mistral_common
+
         tokenizer = self.tokenizer
         if self.style == "chat":
             messages = [m for user, reply in self.turns for m in ({"role": "user", "content": user},
                                                                   {"role": "assistant", "content": reply})]
             messages.append({"role": "user", "content": message})
+            if is_mistral_common(tokenizer):  # ids straight from mistral-common's encoder (it renders no text)
+                return list(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.style == "alpaca":

@@ -22,6 +22,8 @@ chunk loop; it reads lm_head's weight directly, so it is refused when lm_head ca
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -216,25 +218,72 @@ def liger_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, lm_head: to
     return total / num_items_in_batch
 
 
+@dataclass
+class LanguageModelLoss:
+    """One micro-batch's loss (what backward runs on) and, for an MoE model whose config has
+    output_router_logits on, its router auxiliary loss (detached, before router_aux_loss_coef; normalized like
+    the loss, so summed over a step's micro-batches it is their token-weighted mean)."""
+
+    loss: torch.Tensor
+    router_aux_loss: torch.Tensor | None = None
+
+
 def loss_function(recipe):
-    """`(model, inputs, num_items_in_batch) -> loss` as the recipe chooses: Liger's kernel, the chunked loss
-    (the default), or the plain path."""
+    """`(model, inputs, num_items_in_batch) -> LanguageModelLoss` as the recipe chooses: Liger's kernel, the
+    chunked loss (the default), or the plain path."""
     chunked, liger = recipe.chunked_cross_entropy, recipe.liger_fused_linear_cross_entropy
 
-    def compute(model, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
-        return causal_lm_loss(model, inputs, num_items_in_batch, chunked=chunked, liger=liger)
+    def compute(model, inputs: dict, num_items_in_batch=None) -> LanguageModelLoss:
+        return language_model_loss(model, inputs, num_items_in_batch, chunked=chunked, liger=liger)
 
     return compute
 
 
 def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch: float | torch.Tensor | None = None,
                    chunked: bool = True, liger: bool = False, chunk_tokens: int | None = None) -> torch.Tensor:
-    """The loss of one micro-batch (`inputs` as collated: input_ids, labels and attention inputs).
-    chunked=False is the plain path, `model(**inputs).loss`, kept as the reference."""
-    if not (chunked or liger):
-        return model(**inputs, num_items_in_batch=num_items_in_batch).loss
-    forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS + IMAGE_MODEL_INPUTS if name in inputs}
+    """The loss of one micro-batch (`inputs` as collated: input_ids, labels and attention inputs), the router's
+    auxiliary loss included. chunked=False is the plain path, `model(**inputs).loss`, kept as the reference."""
+    return language_model_loss(model, inputs, num_items_in_batch, chunked, liger, chunk_tokens).loss
+
+
+def _router_aux_coefficient(core: torch.nn.Module) -> float | None:
+    """router_aux_loss_coef when the model returns an auxiliary loss (output_router_logits on), else None."""
+    config = core.config
+    if not getattr(config, "output_router_logits", False):
+        return None
+    return float(getattr(core, "router_aux_loss_coef", getattr(config, "router_aux_loss_coef", 0.0)) or 0.0)
+
+
+def _with_router_aux(loss: torch.Tensor, output, coefficient: float | None, targets: torch.Tensor,
+                     num_items_in_batch) -> LanguageModelLoss:
+    """loss + coefficient × the router's auxiliary loss, weighted by this micro-batch's share of the step's
+    trained tokens: over the step's micro-batches (and ranks) the added term is coefficient × the token-weighted
+    mean of the aux losses, whatever the accumulation (transformers adds the full term per forward instead)."""
+    aux = getattr(output, "aux_loss", None)
+    if coefficient is None or aux is None:
+        return LanguageModelLoss(loss)
+    if num_items_in_batch is None:
+        share = 1.0
+    else:
+        share = (targets != IGNORE_INDEX).sum().to(aux.device, torch.float32) / num_items_in_batch
+    weighted = aux.float() * share
+    return LanguageModelLoss(loss + coefficient * weighted.to(loss.device), weighted.detach())
+
+
+def language_model_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch: float | torch.Tensor | None = None,
+                        chunked: bool = True, liger: bool = False, chunk_tokens: int | None = None
+                        ) -> LanguageModelLoss:
+    """causal_lm_loss with the router's auxiliary loss kept apart, for logging."""
     core = _core(model)
+    coefficient = _router_aux_coefficient(core)
+    targets = shifted_targets(inputs["labels"])
+    if not (chunked or liger):
+        output = model(**inputs, num_items_in_batch=num_items_in_batch)
+        loss = output.loss
+        if coefficient is not None and getattr(output, "aux_loss", None) is not None:
+            loss = loss - coefficient * output.aux_loss.to(loss.device)  # transformers added it unweighted
+        return _with_router_aux(loss, output, coefficient, targets, num_items_in_batch)
+    forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS + IMAGE_MODEL_INPUTS if name in inputs}
     lm_head = core.get_output_embeddings()
     # The decoder body's output (after the final norm) is what lm_head reads; the call goes through the
     # top-level model so that peft, DDP and FSDP2 see an ordinary forward.
@@ -243,17 +292,18 @@ def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch: flo
     # An empty index list: the causal-LM forward projects no position onto the vocabulary.
     no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
     try:
-        model(**forward_inputs, use_cache=False, logits_to_keep=no_logits)
+        output = model(**forward_inputs, use_cache=False, logits_to_keep=no_logits)
     finally:
         hook.remove()
     hidden = captured[-1]
-    targets = shifted_targets(inputs["labels"])
     if liger:
         if getattr(core.config, "logit_scale", None) is not None:
             raise ModelError("liger_fused_linear_cross_entropy: this model scales its logits (logit_scale), which Liger's "
                              "kernel does not; use chunked_cross_entropy")
-        return liger_cross_entropy(hidden, targets, lm_head, num_items_in_batch,
+        loss = liger_cross_entropy(hidden, targets, lm_head, num_items_in_batch,
                                    getattr(core.config, "final_logit_softcapping", None))
-    return chunked_cross_entropy(hidden, targets, lm_head, num_items_in_batch, chunk_tokens,
-                                 _logit_transform(core.config))
+    else:
+        loss = chunked_cross_entropy(hidden, targets, lm_head, num_items_in_batch, chunk_tokens,
+                                     _logit_transform(core.config))
+    return _with_router_aux(loss, output, coefficient, targets, num_items_in_batch)
 

@@ -17,7 +17,7 @@ import yaml
 
 from ftclip.checkpoint import RECIPE_FILE, atomic_directory
 from ftclip.errors import ModelError, OutputError
-from ftclip.modeling import config_with_overrides, grow_embeddings
+from ftclip.modeling import config_with_overrides, grow_embeddings, stored_format_config
 from ftclip.recipe import AUTO_PRECISION_NOTE
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -81,6 +81,12 @@ def base_model_options(base: str, adapter: Path, recipe: dict, base_given: bool 
     overrides = recipe.get("overrides_of_model_config") or recipe.get("model_config") or {}
     if overrides:
         options["config"] = config_with_overrides(base, overrides, trust_remote_code, **options)
+    # A checkpoint stored in a quantized format (gpt-oss's MXFP4) is dequantized as training dequantized it: the
+    # adapter's expert LoRA needs the experts as plain weights.
+    stored_format = stored_format_config(recipe.get("model_quantization_config"),
+                                         recipe.get("model_quantization_config_kwargs"))
+    if stored_format is not None:
+        options["quantization_config"] = stored_format
     return options
 
 

@@ -84,6 +84,33 @@ def kernel_problems(recipe: Recipe, cuda_available: bool) -> list[tuple[str, str
     if recipe.quantized and recipe.distributed.strategy == "fsdp" and no_cuda:
         problems.append(("distributed", f"a quantized base (QLoRA) under FSDP needs CUDA (bitsandbytes' 4-bit weights "
                                         f"are sharded as CUDA storage), and {no_cuda}; use strategy: ddp or a GPU"))
+    return problems + _model_family_machine_problems(recipe, no_cuda)
+
+
+# torchao's QAT dtypes whose fake quantization runs on recent NVIDIA GPUs only (measured on torchao 0.18: nvfp4's
+# is a CUDA autograd function, mxfp4's swizzles scales the CPU cannot). int4/int8 and float8 fake quantization
+# trains anywhere; quantizing the saved model to float8 or int4 weight-only needs CUDA kernels (train warns).
+_QAT_CUDA_DTYPES = {"nvfp4": "nvfp4", "mxfp4": "mxfp4"}
+
+
+def _model_family_machine_problems(recipe: Recipe, no_cuda: str | None) -> list[tuple[str, str]]:
+    """What the model-family settings need from this machine (packages, CUDA), from package metadata only.
+    quantize_moe_experts (bitsandbytes 4-bit, CUDA or bitsandbytes' CPU backend) and Mxfp4Config with dequantize
+    (plain torch) run anywhere."""
+    problems = []
+    if recipe.tokenizer_use_mistral_common and importlib.util.find_spec("mistral_common") is None:
+        problems.append(("tokenizer_use_mistral_common", "needs the mistral-common package, which is not installed "
+                                                         "(pip install 'ftclip[mistral]')"))
+    if recipe.qat is not None:
+        if importlib.util.find_spec("torchao") is None:
+            problems.append(("qat", "quantization-aware training is torchao's, and torchao is not installed "
+                                    "(pip install 'ftclip[torchao]')"))
+        for key in ("weight_dtype", "activation_dtype"):
+            dtype = getattr(recipe.qat, key)
+            if dtype in _QAT_CUDA_DTYPES and no_cuda:
+                problems.append((f"qat.{key}", f"torchao's {_QAT_CUDA_DTYPES[dtype]} fake quantization runs on "
+                                               f"recent NVIDIA GPUs only, and {no_cuda}; int4, int8 and float8 run "
+                                               "here"))
     return problems
 
 
@@ -167,6 +194,11 @@ def load_tokenizer(recipe: Recipe):
 
     source = model_source(recipe.tokenizer or recipe.base_model, recipe)
     revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model and not recipe.tokenizer else {}
+    # tokenizer_use_mistral_common: transformers' MistralCommonBackend over the checkpoint's tekken.json (or
+    # SentencePiece file), in mistral-common's finetuning mode (conversations may end with the assistant's
+    # reply); otherwise the Hugging Face tokenizer even where a tekken.json is present.
+    mistral = {"mistral_format": True, "mode": "finetuning"} if recipe.tokenizer_use_mistral_common else {
+        "mistral_format": False}
     processor = None
     try:
         if recipe.processor_type:
@@ -175,10 +207,12 @@ def load_tokenizer(recipe: Recipe):
             processor = load_processor(recipe, source, revision)
             tokenizer = processor.tokenizer
         else:
-            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
-    except (OSError, ValueError) as error:
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **mistral,
+                                                      **revision)
+    except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the tokenizer from {source}: {error}") from None
-    _apply_chat_settings(tokenizer, recipe)
+    if not recipe.tokenizer_use_mistral_common:  # mistral-common: its own chat encoding and a fixed vocabulary
+        _apply_chat_settings(tokenizer, recipe)
     if tokenizer.pad_token_id is None:
         # Padding is masked out of attention and loss, so any id works; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
@@ -288,6 +322,17 @@ def _quantization_config(recipe: Recipe, dtype: torch.dtype):
     )
 
 
+def stored_format_config(name: str | None, kwargs: dict | None):
+    """model_quantization_config: transformers' config for a checkpoint stored in a quantized format
+    (Mxfp4Config: gpt-oss's MXFP4 experts, dequantized while loading with {dequantize: true}), or None. Used by
+    training, merge and chat alike, so the base loads the same way in each."""
+    if not name:
+        return None
+    import transformers
+
+    return getattr(transformers, name)(**(kwargs or {}))
+
+
 def _refuse_kernel_problems(recipe: Recipe, device: torch.device) -> None:
     problems = kernel_problems(recipe, device.type == "cuda")
     if problems:
@@ -314,11 +359,15 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     use_tf32(recipe, device)
     dtype = weight_dtype(recipe, device)
     quantization = _quantization_config(recipe, dtype)
+    revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model else {}
     options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code,
-               "attn_implementation": recipe.attn_implementation}
+               "attn_implementation": _attention_for(recipe, source, revision, note)}
     if quantization is not None:
         options.update(quantization_config=quantization, device_map={"": device})
-    revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model else {}
+    checkpoint_format = stored_format_config(recipe.model_quantization_config, recipe.model_quantization_config_kwargs)
+    if checkpoint_format is not None:  # dequantized while loading: the model trains like an unquantized one
+        options["quantization_config"] = checkpoint_format
+    experts = _expert_quantization(recipe)
     try:
         if placement == "meta":
             config = config_with_overrides(source, recipe.overrides_of_model_config, recipe.trust_remote_code, **revision)
@@ -328,9 +377,11 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
             if recipe.overrides_of_model_config:
                 options["config"] = config_with_overrides(source, recipe.overrides_of_model_config,
                                                           recipe.trust_remote_code, **revision)
-            model = auto_class.from_pretrained(source, **options, **revision)
+            with _loading_experts(experts):
+                model = auto_class.from_pretrained(source, **options, **revision)
     except (OSError, ValueError, ImportError) as error:
         raise ModelError(f"cannot load the model from {source}: {error}") from None
+    _note_expert_precision(model, recipe, experts, note)
     from ftclip.padding_free import use_varlen_sdpa
 
     problem = packing_problem(model.config) if recipe.sample_packing else None
@@ -354,6 +405,10 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     if recipe.adapter is None:
         if recipe.unfrozen_parameters:
             freeze_parameters_except(model, recipe.unfrozen_parameters, note)
+        if recipe.qat is not None:  # fake-quantized forward (torchao); train.py turns it on at its step
+            from ftclip.qat import prepare
+
+            prepare(model, recipe.qat, note)
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -363,29 +418,148 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
             use_gradient_checkpointing=recipe.gradient_checkpointing,
             gradient_checkpointing_kwargs=checkpointing_options,
         )
+    from ftclip.expert_quant import lora_ready
+    from ftclip.moe import expert_parameters, lora_targets
+
     if recipe.lora_model_dir:
-        return _continue_adapter(model, recipe)
+        with lora_ready(model, experts):
+            return _continue_adapter(model, recipe)
     saved_in_full = modules_to_save(recipe, model, new_tokens, note)
-    lora = LoraConfig(
-        r=recipe.lora_r,
-        lora_alpha=recipe.lora_alpha,
-        lora_dropout=recipe.lora_dropout,
-        target_modules=lora_targets(recipe, model, note),
-        task_type="CAUSAL_LM",
-        modules_to_save=saved_in_full,
-        # Tied input/output embeddings stay tied when both are trained in full (only then: peft warns otherwise).
-        ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False))
-        and bool(set(saved_in_full or []) & set(_embedding_module_names(model))),
-        **_peft_options(recipe),
-    )
     try:
-        # revision: recorded in adapter_config.json, so the adapter names the base revision it was trained on.
-        return get_peft_model(model, lora, revision=recipe.revision_of_model)
+        with lora_ready(model, experts):  # 4-bit experts look like plain parameters to peft (expert_quant.py)
+            targets = lora_targets(model, recipe_target_modules(recipe, model, note), recipe.lora_target_parameters)
+            # peft's LoRA on a parameter (ParamWrapper: the MoE experts) has no dropout (x is not its input), and
+            # peft may target an MoE model's experts by itself (its transformers-4 name conversion): the linear
+            # targets get the recipe's dropout after wrapping (_dropout_on_linear_layers).
+            parameter_lora = bool(targets.parameters) or bool(expert_parameters(model))
+            lora = LoraConfig(
+                r=recipe.lora_r,
+                lora_alpha=recipe.lora_alpha,
+                lora_dropout=0.0 if parameter_lora else recipe.lora_dropout,
+                target_modules=targets.modules,
+                target_parameters=targets.parameters or None,
+                task_type="CAUSAL_LM",
+                modules_to_save=saved_in_full,
+                # Tied input/output embeddings stay tied when both are trained in full (only then: peft warns
+                # otherwise).
+                ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False))
+                and bool(set(saved_in_full or []) & set(_embedding_module_names(model))),
+                **_peft_options(recipe),
+            )
+            # revision: recorded in adapter_config.json, so the adapter names the base revision it was trained on.
+            model = get_peft_model(model, lora, revision=recipe.revision_of_model)
     except ValueError as error:  # e.g. target modules that do not exist in this architecture
         raise ModelError(f"lora_target_modules: {error}") from None
+    if parameter_lora:
+        _describe_expert_lora(model, recipe, targets.meant_modules, note)
+    return model
 
 
-def lora_targets(recipe: Recipe, model, note=None) -> list[str] | str:
+def _attention_for(recipe: Recipe, source, revision: dict, note) -> str:
+    """The recipe's attention, except sdpa (the default) on an architecture transformers has no sdpa attention
+    for (gpt-oss: its attention sinks), which gets eager, with a note."""
+    if recipe.attn_implementation != "sdpa":
+        return recipe.attn_implementation
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except (OSError, ValueError, KeyError):
+        return "sdpa"  # from_pretrained reports what is wrong
+    if getattr(model_class, "_supports_sdpa", True):
+        return "sdpa"
+    if note:
+        note(f"note: transformers has no sdpa attention for {config.model_type}; using eager (flex_attention, or "
+             "flash_attention_2 on CUDA, are faster where this architecture has them)")
+    return "eager"
+
+
+def _expert_quantization(recipe: Recipe):
+    """quantize_moe_experts: the record of the 4-bit expert weights (ftclip.expert_quant), or None."""
+    if not recipe.quantize_moe_experts:
+        return None
+    from ftclip.expert_quant import ExpertQuantization
+
+    return ExpertQuantization(quant_type=recipe.bnb_4bit_quant_type, double_quant=recipe.bnb_4bit_use_double_quant)
+
+
+def _loading_experts(experts):
+    from contextlib import nullcontext
+
+    if experts is None:
+        return nullcontext()
+    from ftclip.expert_quant import quantizing_experts_on_load
+
+    return quantizing_experts_on_load(experts)
+
+
+def _note_expert_precision(model, recipe: Recipe, experts, note) -> None:
+    """After loading an MoE model: how many of its values are 4-bit (quantize_moe_experts), or a warning that
+    load_in_4bit left its experts in 16 bits."""
+    from ftclip.moe import expert_parameters
+
+    if experts is not None:
+        experts.quantize_remaining(model)
+        if not experts.quantized:
+            raise ModelError("quantize_moe_experts: this model has no fused expert weights (3-D parameters of "
+                             "an experts module) to quantize; is it an MoE model? Remove quantize_moe_experts")
+        from ftclip.checkpoint import human_bytes
+        from ftclip.expert_quant import count_4bit_values
+
+        tensors, values, stored, original = experts.summary()
+        four_bit, total = count_4bit_values(model)
+        if note:
+            note(f"quantize_moe_experts: {tensors} expert weights ({values:,} values) in 4-bit "
+                 f"{recipe.bnb_4bit_quant_type}: {human_bytes(stored)} instead of {human_bytes(original)}; "
+                 f"{four_bit:,} of the model's {total:,} parameters ({four_bit / max(total, 1):.0%}) are 4-bit")
+        return
+    found = expert_parameters(model)
+    if recipe.load_in_4bit and found and note:
+        values = sum(model.get_submodule(module).get_parameter(name).numel() for module, name in found)
+        note(f"warning: load_in_4bit quantizes linear layers only: this MoE model's {len(found)} fused expert weights "
+             f"({values:,} values) stay unquantized (and peft's k-bit preparation keeps them in fp32). Set "
+             "quantize_moe_experts: true to store them in 4 bits")
+
+
+def _describe_expert_lora(model, recipe: Recipe, requested_modules: list[str] | str, note) -> None:
+    """After wrapping an MoE model: the recipe's dropout on the linear LoRA layers, what LoRA adapts, and the
+    linear layers peft left out."""
+    from peft.tuners.lora import ParamWrapper
+
+    from ftclip.moe import describe_targets, unadapted_linear_layers
+
+    _dropout_on_linear_layers(model, recipe.lora_dropout)
+    if not note:
+        return
+    wrapped = any(isinstance(module, ParamWrapper) for module in model.modules())
+    if wrapped:
+        note(describe_targets(model))
+    missed = unadapted_linear_layers(model, requested_modules)
+    if missed:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in missed})
+        note(f"warning: peft 0.21 takes {', '.join(leaves)} in the LoRA target modules of a {model.config.model_type} "
+             f"model for its experts' transformers-4 names: {len(missed)} linear layers of those names (e.g. "
+             f"{missed[0]}: shared experts, dense MLP layers) get no LoRA")
+    if recipe.lora_dropout and wrapped:
+        note(f"note: lora_dropout {recipe.lora_dropout} applies to the linear LoRA layers only: peft's LoRA on the "
+             "fused expert weights has no dropout (saved as lora_dropout: 0 in adapter_config.json)")
+
+
+def _dropout_on_linear_layers(model, probability: float) -> None:
+    """The recipe's lora_dropout on every linear LoRA layer (peft built them without, for its ParamWrappers)."""
+    if not probability:
+        return
+    import torch
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not isinstance(module, ParamWrapper):
+            for adapter in module.lora_dropout:
+                module.lora_dropout[adapter] = torch.nn.Dropout(p=probability)
+
+
+def recipe_target_modules(recipe: Recipe, model, note=None) -> list[str] | str:
     """The recipe's lora_target_modules; for a vision-language model left at the default, the language model's
     linear layers only (vlm.py)."""
     if recipe.processor_type and "lora_target_modules" not in recipe.model_fields_set and not recipe.lora_target_linear:
@@ -412,9 +586,6 @@ def _peft_options(recipe: Recipe) -> dict:
 
     options = {"use_rslora": recipe.peft_use_rslora, "use_dora": recipe.peft_use_dora,
                "fan_in_fan_out": recipe.lora_fan_in_fan_out}
-    if recipe.lora_target_parameters:
-        options["target_parameters"] = ([recipe.lora_target_parameters] if isinstance(recipe.lora_target_parameters, str)
-                                        else recipe.lora_target_parameters)
     if recipe.peft and recipe.peft.loftq_config:
         options.update(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=recipe.peft.loftq_config.loftq_bits))
     return options

@@ -148,6 +148,38 @@ class SpecialTokens(BaseModel):
     unk_token: str | None = Field(None, description="Unknown-token token.")
 
 
+# Axolotl's names for torchao's quantized dtypes (its TorchAOQuantDType), with the aliases it accepts.
+QAT_DTYPES = ("int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4")
+_QAT_DTYPE_ALIASES = {"fp8": "float8_e4m3fn", "float8": "float8_e4m3fn"}
+
+
+class QATSettings(BaseModel):
+    """Axolotl's `qat:` block: quantization-aware training through torchao (fake-quantized forward, the
+    quantized model saved at the end)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight_dtype: Literal["int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4"] = Field(
+        "int8", description="The weights' quantized type the forward simulates (and the saved model uses): int4, int8, "
+        "float8_e4m3fn (alias fp8, float8), nvfp4, mxfp4."
+    )
+    activation_dtype: Literal["int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4"] | None = Field(
+        None, description="The activations' quantized type, or absent for weight-only quantization (int8 with int4 "
+        "weights: torchao's int8 dynamic activation, int4 weight scheme)."
+    )
+    group_size: int | None = Field(32, gt=0, description="Values per quantization group of a weight row (int4/int8).")
+    quantize_embedding: bool = Field(False, description="Quantize the input embedding too (int4/int8 weights only).")
+    fake_quant_after_n_steps: int | None = Field(
+        None, ge=0, description="Optimizer steps trained in full precision before fake quantization starts (absent: "
+        "from the first step)."
+    )
+
+    @field_validator("weight_dtype", "activation_dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, value: Any) -> Any:
+        return _QAT_DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+
+
 def _parse_norm_type(value: Any) -> float:
     if isinstance(value, str) and value.strip().lower() in ("inf", "infinity", ".inf"):
         return math.inf
@@ -309,8 +341,8 @@ class Recipe(BaseModel):
         "fan_in_fan_out; peft turns it off for nn.Linear layers)."
     )
     lora_target_parameters: list[str] | str | None = Field(
-        None, description="Parameter names (e.g. MoE experts' gate_up_proj) to adapt with LoRA directly, besides "
-        "lora_target_modules (peft's target_parameters; needs lora_dropout: 0)."
+        None, description="Parameter names (e.g. MoE experts' mlp.experts.gate_up_proj) to adapt with LoRA directly, "
+        "besides lora_target_modules (peft's target_parameters; lora_dropout then applies to the linear targets only)."
     )
     peft: PeftSettings | None = Field(None, description="{loftq_config: {loftq_bits: 4}}: peft options (Axolotl's peft block).")
 
@@ -419,6 +451,30 @@ class Recipe(BaseModel):
         default_factory=GradientClipping,
         description="A number (norm threshold), false/off, or {mode, max_norm, norm_type, max_value}. "
         "Alias: max_grad_norm. Default: norm clipping at 1.0.",
+    )
+
+    # Model families (MoE, quantized formats, QAT)
+    quantize_moe_experts: bool = Field(
+        False, description="MoE models: store the fused expert weights (3-D parameters such as mlp.experts.gate_up_proj) "
+        "in 4 bits with bitsandbytes (bnb_4bit_quant_type, double quantization as bnb_4bit_use_double_quant says) "
+        "while LoRA trains; load_in_4bit alone quantizes the linear layers only. Needs load_in_4bit and an adapter."
+    )
+    model_quantization_config: Literal["Mxfp4Config"] | None = Field(
+        None, description="Load a checkpoint stored in a quantized format through transformers: Mxfp4Config (gpt-oss's "
+        "MXFP4 experts). Training needs model_quantization_config_kwargs: {dequantize: true} (the weights are "
+        "dequantized to the training dtype while loading)."
+    )
+    model_quantization_config_kwargs: dict[str, Any] | None = Field(
+        None, description="Arguments of model_quantization_config's class, e.g. {dequantize: true} for Mxfp4Config."
+    )
+    tokenizer_use_mistral_common: bool = Field(
+        False, description="Tokenize with Mistral's own tokenizer (mistral-common's tekken.json or SentencePiece file, "
+        "through transformers' MistralCommonBackend; pip install 'ftclip[mistral]'). Chat records are rendered and "
+        "masked by mistral-common's own encoding; chat_template, special_tokens and tokens do not apply."
+    )
+    qat: QATSettings | None = Field(
+        None, description="{weight_dtype, activation_dtype, group_size, fake_quant_after_n_steps}: quantization-aware "
+        "training through torchao (pip install 'ftclip[torchao]'); full fine-tuning only."
     )
 
     # Precision and memory
@@ -675,6 +731,74 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("chat_template_jinja", f"given, but chat_template is {recipe.chat_template}; keep one of them"))
     problems += _peft_option_problems(recipe)
     problems += _vision_problems(recipe)
+    problems += _model_family_problems(recipe)
+    return problems
+
+
+# (weight, activation) dtype pairs torchao has a QAT scheme for (besides nvfp4 and mxfp4), as Axolotl maps them.
+_QAT_SCHEMES = {("int4", None), ("int4", "int8"), ("int4", "float8_e4m3fn"), ("float8_e4m3fn", "float8_e4m3fn")}
+
+
+def _model_family_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """quantize_moe_experts, model_quantization_config, tokenizer_use_mistral_common and qat against the rest of
+    the recipe. (What this machine can run is modeling.kernel_problems' part.)"""
+    problems = []
+    if recipe.quantize_moe_experts:
+        if recipe.adapter is None:
+            problems.append(("quantize_moe_experts", "the 4-bit experts are frozen: train a LoRA adapter on them "
+                                                     "(adapter: lora or qlora)"))
+        if recipe.load_in_8bit:
+            problems.append(("quantize_moe_experts", "ftclip stores the experts in 4 bits only; use load_in_4bit "
+                                                     "(or adapter: qlora) instead of load_in_8bit"))
+        elif not (recipe.load_in_4bit or recipe.adapter == "qlora"):
+            problems.append(("quantize_moe_experts", "needs load_in_4bit: true (or adapter: qlora); the linear layers "
+                                                     "are quantized with the experts"))
+    kwargs = recipe.model_quantization_config_kwargs
+    if kwargs is not None and recipe.model_quantization_config is None:
+        problems.append(("model_quantization_config_kwargs", "given without model_quantization_config"))
+    if recipe.model_quantization_config == "Mxfp4Config":
+        if recipe.quantized:
+            problems.append(("model_quantization_config", "the checkpoint's MXFP4 format and bitsandbytes quantization "
+                                                          "(load_in_4bit/8bit, qlora, quantize_moe_experts) exclude each "
+                                                          "other; drop one"))
+        unknown = sorted(set(kwargs or {}) - {"dequantize"})
+        if unknown:
+            problems.append(("model_quantization_config_kwargs", f"{', '.join(unknown)}: Mxfp4Config takes dequantize"))
+        elif not (kwargs or {}).get("dequantize"):
+            problems.append(("model_quantization_config_kwargs", "Mxfp4Config without dequantize: true keeps the "
+                                                                 "experts in MXFP4 for inference kernels, which do not "
+                                                                 "train; set {dequantize: true}"))
+    if recipe.tokenizer_use_mistral_common:
+        for key in ("special_tokens", "tokens", "chat_template_jinja"):
+            if getattr(recipe, key):
+                problems.append((key, "mistral-common's tokenizer has a fixed vocabulary and its own chat encoding; "
+                                      "drop it or tokenizer_use_mistral_common"))
+        if recipe.chat_template != "tokenizer_default":
+            problems.append(("chat_template", "mistral-common renders chats with its own encoding; keep "
+                                              "tokenizer_default or drop tokenizer_use_mistral_common"))
+        for index, spec in enumerate(recipe.datasets):
+            if spec.type == "chat" and spec.roles_to_train != ["assistant"] and not recipe.train_on_inputs:
+                problems.append((f"datasets.{index}.roles_to_train", "with mistral-common's encoding ftclip trains "
+                                                                     "the assistant turns only ([assistant])"))
+    if recipe.qat is not None:
+        if recipe.adapter is not None:
+            problems.append(("qat", "fake-quantizes the weights a full fine-tune trains; with a LoRA adapter the base "
+                                    "stays frozen (drop adapter, or qat)"))
+        if recipe.quantized or recipe.model_quantization_config:
+            problems.append(("qat", "trains full-precision weights under fake quantization; a quantized base "
+                                    "(load_in_4bit/8bit, model_quantization_config) cannot be one"))
+        if recipe.qat.quantize_embedding and recipe.qat.weight_dtype != "int4":
+            problems.append(("qat.quantize_embedding", f"torchao's QAT quantizes embeddings to int4 weights, not "
+                                                       f"{recipe.qat.weight_dtype}"))
+        pair = (recipe.qat.weight_dtype, recipe.qat.activation_dtype)
+        if pair not in _QAT_SCHEMES and recipe.qat.weight_dtype not in ("nvfp4", "mxfp4"):
+            problems.append(("qat", f"weight_dtype {pair[0]} with activation_dtype {pair[1]}: torchao has no QAT scheme "
+                                    "for that pair (int4 weights with int8, float8 or no activations; float8 with "
+                                    "float8; nvfp4; mxfp4)"))
+        if recipe.qat.weight_dtype == "nvfp4" and recipe.qat.group_size not in (None, 16):
+            problems.append(("qat.group_size", "nvfp4 quantizes blocks of 16 values: set group_size: 16"))
+        if recipe.qat.weight_dtype == "mxfp4" and recipe.qat.group_size not in (None, 32):
+            problems.append(("qat.group_size", "mxfp4 quantizes blocks of 32 values: set group_size: 32"))
     return problems
 
 
@@ -699,8 +823,6 @@ def _peft_option_problems(recipe: Recipe) -> list[tuple[str, str]]:
         for key in ("peft_use_rslora", "peft_use_dora", "lora_fan_in_fan_out", "lora_target_parameters", "peft"):
             if getattr(recipe, key):
                 problems.append((key, "a LoRA option, but adapter is not set; set adapter: lora (or qlora)"))
-    if recipe.lora_target_parameters and recipe.lora_dropout:
-        problems.append(("lora_target_parameters", "peft's target_parameters LoRA has no dropout; set lora_dropout: 0"))
     if recipe.peft and recipe.peft.loftq_config and recipe.quantized:
         problems.append(("peft", "LoftQ initializes LoRA from the unquantized weights; use adapter: lora without "
                                  "load_in_4bit/8bit"))
@@ -767,7 +889,7 @@ _OTHER_TOOLS_NAMES = {
 
 _NESTED_MODELS: dict[str, type[BaseModel]] = {
     "datasets": DatasetSpec, "gradient_clipping": GradientClipping, "special_tokens": SpecialTokens,
-    "peft": PeftSettings,
+    "peft": PeftSettings, "qat": QATSettings,
 }
 _ALIASES = {"gradient_clipping": "max_grad_norm", "dataset_cache_dir": "dataset_prepared_path",
             "overrides_of_model_config": "model_config", "revision_of_model": "model_revision"}
@@ -927,4 +1049,5 @@ def keys_markdown() -> str:
     add(SpecialTokens, "special_tokens.")
     add(PeftSettings, "peft.")
     add(LoftQSettings, "peft.loftq_config.")
+    add(QATSettings, "qat.")
     return "\n".join(rows)

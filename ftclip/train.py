@@ -55,6 +55,7 @@ from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.objectives import MicroBatchLoss, Objective, objective_for
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
+from ftclip.qat import FakeQuantSchedule
 from ftclip.recipe import Recipe, resolve_schedule, warmup_warning
 from ftclip.trackers import open_trackers
 
@@ -426,6 +427,7 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
         console.print(f"[bold]resumed[/] from {checkpoint} (step {state.step} of {total_steps}); "
                       "pass --no-resume to start over")
 
+    fake_quant = FakeQuantSchedule(dist.unwrap(model), recipe.qat) if recipe.qat else None  # qat: from its step
     pad_id = tokenizer.pad_token_id
     batches = micro_batch_stream(train_rows, recipe, dist.world_size, state.epoch, state.batch_in_epoch)
     records = _earlier_records(output_dir / METRICS_FILE, state.step) if checkpoint else []
@@ -487,6 +489,8 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
                                   "(press Ctrl-C again to stop without saving)")
         ) as stop:
             for step in range(state.step + 1, total_steps + 1):
+                if fake_quant:
+                    fake_quant.before_step(step)
                 group = []
                 for _ in range(recipe.gradient_accumulation_steps):
                     epoch, batch_in_epoch, batch = next(batches)
@@ -536,6 +540,8 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
         eval_loss = evaluate(model, held_out, objective, recipe.micro_batch_size, pad_id, device)["eval_loss"]
     destination = output_dir / ("adapter" if recipe.adapter else "model")
     artifact = save_final(model, tokenizer, recipe, destination, dist)
+    if recipe.qat and dist.is_main:
+        _save_quantized(recipe, artifact, output_dir, console)
     result = TrainResult(
         output_dir=output_dir,
         artifact=artifact,
@@ -564,6 +570,21 @@ def save_final(model, tokenizer, recipe: Recipe, destination: Path, dist: Distri
         save_artifact(dist.unwrap(model), tokenizer, recipe, destination, state_dict=state_dict)
     dist.barrier()
     return destination
+
+
+def _save_quantized(recipe: Recipe, model_dir: Path, output_dir: Path, console: Console) -> None:
+    """qat: the trained model quantized as the training simulated, beside model/ (ftclip/qat.py). A scheme whose
+    quantized tensors need kernels this machine lacks leaves model/ only, with a word saying so."""
+    from ftclip.qat import QUANTIZED_DIR, save_quantized
+
+    try:
+        saved = save_quantized(model_dir, recipe.qat, output_dir / QUANTIZED_DIR)
+    except (ImportError, AssertionError, RuntimeError, NotImplementedError, ValueError) as error:
+        console.print(f"[yellow]warning:[/] qat: {model_dir} holds the trained weights; quantizing them to "
+                      f"{recipe.qat.weight_dtype} here failed ({escape(str(error))}); quantize them where torchao's "
+                      "kernels for it run", highlight=False)
+        return
+    console.print(f"qat: quantized model ({recipe.qat.weight_dtype} weights, torchao) saved to {saved}", highlight=False)
 
 
 def _summary(result: TrainResult, recipe: Recipe, monitor: ClipMonitor) -> dict[str, Any]:

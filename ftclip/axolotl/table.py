@@ -469,7 +469,6 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "tokenizer_type": _drop("ftclip loads AutoTokenizer, which picks the tokenizer class from the checkpoint"),
     "tokenizer_use_fast": _drop("ftclip uses the fast tokenizer when the checkpoint has one"),
     "tokenizer_legacy": _refuse("changes how a slow Llama tokenizer splits text"),
-    "tokenizer_use_mistral_common": _refuse("mistral-common tokenization: ftclip uses transformers' tokenizer"),
     "processor_type": _refuse("a multimodal processor: ftclip trains text-only causal LMs"),
     "model_config": _to("overrides_of_model_config", "set on the model's config before loading (alias accepted)"),
     "overrides_of_model_config": _same("Axolotl's field name for model_config"),
@@ -510,9 +509,6 @@ AXOLOTL_KEYS: dict[str, Rule] = {
                              "settings equal to ftclip's are dropped; others refused", _bnb_config_kwargs),
     "gptq": _refuse("GPTQ-quantized bases"), "gptq_groupsize": _refuse("GPTQ-quantized bases"),
     "gptq_model_v1": _refuse("GPTQ-quantized bases"), "gptq_disable_exllama": _refuse("GPTQ-quantized bases"),
-    "model_quantization_config": _refuse("quantization other than bitsandbytes 4/8-bit"),
-    "model_quantization_config_kwargs": _refuse("quantization other than bitsandbytes 4/8-bit"),
-    "quantize_moe_experts": _refuse("quantizes MoE experts"), "qat": _refuse("quantization-aware training"),
     "fp8": _refuse("fp8 training"), "fp8_enable_fsdp_float8_all_gather": _refuse("fp8 training"),
     "llmcompressor": _refuse("sparsity or compression during training"),
     # data
@@ -699,6 +695,60 @@ AXOLOTL_KEYS: dict[str, Rule] = {
         "gpu", "gpu_count", "provider", "node_count", "volumes", "branch", "dockerfile_commands", "memory", "timeout",
         "memory_preprocess", "timeout_preprocess", "secrets", "project_name")},
 }
+# ---------------------------------------------------------------- model families (MoE, quantized formats, QAT)
+# Axolotl's keys for the model families ftclip loads natively (ftclip/moe.py, expert_quant.py, modeling.py,
+# qat.py): their rows are kept together here and joined into AXOLOTL_KEYS below.
+
+_QAT_KEYS = {"weight_dtype", "activation_dtype", "group_size", "fake_quant_after_n_steps", "quantize_embedding"}
+
+
+def _quantize_moe_experts(value: Any, config: dict) -> Outcome:
+    if config.get("load_in_8bit") and not config.get("load_in_4bit"):
+        return Refused("8-bit MoE experts (with load_in_8bit): ftclip stores the experts in 4 bits only "
+                       "(load_in_4bit: true)")
+    return Mapped({"quantize_moe_experts": bool(value)}, "the fused expert weights in bitsandbytes 4-bit, as Axolotl "
+                  "stores them")
+
+
+def _model_quantization_config(value: Any, config: dict) -> Outcome:
+    if value != "Mxfp4Config":
+        return Refused(f"{show_value(value)}: ftclip loads quantized checkpoints of the Mxfp4Config kind only (gpt-oss)")
+    if not (config.get("model_quantization_config_kwargs") or {}).get("dequantize"):
+        return Refused("Mxfp4Config without dequantize: true keeps the experts in MXFP4 for inference kernels, which "
+                       "do not train")
+    return Mapped({"model_quantization_config": value}, "gpt-oss's MXFP4 checkpoint, dequantized while loading")
+
+
+def _model_quantization_config_kwargs(value: Any, config: dict) -> Outcome:
+    if config.get("model_quantization_config") is None:
+        return Dropped("no model_quantization_config for these arguments")
+    return Mapped({"model_quantization_config_kwargs": value})
+
+
+def _qat_block(value: Any, config: dict) -> Outcome:
+    if not isinstance(value, dict):
+        return Refused(f"{show_value(value)}: qat is a mapping (weight_dtype, activation_dtype, group_size, ...)")
+    unknown = sorted(set(value) - _QAT_KEYS)
+    if unknown:
+        return Refused(f"qat settings ftclip does not take: {', '.join(unknown)}")
+    settings = {key: setting for key, setting in value.items() if setting is not None}
+    return Mapped({"qat": settings}, "torchao's quantization-aware training, as Axolotl runs it (pip install "
+                  "'ftclip[torchao]')")
+
+
+MODEL_FAMILY_KEYS: dict[str, Rule] = {
+    "quantize_moe_experts": _to("quantize_moe_experts", "with load_in_4bit; with load_in_8bit: refused",
+                                _quantize_moe_experts),
+    "model_quantization_config": _to("model_quantization_config", "Mxfp4Config with dequantize: true; others refused",
+                                     _model_quantization_config),
+    "model_quantization_config_kwargs": _to("model_quantization_config_kwargs", convert=_model_quantization_config_kwargs),
+    "tokenizer_use_mistral_common": _same("mistral-common's tokenizer through transformers' MistralCommonBackend "
+                                          "(pip install 'ftclip[mistral]')"),
+    "qat": _to("qat", "weight_dtype, activation_dtype, group_size, fake_quant_after_n_steps, quantize_embedding",
+               _qat_block),
+}
+AXOLOTL_KEYS.update(MODEL_FAMILY_KEYS)
+
 TRACKER_PREFIXES = ("trackio_", "swanlab_", "comet_", "wandb_", "mlflow_", "otel_")
 
 # ---------------------------------------------------------------- vision-language models (issue 23, ftclip/vlm.py)

@@ -37,6 +37,11 @@ def tokenizer_digest(tokenizer) -> str:
         json.dumps({k: str(v) for k, v in tokenizer.special_tokens_map.items()}, sort_keys=True),
         str(getattr(tokenizer, "add_bos_token", None)), str(getattr(tokenizer, "add_eos_token", None)),
     ]
+    path = getattr(tokenizer, "_tokenizer_path", None)  # mistral-common: its file and version encode the chats
+    if type(tokenizer).__name__ == "MistralCommonBackend" and path is not None:
+        from importlib.metadata import version
+
+        parts += [_sha256(Path(path)), version("mistral-common")]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ftclip.data.chat import Skip, conversation_from_record, tokenize_conversations
+from ftclip.data.mistral_chat import encode_texts, is_mistral_common
+from ftclip.data.mistral_chat import tokenize_conversations as tokenize_mistral_conversations
 from ftclip.data.records import IGNORE_INDEX, alpaca_prompt, record_problem
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec
@@ -66,6 +68,8 @@ def tokenize_batch(batch: dict[str, list], tokenizer, settings: TokenizeSettings
 def _encode(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
     """Token ids of each text: the fast tokenizer's own batch encode (the same ids as `tokenizer(texts)`),
     without transformers' per-encoding conversion into dicts and attention masks, a third of the time."""
+    if is_mistral_common(tokenizer):
+        return encode_texts(tokenizer, texts, add_special_tokens)
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
@@ -118,12 +122,16 @@ def _chat(records: list[dict], tokenizer, settings: TokenizeSettings) -> list:
         return []
     spec = settings.spec
     conversations = [conversation_from_record(record, spec) for record in records]
-    results = tokenize_conversations(conversations, tokenizer, roles_to_train=spec.roles_to_train,
+    # Mistral's own tokenizer encodes chats message by message, with no text template (data/mistral_chat.py).
+    tokenize = tokenize_mistral_conversations if is_mistral_common(tokenizer) else tokenize_conversations
+    results = tokenize(conversations, tokenizer, roles_to_train=spec.roles_to_train,
                                      train_on_eos=spec.train_on_eos, train_on_inputs=settings.train_on_inputs,
                                      sequence_len=settings.sequence_len)
     return [result if isinstance(result, Skip) else _finish(*result, settings) for result in results]
 
 
 def check_chat_template(tokenizer, kind: str) -> None:
+    if is_mistral_common(tokenizer):  # mistral-common's encoding is its chat format
+        return
     if kind == "chat" and not getattr(tokenizer, "chat_template", None):
         raise DataError("the tokenizer has no chat template; chat datasets need one (set chat_template: or tokenizer:)")

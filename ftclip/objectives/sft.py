@@ -33,4 +33,8 @@ class SupervisedObjective:
         return collate(batch, pad_token_id)
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, Any], items: float) -> MicroBatchLoss:
-        return MicroBatchLoss(self.compute_loss(model, inputs, items))
+        result = self.compute_loss(model, inputs, items)
+        # An MoE model with output_router_logits: the load-balancing loss is in `loss` (× router_aux_loss_coef)
+        # and logged on its own.
+        metrics = {"router_aux_loss": result.router_aux_loss} if result.router_aux_loss is not None else {}
+        return MicroBatchLoss(result.loss, metrics)
