@@ -30,32 +30,37 @@ def reordering_rtol(*sum_lengths: int) -> float:
 
 
 def llama_sums(hidden: int, intermediate: int, layers: int, positions: int, vocab: int = 0, tokens: int = 0,
-               backward: bool = False) -> int:
+               backward: bool = False, lora_rank: int = 0) -> int:
     """The total length of the float32 sums one value passes through in sequence in a Llama:
     - a logit (the defaults): per layer the RMSNorm (hidden), q/k/v (hidden), the attention scores (head_dim, at
       most hidden), the softmax's normalizer and its weighted sum of values (positions each), o_proj (hidden), the
       second RMSNorm (hidden), gate/up (hidden) and down (intermediate); then the final norm and lm_head (hidden);
+      LoRA (`lora_rank`) adds its rank's terms to each of the four projections a value passes through per layer;
     - a loss summed over `tokens`: besides, the log-sum-exp over the `vocab`, and the sum over the tokens;
     - a weight's gradient (backward=True): the backward pass retraces the forward's sums, from lm_head's over the
       vocabulary, and a weight's gradient sums over the tokens."""
-    forward = layers * (6 * hidden + 2 * positions + intermediate) + 2 * hidden
+    forward = layers * (6 * hidden + 2 * positions + intermediate + 4 * lora_rank) + 2 * hidden
     total = forward + vocab + tokens
     if backward:
         total += forward + vocab
     return total
 
 
-# The suite's tiny Llama (conftest.tiny_model_dir, sequence_len 128 in conftest.write_recipe): one optimizer step over
-# a global batch of at most `examples` examples.
-TINY = dict(hidden=64, intermediate=128, layers=2, positions=128, vocab=1024)
+# The suite's tiny Llama (conftest.tiny_model_dir) at conftest.write_recipe's sequence_len 128 and lora_r 8.
+TINY = dict(hidden=64, intermediate=128, layers=2, positions=128)
+TINY_VOCAB = 1024
+TINY_LORA_RANK = 8
 
 
 def tiny_step_sums(examples: int) -> int:
-    return llama_sums(**TINY, tokens=examples * TINY["positions"], backward=True)
+    """One optimizer step's gradient over a global batch of at most `examples` examples."""
+    return llama_sums(**TINY, vocab=TINY_VOCAB, tokens=examples * TINY["positions"], backward=True,
+                      lora_rank=TINY_LORA_RANK)
 
 
 def tiny_loss_sums(examples: int) -> int:
-    return llama_sums(**TINY, tokens=examples * TINY["positions"])
+    """The loss summed over a global batch of at most `examples` examples."""
+    return llama_sums(**TINY, vocab=TINY_VOCAB, tokens=examples * TINY["positions"], lora_rank=TINY_LORA_RANK)
 
 
 def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor, rtol: float, magnitude: float | None = None,
@@ -65,3 +70,17 @@ def assert_close_to_rounding(actual: torch.Tensor, expected: torch.Tensor, rtol:
     expected = expected.to(actual.dtype)
     size = float(expected.abs().max()) if magnitude is None else magnitude
     torch.testing.assert_close(actual, expected, rtol=2 * UNIT_ROUNDOFF, atol=rtol * size, msg=msg)
+
+
+def assert_same_first_lora_sgd_step(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor], rtol: float) -> None:
+    """Two adapters after one plain SGD step from the same LoRA initialization, computed in other layouts. Adam would
+    not do here: its first step moves each value by lr·g/(|g| + eps), which normalizes the clip's scale away and
+    turns a rounding difference in a gradient value near eps into a difference of up to 2·lr in the weight; SGD's
+    lr·coef·g shows the clip, and keeps rounding differences proportional to the gradient."""
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        if "lora_A" in name:  # lora_B starts at zero, so lora_A's first gradient is exactly zero in any layout
+            assert torch.equal(ours[name], theirs[name]), name
+        else:  # lora_B starts at zero: its values are the step's update
+            assert theirs[name].abs().max() > 0, name
+            assert_close_to_rounding(ours[name], theirs[name], rtol, msg=name)
