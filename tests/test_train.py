@@ -79,7 +79,12 @@ def test_accumulation_gives_the_same_gradient_as_one_big_batch(make_recipe, tmp_
     a = load_file(small.artifact / "adapter_model.safetensors")
     b = load_file(big.artifact / "adapter_model.safetensors")
     # The update lr·coef·g carries the gradient's rounding and the coefficient's (the norm's), and SGD's own.
-    assert_same_first_lora_sgd_step(a, b, reordering_rtol(tiny_step_sums(4)) + norm_rtol + 4 * UNIT_ROUNDOFF)
+    update_rtol = reordering_rtol(tiny_step_sums(4)) + norm_rtol + 4 * UNIT_ROUNDOFF
+    assert_same_first_lora_sgd_step(a, b, update_rtol)
+    # The step is as long as the clip says: lr × the post-clip norm (lora_B's values are the whole update).
+    update = torch.cat([a[name].double().flatten() for name in a if "lora_B" in name])
+    lr = small.records[0]["lr"]  # lr_scheduler: constant
+    assert float(update.norm()) == pytest.approx(lr * small.records[0]["post_clip_norm"], rel=update_rtol, abs=0)
 
 
 def test_full_fine_tune_saves_a_loadable_model(make_recipe, tiny_model_dir):
