@@ -218,9 +218,12 @@ def validate(
 
 
 def _leave_worker(code: int) -> None:
-    """Under torchrun, end the worker now that its work is saved and its process groups are destroyed: at
-    interpreter exit torch's gloo teardown aborted a 2-rank worker in about half the runs on the dev machine
-    ("terminate called without an active exception"), which torchrun reports as a failed run."""
+    """Under torchrun, end the worker now that its work is saved, its trackers closed and its process groups
+    destroyed, without interpreter finalization. Under FSDP2, torch's DTensor dispatch cache keeps the gloo group,
+    and its worker threads, alive past destroy_process_group; a worker that releases a finished collective holding
+    a Python tensor during finalization asks for the GIL, CPython ends it with pthread_exit, and the unwind through a
+    noexcept destructor aborts the process ("terminate called without an active exception"), which torchrun reports
+    as a failed run. Details and a reproducer without ftclip: docs/distributed-teardown.md."""
     if "LOCAL_RANK" in os.environ:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -22,6 +22,14 @@ import torch.distributed as dist
 
 from ftclip.errors import ModelError
 
+if dist.is_available():
+    # torch.distributed.nn's functions take `group=group.WORLD` as default arguments, evaluated when the module is
+    # first imported, and DDP and FSDP2 import it. Imported after init_process_group, those defaults would hold the
+    # default group, so destroy_process_group could not free it and its gloo worker threads would run into
+    # interpreter exit (the abort in docs/distributed-teardown.md). Imported here, before any group exists, they
+    # hold None.
+    import torch.distributed.nn  # noqa: F401
+
 
 @dataclass
 class Distributed:
@@ -147,9 +155,11 @@ class Distributed:
 
     def close(self, wait_for_peers: bool = True) -> None:
         if self.enabled and dist.is_initialized():
-            # A rank that tears the groups down while its peer still talks to it (rank 0 hosts the store) aborted
-            # at interpreter exit ("terminate called without an active exception") in about half the 2-rank
-            # runs here; a barrier first lets every rank reach teardown. Skipped on an error path of one rank.
+            # The barrier: no rank destroys its groups while a peer still waits on a collective, and while this rank
+            # waits (without the GIL) gloo's worker threads can release the collectives they finished; a worker that
+            # does that during interpreter exit aborts the process (docs/distributed-teardown.md). Skipped on an
+            # error path of one rank, whose peers may never arrive. destroy_process_group then joins those workers,
+            # unless something still holds the group (FSDP2's DTensor cache does: cli._leave_worker).
             if wait_for_peers:
                 dist.barrier(group=self.control_group)
             dist.destroy_process_group()

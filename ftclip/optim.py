@@ -33,7 +33,9 @@ def build_optimizer(recipe: Recipe, parameters: list[torch.nn.Parameter]) -> tor
         # Fused: one kernel per step, and it applies ftclip's clip scale and non-finite skip itself.
         return torch.optim.AdamW(parameters, lr=lr, weight_decay=decay, fused=True, **adam)
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=lr, weight_decay=decay, fused=True)
+        # torch has no DTensor rule for the fused SGD kernel (2.13: "Operator aten._fused_sgd_.default does not have
+        # a sharding strategy registered"), so FSDP2's sharded parameters take the foreach kernel.
+        return torch.optim.SGD(parameters, lr=lr, weight_decay=decay, fused=not _sharded(parameters))
     if recipe.optimizer == "adamw_torch_4bit":  # what Hugging Face's adamw_torch_4bit builds
         try:
             from torchao.optim import AdamW4bit
@@ -47,6 +49,15 @@ def build_optimizer(recipe: Recipe, parameters: list[torch.nn.Parameter]) -> tor
     optimizers = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
                   "paged_adamw_32bit": bnb.optim.PagedAdamW32bit}
     return optimizers[recipe.optimizer](parameters, lr=lr, weight_decay=decay, **adam)
+
+
+def _sharded(parameters: list[torch.nn.Parameter]) -> bool:
+    """True for FSDP2's parameters (DTensors)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without torch.distributed
+        return False
+    return any(isinstance(p, DTensor) for p in parameters)
 
 
 PAGED_NEEDS_CUDA = (

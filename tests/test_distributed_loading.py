@@ -42,7 +42,7 @@ LOAD_FROM_RANK0 = textwrap.dedent("""
     torch.save({"reads": len(reads), "state": full, "buffers": buffers, "trainable": trainable},
                f"{out}/rank-{dist.rank}.pt")
     dist.close()
-    os._exit(0)  # past torch's gloo teardown, which can abort at interpreter exit (see cli._leave_worker)
+    os._exit(0)  # FSDP2 keeps the gloo group alive past close(): leave before finalization (cli._leave_worker)
 """)
 
 

@@ -9,6 +9,7 @@ import statistics
 import pytest
 import torch
 from rich.console import Console
+from tolerances import UNIT_ROUNDOFF
 
 import ftclip.train as train_module
 from ftclip.clip import PercentileThreshold, ZScoreThreshold
@@ -64,7 +65,9 @@ def test_auto_mode_follows_autoclip_percentile(history_size):
     policy = PercentileThreshold(max_norm=1.0, percentile=90, history_size=history_size, warmup_steps=10)
     got = [float(policy(torch.tensor(n))) for n in NORMS]
     expected = autoclip_reference(NORMS, 1.0, 90, history_size, 10)
-    assert got == pytest.approx(expected, rel=1e-5)
+    # float32 against a float64 reference: the history's rounding and the quantile's interpolation (3 operations,
+    # or fewer with a fused multiply-add), one rounding of at most u = 2^-24 each, no sums.
+    assert got == pytest.approx(expected, rel=8 * UNIT_ROUNDOFF)
     assert got[:10] == [1.0] * 10
 
 
@@ -72,7 +75,10 @@ def test_zscore_mode_follows_zclip_ema():
     policy = ZScoreThreshold(max_norm=1.0, z_threshold=2.5, ema_decay=0.97, warmup_steps=25)
     got = [float(policy(torch.tensor(n))) for n in NORMS]
     expected = zclip_reference(NORMS, 1.0, 2.5, 0.97, 25)
-    assert got == pytest.approx(expected, rel=1e-5)
+    # float32 against a float64 reference: each step rounds the mean and the variance in at most 4 operations each
+    # (u = 2^-24 per rounding), and the EMA forgets a step's error at the rate 1 - ema_decay, so the errors level off
+    # below 8·u / (1 - ema_decay) of the statistics' size.
+    assert got == pytest.approx(expected, rel=8 * UNIT_ROUNDOFF / (1 - 0.97))
     # The spike at step 41 is judged against statistics it did not inflate: the threshold stays near 3.
     assert got[41] < 4.0 and NORMS[40] > 5 * got[40]
 

@@ -8,12 +8,19 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from tolerances import assert_close_to_rounding, llama_sums, reordering_rtol
 
 from ftclip.loss import causal_lm_loss
 from ftclip.modeling import packing_problem
 from ftclip.padding_free import VARLEN_SDPA, collate_flattened, use_varlen_sdpa
 
 VOCAB = 101
+# Packed and unpacked runs sum the same terms in other orders (attention over the flattened row, other matmul
+# shapes): float32 rounding through the model (tests/tolerances.py), the longest flattened row being 50 positions;
+# a loss adds the log-sum-exp over the vocabulary and the mean over an example's at most 17 tokens.
+MODEL = dict(hidden=32, intermediate=64, layers=2, positions=50)
+LOGITS_RTOL = reordering_rtol(llama_sums(**MODEL))
+LOSS_RTOL = reordering_rtol(llama_sums(**MODEL, vocab=VOCAB, tokens=17))
 
 
 def tiny_llama(attn_implementation: str):
@@ -77,7 +84,7 @@ def test_each_packed_example_has_its_unpacked_logits_and_loss(attn_implementatio
     bounds = batch["cu_seq_lens_q"].tolist()
     examples = [e for row in ROWS for e in row]
     for (ids, labels), start, end in zip(examples, bounds, bounds[1:]):
-        torch.testing.assert_close(packed[start:end], alone(model, ids), rtol=1e-5, atol=1e-5)
+        assert_close_to_rounding(packed[start:end], alone(model, ids), LOGITS_RTOL)
     # Per example, the loss of the flattened batch (chunked, through ftclip's loss) is the unpacked loss.
     for (ids, labels), start, end in zip(examples, bounds, bounds[1:]):
         only_this = batch["labels"].clone()
@@ -85,7 +92,7 @@ def test_each_packed_example_has_its_unpacked_logits_and_loss(attn_implementatio
         only_this[:, end:] = -100
         packed_loss = causal_lm_loss(model, {**batch, "labels": only_this}, chunked=True)
         single = {"input_ids": torch.from_numpy(ids)[None], "labels": torch.from_numpy(labels)[None]}
-        torch.testing.assert_close(packed_loss, model(**single).loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed_loss, model(**single).loss, rtol=LOSS_RTOL, atol=0)
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager", "sdpa-varlen"])
@@ -128,8 +135,8 @@ def test_varlen_sdpa_builds_no_mask_and_also_separates_unflattened_packed_rows(m
         lengths = [len(e[0]) for e in examples] + ([26 - len(ids)] if len(ids) < 26 else [])
         positions[row] = torch.cat([torch.arange(n) for n in lengths])
     rows = model(input_ids=padded_rows, position_ids=positions).logits
-    torch.testing.assert_close(rows[0, :26], flattened[:26], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(rows[1, :24], flattened[26:], rtol=1e-5, atol=1e-5)
+    assert_close_to_rounding(rows[0, :26], flattened[:26], LOGITS_RTOL)
+    assert_close_to_rounding(rows[1, :24], flattened[26:], LOGITS_RTOL)
 
 
 def test_load_model_uses_varlen_sdpa_for_packed_sdpa_runs(make_recipe):
