@@ -37,6 +37,7 @@ class PreparedData:
     records: int  # records read (0 on a cache hit)
     seconds: float  # time spent tokenizing (0 on a hit)
     notes: list[str]  # e.g. chat records skipped because the template could not mask them
+    detail: str = ""  # a word more for the data line (preference data: what truncation did)
 
 
 def num_processes(recipe: Recipe, records: int) -> int:
@@ -219,6 +220,10 @@ def prepare(recipe: Recipe, tokenizer, dist=None) -> PreparedData:
 
 
 def _prepare(recipe: Recipe, tokenizer, build: bool) -> PreparedData:
+    if recipe.rl or recipe.reward_model:  # preference pairs / KTO completions: their own rows (data/preference.py)
+        from ftclip.data.preference import prepare_preference
+
+        return prepare_preference(recipe, tokenizer, build)
     examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))

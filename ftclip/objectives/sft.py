@@ -34,3 +34,6 @@ class SupervisedObjective:
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, Any], items: float) -> MicroBatchLoss:
         return MicroBatchLoss(self.compute_loss(model, inputs, items))
+
+    def prepare(self, model, data, context) -> None:
+        return None
