@@ -346,7 +346,7 @@ def report(
     """Summarize what clipping did in a run (norm percentiles, clip rate, spikes, skipped steps) and suggest a threshold."""
     from rich.table import Table
 
-    from ftclip.report import PLOT_FILE, analyze, read_history, sparkline, write_plot
+    from ftclip.report import PLOT_FILE, analyze, preference_rows, read_history, sparkline, write_plot
 
     try:
         history = read_history(run_dir)
@@ -367,6 +367,8 @@ def report(
     table.add_row("spikes", ", ".join(
         f"step {s.step} (×{s.norm / s.median_norm:.0f}{', loss jump' if s.loss_jump else ''})" for s in result.spikes
     ) or "none")
+    for label, value in preference_rows(history):  # rl / reward_model runs: rewards and log-probabilities
+        table.add_row(label, value)
     table.add_row("[bold green]suggested max_norm[/]", f"[bold green]{result.suggested:g}[/]")
     console.print(table)
     for line in result.reasoning:

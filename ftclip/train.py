@@ -407,10 +407,11 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     if short_warmup:
         console.print(f"[yellow]warning:[/] {escape(short_warmup)}", highlight=False)
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
+    unit = getattr(data.examples, "unit", "examples")  # preference data: pairs (or KTO examples)
     console.print(
-        f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "
+        f"[bold]ftclip[/] {example_count} training {unit}, {len(held_out)} held out; "
         f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps}{ranks} "
-        f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
+        f"{'packed rows' if recipe.sample_packing else unit} on {device}"
     )
 
     model, trainable = _load_trainable_model(recipe, device, dist, tokenizer, console.print)
