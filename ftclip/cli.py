@@ -457,7 +457,10 @@ def merge(
                               report=lambda message: console.print(message, highlight=False))
     except FtclipError as error:
         _fail(error)
-    console.print(f"[green]merged[/]: {saved}  (AutoModelForCausalLM.from_pretrained({str(saved)!r}))", highlight=False)
+    architectures = json.loads((saved / "config.json").read_text()).get("architectures") or []
+    loader = ("AutoModelForSequenceClassification" if any(a.endswith("ForSequenceClassification") for a in architectures)
+              else "AutoModelForCausalLM")  # a reward model keeps its score head
+    console.print(f"[green]merged[/]: {saved}  ({loader}.from_pretrained({str(saved)!r}))", highlight=False)
 
 
 @app.command()
@@ -474,10 +477,11 @@ def chat(
     import sys
 
     _quiet_libraries()
-    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, reply
+    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, refuse_reward_model, reply
 
     try:
         source = find_chat_source(run_dir, base_model)
+        refuse_reward_model(source)
         model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
     except FtclipError as error:
         _fail(error)
