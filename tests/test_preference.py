@@ -356,15 +356,18 @@ def test_resume_reproduces_the_uninterrupted_dpo_run_exactly(preference_recipe, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("adapter", ["lora", None], ids=["lora", "full-frozen-copy"])
-def test_two_ddp_ranks_equal_one_process_on_the_same_global_batch(preference_recipe, tmp_path, adapter):
+@pytest.mark.parametrize("strategy, adapter, precompute", [
+    ("ddp", "lora", False), ("ddp", None, False), ("fsdp", "lora", False), ("fsdp", None, True),
+], ids=["ddp-lora", "ddp-full-frozen-copy", "fsdp-lora", "fsdp-full-precomputed"])
+def test_two_ranks_equal_one_process_on_the_same_global_batch(preference_recipe, tmp_path, strategy, adapter, precompute):
     import os
 
     common = dict(max_steps=2, gradient_accumulation_steps=2, lora_dropout=0.0, adapter=adapter, val_set_size=0,
-                  eval_steps=None, gradient_clipping={"mode": "norm", "max_norm": 0.5})
+                  eval_steps=None, gradient_clipping={"mode": "norm", "max_norm": 0.5},
+                  precompute_ref_log_probs=precompute)
     single = run(preference_recipe("one.yaml", micro_batch_size=4, output_dir=str(tmp_path / "one"), **common))
     path = preference_recipe("two.yaml", micro_batch_size=2, output_dir=str(tmp_path / "two"),
-                             dataset_cache_dir=str(tmp_path / "cache-ddp"), **common)
+                             dataset_cache_dir=str(tmp_path / "cache-ddp"), distributed={"strategy": strategy}, **common)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ftclip",
                            "train", str(path)], capture_output=True, text=True, timeout=600, env=env)
@@ -373,7 +376,7 @@ def test_two_ddp_ranks_equal_one_process_on_the_same_global_batch(preference_rec
     for ours, theirs in zip(lines, single.records):
         for key in ("loss", "grad_norm", "rewards/margins", "rewards/accuracy", "logps/chosen"):
             assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
-    assert "× 2 ranks (ddp)" in done.stdout
+    assert f"× 2 ranks ({strategy})" in done.stdout
 
 
 # ---------------------------------------------------------------- reward models
