@@ -61,7 +61,7 @@ def test_corpus_outcomes():
     assert len(written) >= 21
     refused = {path.name: {key for key, _ in import_config(path).refused} for path in CORPUS}
     assert refused["qwen3.5__27b-qlora.yaml"] == set()  # adamw_torch_4bit: torchao's AdamW4bit
-    assert "rl" in refused["llama-3__instruct-dpo-lora-8b.yml"]
+    assert refused["llama-3__instruct-dpo-lora-8b.yml"] == set()  # rl: dpo, trained natively (docs/preference.md)
     assert refused["llava__lora-7b.yaml"] == {"processor_type"}
     assert refused["archived__pythia__lora.yml"] == set()  # lora_fan_in_fan_out: peft's fan_in_fan_out
     assert "relora_steps" in refused["llama-2__relora.yml"]
@@ -321,7 +321,7 @@ def test_saves_per_epoch_and_resume_from_checkpoint_in_a_run(tmp_path, make_reci
 @pytest.mark.parametrize("key, value, expected", [
     ("strict", "false", "Axolotl key `strict`: ftclip has no such setting and needs none"),
     ("tokenizer_type", "AutoTokenizer", "Axolotl key `tokenizer_type`"),
-    ("rl", "dpo", "Axolotl key `rl`: not supported: preference or RL training"),
+    ("process_reward_model", "true", "Axolotl key `process_reward_model`: not supported: process reward models"),
     ("wandb_watch", "gradients", "Axolotl key `wandb_watch`"),
 ])
 def test_validate_names_axolotl_keys(tmp_path, key, value, expected):

@@ -432,3 +432,66 @@ def test_shipped_dpo_recipe_raises_eval_reward_accuracy_above_0_8(tmp_path):
     assert "266 pairs" in done.stdout and "eval-acc" in done.stdout
     report = runner.invoke(app, ["report", str(out), "--no-plot"])
     assert report.exit_code == 0 and "eval rewards/accuracy" in report.output
+
+
+# ---------------------------------------------------------------- import-axolotl
+
+
+AXOLOTL_EXAMPLES = ["llama-3__instruct-dpo-lora-8b.yml", "qwen2__dpo.yaml", "mistral__orpo__mistral-qlora-orpo.yml",
+                    "llama-3__qlora-1b-kto.yaml", "qwen2__reward-model.yaml"]
+
+
+@pytest.mark.parametrize("name", AXOLOTL_EXAMPLES)
+def test_axolotl_preference_examples_import_and_validate(name):
+    from ftclip.axolotl import import_config
+
+    result = import_config(REPO / "tests" / "fixtures" / "axolotl" / name)
+    assert result.ok, (result.refused, result.problems)
+    recipe = parse_recipe(result.text)
+    method = recipe.rl or "reward_model"
+    assert method == {"dpo": "dpo", "orpo": "orpo", "kto": "kto", "reward": "reward_model"}[
+        next(word for word in ("dpo", "orpo", "kto", "reward") if word in name)]
+    assert all(dataset.preference_kind for dataset in recipe.datasets)
+
+
+def import_snippet(tmp_path: Path, text: str):
+    from ftclip.axolotl import import_config
+
+    path = tmp_path / "axolotl.yml"
+    path.write_text("base_model: org/model\nadapter: lora\nlora_target_linear: true\n" + text)
+    return import_config(path)
+
+
+@pytest.mark.parametrize("text, expected, dropped", [
+    ("rl: simpo\ndatasets: [{path: d.jsonl, type: chatml.intel}]\n", {"rl": "simpo", "cpo_alpha": 1.0}, set()),
+    ("rl: orpo\nrl_beta: 0.2\norpo_alpha: 0.1\ndatasets: [{path: d.jsonl, type: chat_template.argilla}]\n",
+     {"orpo_alpha": 0.2}, {"orpo_alpha"}),
+    ("rl: dpo\ntrl: {beta: 0.3}\nrl_beta: 0.1\ndatasets: [{path: d.jsonl, type: chat_template}]\n",
+     {"rl_beta": 0.3}, {"rl_beta"}),
+    ("rl: dpo\ndpo_beta: 0.25\ndpo_label_smoothing: 0.1\nkto_desirable_weight: 2\n"
+     "datasets: [{path: d.jsonl, type: llama3.ultra}]\n", {"rl_beta": 0.25}, {"dpo_label_smoothing", "kto_desirable_weight"}),
+    ("rl: dpo\ndpo_loss_type: [robust]\ndpo_label_smoothing: 0.1\nrl_adapter_ref_model: true\n"
+     "datasets: [{path: d.jsonl, type: chatml.prompt_pairs}]\n", {"dpo_label_smoothing": 0.1}, {"rl_adapter_ref_model"}),
+    ("reward_model: true\nnum_labels: 1\nmodel_type: AutoModelForSequenceClassification\ncenter_rewards_coefficient: 0.01\n"
+     "datasets: [{path: d.jsonl, type: bradley_terry.chat_template}]\n", {"center_rewards_coefficient": 0.01},
+     {"num_labels", "model_type"}),
+])
+def test_axolotl_preference_keys_mean_what_axolotl_does_with_them(tmp_path, text, expected, dropped):
+    result = import_snippet(tmp_path, text)
+    assert result.ok, (result.refused, result.problems)
+    recipe = parse_recipe(result.text)
+    assert {key: getattr(recipe, key) for key in expected} == expected
+    assert dropped <= {key for key, _ in result.dropped}
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("rl: grpo\ndatasets: [{path: d.jsonl, type: chatml.intel}]\n", "rl", "online RL"),
+    ("rl: dpo\ndatasets: [{path: d.jsonl, type: alpaca}]\n", "datasets[0].type", "not a preference format"),
+    ("rl: dpo\ndatasets: [{path: d.jsonl, type: zephyr.nectar}]\n", "datasets[0].type", "not a preference format"),
+    ("rl: dpo\ntrl: {use_vllm: true}\ndatasets: [{path: d.jsonl, type: chatml.intel}]\n", "trl", "use_vllm"),
+    ("rl: dpo\ndpo_use_weighting: true\ndatasets: [{path: d.jsonl, type: chatml.intel}]\n", "dpo_use_weighting", "WPO"),
+])
+def test_axolotl_preference_settings_ftclip_lacks_are_refused(tmp_path, text, key, words):
+    result = import_snippet(tmp_path, text)
+    refused = dict(result.refused)
+    assert not result.ok and words in refused[key]
