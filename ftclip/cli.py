@@ -416,8 +416,11 @@ def preprocess(
         from ftclip.show import show_examples
 
         shown = range(min(show, len(examples)))
-        show_examples(console, tokenizer, ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown),
-                      as_json=as_json)
+        if hasattr(examples, "sequences"):  # preference data: each pair's chosen and rejected sequence (or KTO's one)
+            pairs = (sequence for i in shown for sequence in examples.sequences(i))
+        else:
+            pairs = ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown)
+        show_examples(console, tokenizer, pairs, as_json=as_json)
         if as_json:
             return
     for note in data.notes:

@@ -955,7 +955,8 @@ def _model_at(loc: tuple) -> type[BaseModel]:
 
 def _allowed_keys(model: type[BaseModel]) -> list[str]:
     keys = list(model.model_fields)
-    return keys + ["max_grad_norm", "dataset_prepared_path", "model_config", "model_revision", "beta"] if model is Recipe else keys
+    aliases = ["max_grad_norm", "dataset_prepared_path", "model_config", "model_revision", "beta"]
+    return keys + aliases if model is Recipe else keys
 
 
 _UNION_TAGS = {"bool", "int", "float", "str", "list", "dict", "none"}

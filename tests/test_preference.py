@@ -495,3 +495,21 @@ def test_axolotl_preference_settings_ftclip_lacks_are_refused(tmp_path, text, ke
     result = import_snippet(tmp_path, text)
     refused = dict(result.refused)
     assert not result.ok and words in refused[key]
+
+
+def test_preprocess_shows_both_answers_with_the_prompt_masked(preference_recipe):
+    shown = subprocess.run([sys.executable, "-m", "ftclip", "preprocess", str(preference_recipe()), "--show", "1",
+                            "--json"], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    chosen, rejected = (json.loads(line) for line in shown.stdout.splitlines())
+    prompt = [label for label in chosen["labels"] if label == -100]
+    assert chosen["input_ids"][:len(prompt)] == rejected["input_ids"][:len(prompt)]  # one prompt, two answers
+    assert chosen["labels"][len(prompt):] == chosen["input_ids"][len(prompt):]
+
+
+def test_gradient_checkpointing_gives_the_same_dpo_step(preference_recipe, tmp_path):
+    plain = run(preference_recipe("plain.yaml", output_dir=str(tmp_path / "a"), max_steps=1))
+    checkpointed = run(preference_recipe("ckpt.yaml", output_dir=str(tmp_path / "b"), max_steps=1,
+                                         gradient_checkpointing=True))
+    for key in ("loss", "grad_norm", "rewards/margins"):
+        assert checkpointed.records[0][key] == pytest.approx(plain.records[0][key], rel=1e-5, abs=1e-7)

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ftclip.data.chat import _RENDER_ERRORS
 from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_manifest, staging_folder, tokenizer_digest
+from ftclip.data.chat import _RENDER_ERRORS
 from ftclip.data.examples import _Column, open_arrow, split_indices
 from ftclip.data.preference_records import Labelled, Pair, labelled_from_record, pair_from_record
 from ftclip.data.sources import Source, open_dataset, resolve_source
@@ -172,6 +172,13 @@ class PreferenceExamples:
 
     def ids(self, name: str, index: int) -> np.ndarray:
         return self._columns[name].get(index)
+
+    def sequences(self, index: int) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, labels) of each of the example's sequences (prompt + chosen, prompt + rejected; or prompt +
+        completion), the prompt's labels -100: what `ftclip preprocess --show` prints."""
+        prompt = self.ids("prompt", index).tolist()
+        return [(prompt + answer, [-100] * len(prompt) + answer)
+                for answer in (self.ids(name, index).tolist() for name in self.answers)]
 
     @property
     def tokens(self) -> int:

@@ -58,8 +58,9 @@ _MARKUP = {
 }
 # Where each Axolotl pair format reads the prompt ("default" and "argilla" take the first column present, as
 # Axolotl's default transform does; argilla_chat and ultra read the answers out of message lists).
-_PAIR_PROMPT = {"default": ("prompt", "input", "question", "instruction"), "argilla": ("prompt", "input", "question", "instruction"),
-                "icr": ("input",), "intel": ("question",), "prompt_pairs": ("prompt",), "ultra": ("prompt",)}
+_FIRST_PRESENT = ("prompt", "input", "question", "instruction")
+_PAIR_PROMPT = {"default": _FIRST_PRESENT, "argilla": _FIRST_PRESENT, "icr": ("input",),
+                "intel": ("question",), "prompt_pairs": ("prompt",), "ultra": ("prompt",)}
 _KTO_PROMPT = {"argilla": "instruction", "intel": "question", "prompt_pairs": "prompt", "ultra": "prompt"}
 
 
@@ -286,7 +287,8 @@ def labelled_from_record(record: Any, spec: DatasetSpec) -> Labelled | str:
             return f"a {kind} KTO record needs 'completion' as a [user, assistant] message list"
         return Labelled(_MARKUP[family][1].format(prompt=turns[0]["content"]), turns[1]["content"] + end, label)
     if name not in _KTO_PROMPT:
-        return (f"{kind} is not one of Axolotl's KTO formats ({', '.join(f'{family}.{n}' for n in (*_KTO_PROMPT, 'argilla_chat'))})")
+        formats = ", ".join(f"{family}.{other}" for other in (*_KTO_PROMPT, "argilla_chat"))
+        return f"{kind} is not one of Axolotl's KTO formats ({formats})"
     prompt, completion = record.get(_KTO_PROMPT[name]), record.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str):
         return f"a {kind} KTO record needs string {_KTO_PROMPT[name]!r} and 'completion' (and optional 'system')"

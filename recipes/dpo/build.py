@@ -6,9 +6,9 @@ Each pair is a question about the quickstart's facts (recipes/quickstart/build.p
 colors in French, counting) with a chosen answer that is right and a rejected one that is wrong the way a careless
 answer is: the country's best-known other city for its capital, the word itself for its opposite or its French name,
 a regular plural where English has an irregular one (or none), a count that skips a number. Each kind of mistake is a
-rule a model can learn, so the held-out pairs show whether the preference generalizes. The records use TRL's conversational layout ({prompt, chosen, rejected} as
-message lists), rendered by the tiny model's chat template. Small on purpose: recipes/dpo.yaml trains on it offline
-in well under a minute on two CPU cores.
+rule a model can learn, so the held-out pairs show whether the preference generalizes. The records use TRL's
+conversational layout ({prompt, chosen, rejected} as message lists), rendered by the tiny model's chat template.
+Small on purpose: recipes/dpo.yaml trains on it offline in well under a minute on two CPU cores.
 """
 
 from __future__ import annotations
