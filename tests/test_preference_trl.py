@@ -90,7 +90,7 @@ def models(tmp_path_factory):
     return lambda name, head="causal": _model_folder(root, name, head)
 
 
-def _trl_first_step(method: str, folder: Path, records: list, out: Path, steps: int = 1) -> list[dict]:
+def _trl_first_step(method: str, folder: Path, records: list, out: Path, steps: int = 1, **dpo) -> list[dict]:
     """TRL's trainer, one batch holding every record, no clipping (max_grad_norm 0: the norm is still logged)."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -101,7 +101,8 @@ def _trl_first_step(method: str, folder: Path, records: list, out: Path, steps: 
                   use_cpu=True, bf16=False, seed=0, max_length=128)
     dataset = Dataset.from_list(records)
     if method in ("dpo", "ipo"):
-        args = trl.DPOConfig(**common, beta=0.1, loss_type=["ipo" if method == "ipo" else "sigmoid"])
+        dpo = dpo or {"loss_type": ["ipo" if method == "ipo" else "sigmoid"]}
+        args = trl.DPOConfig(**common, beta=0.1, **dpo)
         trainer = trl.DPOTrainer(model=str(folder), args=args, train_dataset=dataset, processing_class=tokenizer)
     elif method == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
@@ -170,6 +171,32 @@ def test_first_step_matches_trl_with_the_plain_path_and_precomputed_references(m
         ours = _ftclip_first_step("dpo", folder, PAIRS, tmp_path / name, steps=2, **settings)
         for mine, reference in zip(ours, theirs):
             assert _close(mine["loss"], reference["loss"]) and _close(mine["grad_norm"], reference["grad_norm"]), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trl_settings, ftclip_settings", [
+    ({"loss_type": ["hinge"]}, {"dpo_loss_type": ["hinge"]}),
+    ({"loss_type": ["robust"], "label_smoothing": 0.2}, {"dpo_loss_type": ["robust"], "dpo_label_smoothing": 0.2}),
+    ({"loss_type": ["exo_pair"], "label_smoothing": 1e-3}, {"dpo_loss_type": ["exo_pair"], "dpo_label_smoothing": 1e-3}),
+    ({"loss_type": ["nca_pair"]}, {"dpo_loss_type": ["nca_pair"]}),
+    ({"loss_type": ["bco_pair"]}, {"dpo_loss_type": ["bco_pair"]}),
+    ({"loss_type": ["sppo_hard"]}, {"dpo_loss_type": ["sppo_hard"]}),
+    ({"loss_type": ["apo_zero"]}, {"dpo_loss_type": ["apo_zero"]}),
+    ({"loss_type": ["apo_down"]}, {"dpo_loss_type": ["apo_down"]}),
+    ({"loss_type": ["sigmoid_norm"]}, {"dpo_loss_type": ["sigmoid_norm"]}),
+    ({"loss_type": ["sigmoid", "hinge"], "loss_weights": [0.7, 0.3]},
+     {"dpo_loss_type": ["sigmoid", "hinge"], "dpo_loss_weights": [0.7, 0.3]}),
+    ({"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}, {"rpo_alpha": 0.5}),  # RPO
+], ids=lambda settings: "+".join(settings.get("loss_type", [])) if "loss_type" in settings else None)
+def test_dpo_loss_types_match_trl(models, tmp_path, trl_settings, ftclip_settings):
+    """TRL's other DPO loss types, their weighted sums and RPO's NLL term: the first two steps (the second after one
+    identical AdamW update, where the policy has left the reference)."""
+    folder = models("untied-3-layer")
+    theirs = _trl_first_step("dpo", folder, PAIRS, tmp_path / "trl", 2, **trl_settings)
+    ours = _ftclip_first_step("dpo", folder, PAIRS, tmp_path / "ftclip", 2, **ftclip_settings)
+    for mine, reference in zip(ours, theirs):
+        assert _close(mine["loss"], reference["loss"]), (mine["loss"], reference["loss"])
+        assert _close(mine["grad_norm"], reference["grad_norm"]), (mine["grad_norm"], reference["grad_norm"])
 
 
 def _ftclip_ids(folder: Path, records: list, tmp_path: Path, **settings):

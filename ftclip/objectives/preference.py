@@ -116,6 +116,11 @@ class Reference:
             inner.train(training)
 
 
+def _mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mean of the masked values (0 when none is selected, as a sum over nothing)."""
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
 def _share(value: torch.Tensor, weight: float, items: float) -> torch.Tensor:
     """A micro-batch mean, weighted by the micro-batch's share of the step's items."""
     return value * (weight / items)
@@ -230,8 +235,7 @@ class PairObjective:
         loss = torch.zeros((), device=sums.device)
         for loss_type, weight in zip(self.loss_types, self.loss_weights):
             if loss_type == "sft":  # TRL: cross-entropy over the micro-batch's chosen answer tokens
-                chosen = (rows < pairs) & is_answer
-                loss = loss + weight * _share(-token_logps[chosen].mean(), pairs, items)
+                loss = loss + weight * _share(-_mean(token_logps, (rows < pairs) & is_answer), pairs, items)
                 continue
             per_pair = dpo_pair_losses(loss_type, chosen_logratios, rejected_logratios, self.beta,
                                        self.label_smoothing, chosen_tokens, rejected_tokens, chosen_logps,
@@ -246,7 +250,7 @@ class PairObjective:
         # chosen sequences (prompt included) of the micro-batch.
         log_odds = (chosen_logps - rejected_logps) - (_log1mexp(chosen_logps) - _log1mexp(rejected_logps))
         ratio = F.logsigmoid(log_odds)
-        nll = -token_logps[rows < pairs].mean()
+        nll = -_mean(token_logps, rows < pairs)
         loss = _share(nll, pairs, items) - (self.orpo_alpha * ratio).sum() / items
         metrics = _pair_metrics(self.orpo_alpha * chosen_logps.detach(), self.orpo_alpha * rejected_logps.detach(),
                                 chosen_logps.detach(), rejected_logps.detach(), items)
@@ -263,7 +267,7 @@ class PairObjective:
         metrics = _pair_metrics(self.beta * chosen_logps.detach(), self.beta * rejected_logps.detach(),
                                 chosen_logps.detach(), rejected_logps.detach(), items)
         if self.cpo_alpha:
-            nll = -token_logps[(rows < pairs) & is_answer].mean()
+            nll = -_mean(token_logps, (rows < pairs) & is_answer)
             loss = loss + self.cpo_alpha * _share(nll, pairs, items)
             metrics["nll_loss"] = _share(nll.detach(), pairs, items)
         return MicroBatchLoss(loss, metrics)
@@ -446,7 +450,7 @@ def precompute_reference(objective, model, data, context) -> str:
 
     recipe, dist = context.recipe, context.dist
     train, val = data.train, data.val
-    parts = {"model": model_identity(recipe), "data": data.cache.name, "method": objective.name == "kto",
+    parts = {"model": model_identity(recipe), "data": data.cache.name, "kto": objective.name == "kto",
              "chunked": recipe.chunked_cross_entropy}
     if objective.name == "kto":  # the mismatched partner is the previous example of the same split
         parts["split"] = [recipe.val_set_size, recipe.seed, recipe.dataset_exact_deduplication]
