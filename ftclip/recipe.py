@@ -973,6 +973,11 @@ def _clean_loc(loc: tuple, lines: dict) -> tuple:
     return tuple(cleaned)
 
 
+def _key_path(key: str) -> tuple:
+    """A dotted key ('datasets.0.type') as the path _key_lines records (list positions as ints)."""
+    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
+
+
 def _line_of(loc: tuple, lines: dict) -> int | None:
     for end in range(len(loc), 0, -1):
         if loc[:end] in lines:
@@ -1050,7 +1055,7 @@ def parse_recipe(text: str, file: str = "<recipe>", folder: str | Path | None = 
     except ValidationError as error:
         found = problems + problems_from_validation(error, file, lines)
         raise RecipeError(sorted(found, key=lambda p: p.line or 0)) from None
-    problems += [Problem(file, key, message, _line_of((key,), lines)) for key, message in combination_problems(recipe)]
+    problems += [Problem(file, key, message, _line_of(_key_path(key), lines)) for key, message in combination_problems(recipe)]
     if problems:
         raise RecipeError(problems)
     recipe._folder = Path(folder).resolve() if folder is not None else None

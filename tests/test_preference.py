@@ -239,7 +239,7 @@ def test_prompt_tokens_never_count_and_truncation_is_counted(preference_recipe, 
     assert len(examples) == len(PAIRS) + 2  # both long prompts are cut to their last 40 tokens, the pairs kept
     line = describe_data(prepared)
     assert f"{len(PAIRS) + 2} pairs" in line
-    assert "2 prompts cut to their last 40 tokens (max_prompt_len)" in line
+    assert "prompts cut to their last 40 tokens (max_prompt_len): 2" in line
     eos = tokenizer.eos_token_id
     for index in range(len(examples)):
         prompt, chosen = examples.ids("prompt", index), examples.ids("chosen", index)
@@ -266,7 +266,7 @@ def test_sequence_len_cuts_answers_and_drops_pairs_whose_prompt_fills_it(prefere
                                                          {"prompt": "x " * 100, "chosen": " a", "rejected": " b"}])
     recipe = load_recipe(preference_recipe("cut.yaml", data=data, sequence_len=40))
     line = describe_data(prepare(recipe, load_tokenizer(recipe)))
-    assert "1 answers cut at sequence_len 40" in line and "1 left out: the prompt alone fills sequence_len" in line
+    assert "answers cut at sequence_len 40: 1" in line and "left out, the prompt alone filling sequence_len: 1" in line
 
 
 # ---------------------------------------------------------------- every method, end to end

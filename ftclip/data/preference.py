@@ -379,12 +379,12 @@ def truncation_summary(recipe: Recipe, counts: dict[str, int], total: int) -> st
     """What truncation did, for the data line: nothing, or the prompts cut, the answers cut and the pairs left out."""
     parts = []
     if counts.get("prompt_cut"):
-        parts.append(f"{counts['prompt_cut']:,} prompts cut to their last {recipe.max_prompt_len} tokens (max_prompt_len)")
+        parts.append(f"prompts cut to their last {recipe.max_prompt_len} tokens (max_prompt_len): {counts['prompt_cut']:,}")
     if counts.get("answer_cut"):
-        parts.append(f"{counts['answer_cut']:,} answers cut at sequence_len {recipe.sequence_len}")
+        parts.append(f"answers cut at sequence_len {recipe.sequence_len}: {counts['answer_cut']:,}")
     if counts.get("dropped"):
-        parts.append(f"{counts['dropped']:,} left out: the prompt alone fills sequence_len")
-    return f"truncation: {'; '.join(parts)} (of {total:,} records)" if parts else "truncation: none"
+        parts.append(f"left out, the prompt alone filling sequence_len: {counts['dropped']:,}")
+    return f"truncation of {total:,} records: {'; '.join(parts)}" if parts else "truncation: none"
 
 
 def prepare_preference(recipe: Recipe, tokenizer, build: bool):
