@@ -262,24 +262,6 @@ def _strategy_from_fsdp(value: Any, config: dict) -> Outcome:
                   "wrap, offload and state-dict settings are ftclip's own")
 
 
-DISTRIBUTED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
-
-
-def distributed_strategy(config: dict, source: Path | None = None) -> tuple[str | None, str | None, str]:
-    """(strategy, refusal, key) from Axolotl's deepspeed / fsdp / fsdp_config keys, for recipes that carry them:
-    ZeRO-3 or FULL_SHARD → fsdp, ZeRO-1/2 or NO_SHARD → ddp. strategy is None when none of them is set."""
-    for key in ("deepspeed", "fsdp_config", "fsdp"):
-        value = config.get(key)
-        if is_off(value):
-            continue
-        outcome = strategy_from_deepspeed(value, config, source) if key == "deepspeed" else _strategy_from_fsdp(value, config)
-        if isinstance(outcome, Refused):
-            return None, outcome.why, key
-        if isinstance(outcome, Mapped):
-            return outcome.updates["distributed"]["strategy"], None, key
-    return None, None, ""
-
-
 def _plugins(value: Any, config: dict) -> Outcome:
     if isinstance(value, str):
         value = [value]
@@ -908,25 +890,6 @@ def preference_dataset_type(value: Any, config: dict) -> Outcome | None:
                    "bradley_terry.chat_template")
 
 
-def unknown_key_message(key: str, dataset: bool = False, value: Any = None) -> str | None:
-    """validate's message for an Axolotl key ftclip's recipe lacks, or None when it is not an Axolotl key."""
-    rule = (DATASET_KEYS if dataset else AXOLOTL_KEYS).get(key)
-    if rule is None and not dataset and key.startswith(TRACKER_PREFIXES):
-        rule = _drop(TRACKER_WHY)
-    if rule is None:
-        return None
-    head = f"Axolotl key `{key}`"
-    if rule.kind == "drop":
-        return f"{head}: ftclip has no such setting and needs none ({rule.why}); remove it, or run `ftclip import-axolotl`"
-    if rule.kind == "refuse":
-        return f"{head}: not supported: {rule.why}; ftclip has no equivalent"
-    target = rule.ftclip if rule.ftclip and rule.ftclip != "—" else None
-    where = f"ftclip's `{target}`" if target else "converted"
-    note = f" ({rule.why})" if rule.why else ""
-    return f"{head}: {where}{note}; run `ftclip import-axolotl` to convert the whole config"
-
-
-
 # ---------------------------------------------------------------- README table
 
 
@@ -949,3 +912,29 @@ def mapping_markdown() -> str:
     add(AXOLOTL_KEYS, "")
     add(DATASET_KEYS, "datasets[].")
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- Axolotl's dataset type names
+
+
+# The first part of every dataset `type` Axolotl knows (src/axolotl/prompt_strategies: module names, the dpo/,
+# kto/, orpo/ and bradley_terry/ strategies' modules, and the older prompt_tokenizers names; a type is written
+# `module`, `module.function` or `module:variant`). ftclip.recipe_files reads a file whose dataset type is one of
+# these through the importer; any other unknown type is a plain validation error (a typo in a native recipe).
+AXOLOTL_DATASET_TYPE_NAMES = frozenset({
+    "alpaca", "alpaca_chat", "alpaca_instruct", "alpaca_w_system", "aptchat", "aptchat_v2", "base", "bradley_terry",
+    "chat", "chat_template", "chatml", "completion", "concisechoice", "context_qa", "conversational_lm",
+    "creative_acr", "dpo", "ebft", "explainchoice", "gpteacher", "input_output", "instruct", "jeopardy", "kto",
+    "llama2_chat", "llama3", "messages", "metharme", "mistral", "multimodal_pretrain", "oasst", "orcamini", "orpo",
+    "passthrough", "pretrain", "pygmalion", "reflection", "sharegpt", "sharegpt_jokes", "sharegpt_simple",
+    "stepwise", "stepwise_supervised", "summarization", "summarizetldr", "synthetic", "user_defined", "vicuna",
+    "zephyr",
+})
+
+
+def is_axolotl_dataset_type(value) -> bool:
+    """True for a dataset type only Axolotl spells this way: a mapping (a user-defined prompt format) or a name
+    from AXOLOTL_DATASET_TYPE_NAMES (with its `.function` or `:variant`)."""
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, str) and value.split(":")[0].split(".")[0] in AXOLOTL_DATASET_TYPE_NAMES

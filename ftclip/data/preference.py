@@ -31,6 +31,7 @@ from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_m
 from ftclip.data.chat import _RENDER_ERRORS
 from ftclip.data.examples import _Column, open_arrow, split_indices
 from ftclip.data.preference_records import Labelled, Pair, labelled_from_record, pair_from_record
+from ftclip.data.prepared import PreparedData, first_problem, num_processes, source_identity
 from ftclip.data.sources import Source, open_dataset, resolve_source
 from ftclip.data.tokenize import _encode, _rows
 from ftclip.errors import DataError
@@ -282,8 +283,6 @@ def _column_numpy(mapped, name: str) -> np.ndarray:
 
 
 def _build(recipe: Recipe, sources: list[Source], opened: list, tokenizer, root: Path, key: str, kind: str):
-    from ftclip.data.pipeline import _first_problem, num_processes
-
     staging = staging_folder(root, key)
     records, shards, kept_counts, counts = 0, [], [], {"prompt_cut": 0, "answer_cut": 0, "dropped": 0}
     for index, (source, dataset) in enumerate(zip(sources, opened)):
@@ -301,8 +300,8 @@ def _build(recipe: Recipe, sources: list[Source], opened: list, tokenizer, root:
                 desc=f"tokenizing {Path(source.location).name}",
             )
         finally:
-            os.environ = environ  # see pipeline._build
-        _first_problem(mapped, source)
+            os.environ = environ  # see pipeline._build: datasets' workers swap it for a copy
+        first_problem(mapped, source)
         for name in counts:
             counts[name] += int(_column_numpy(mapped, name).sum())
         kept = np.flatnonzero(_column_numpy(mapped, "dropped") == 0)
@@ -338,13 +337,11 @@ def tokenized_preferences(recipe: Recipe, tokenizer, build: bool = True):
     """(examples, cache entry, manifest, hit, records read, seconds): from the cache, else tokenized now and stored.
     The key covers what decides the ids: the data, the tokenizer (and its chat template), sequence_len,
     max_prompt_len, the kind of record and ftclip's preference format."""
-    from ftclip.data.pipeline import _source_identity
-
     root = cache_dir(recipe)
     kind = preference_kind(recipe)
     sources = [resolve_source(spec, recipe) for spec in recipe.datasets]
     digests = FileDigests(root)
-    identities = [_source_identity(source, digests) for source in sources]
+    identities = [source_identity(source, digests) for source in sources]
     opened = [None] * len(sources)
     for index, source in enumerate(sources):
         if identities[index] is None:  # a hub dataset: its fingerprint is known once it is opened
@@ -389,8 +386,6 @@ def truncation_summary(recipe: Recipe, counts: dict[str, int], total: int) -> st
 
 def prepare_preference(recipe: Recipe, tokenizer, build: bool):
     """Tokenized, split preference data as the pipeline's PreparedData (never packed)."""
-    from ftclip.data.pipeline import PreparedData
-
     examples, entry, manifest, hit, records, seconds = tokenized_preferences(recipe, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))
