@@ -120,6 +120,12 @@ class DatasetSpec(BaseModel):
     @field_validator("type", mode="before")
     @classmethod
     def _chat_template_is_chat(cls, value: Any) -> Any:
+        known = cls.model_fields["type"].annotation.__args__
+        if isinstance(value, str) and value not in known:  # said here: pydantic's list would name all 26 types
+            sft = [f"'{name}'" for name in known if name not in PREFERENCE_TYPES]
+            raise ValueError(f"Input should be {', '.join(sft[:-1])} or {sft[-1]} (got {value!r}); preference training "
+                             "(rl, reward_model) reads 'preference', 'kto' and Axolotl's preference formats (chatml.*, "
+                             "llama3.*, chat_template.*: docs/preference.md)")
         return "chat" if value == "chat_template" else value  # Axolotl's name for the same record format
 
     # The recipe's rl (set by Recipe after validation): Axolotl's chatml.*/llama3.* names are KTO formats under
