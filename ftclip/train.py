@@ -419,7 +419,7 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     # Before the optimizer and any resume: a preference method's reference comes from the weights as loaded.
     setup_note = objective.prepare(model, data, SetupContext(recipe, device, dist, tokenizer.pad_token_id))
     if setup_note:
-        console.print(setup_note, highlight=False)
+        console.print(escape(setup_note), highlight=False)
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     sharded = dist.strategy == "fsdp" and dist.enabled
