@@ -383,7 +383,7 @@ def report(
     """Summarize what clipping did in a run (norm percentiles, clip rate, spikes, skipped steps) and suggest a threshold."""
     from rich.table import Table
 
-    from ftclip.report import PLOT_FILE, analyze, read_history, sparkline, write_plot
+    from ftclip.report import PLOT_FILE, analyze, preference_rows, read_history, sparkline, write_plot
 
     try:
         history = read_history(run_dir)
@@ -404,6 +404,8 @@ def report(
     table.add_row("spikes", ", ".join(
         f"step {s.step} (×{s.norm / s.median_norm:.0f}{', loss jump' if s.loss_jump else ''})" for s in result.spikes
     ) or "none")
+    for label, value in preference_rows(history):  # rl / reward_model runs: rewards and log-probabilities
+        table.add_row(label, value)
     table.add_row("[bold green]suggested max_norm[/]", f"[bold green]{result.suggested:g}[/]")
     console.print(table)
     for line in result.reasoning:
@@ -453,8 +455,12 @@ def preprocess(
 
         shown = range(min(show, len(examples)))
         processor = getattr(tokenizer, "ftclip_processor", None)  # image chats: placeholder runs shown as ×N
-        show_examples(console, tokenizer, ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown),
-                      as_json=as_json, placeholders=frozenset(processor.image_token_ids) if processor else frozenset())
+        if hasattr(examples, "sequences"):  # preference data: each pair's chosen and rejected sequence (or KTO's one)
+            pairs = (sequence for i in shown for sequence in examples.sequences(i))
+        else:
+            pairs = ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown)
+        show_examples(console, tokenizer, pairs, as_json=as_json,
+                      placeholders=frozenset(processor.image_token_ids) if processor else frozenset())
         if as_json:
             return
     for note in data.notes:
@@ -494,8 +500,13 @@ def merge(
                               report=lambda message: console.print(message, highlight=False))
     except FtclipError as error:
         _fail(error)
-    loads = ("AutoModelForImageTextToText and AutoProcessor" if (saved / "processor_config.json").is_file()
-             else "AutoModelForCausalLM")
+    architectures = json.loads((saved / "config.json").read_text()).get("architectures") or []
+    if (saved / "processor_config.json").is_file():
+        loads = "AutoModelForImageTextToText and AutoProcessor"
+    elif any(name.endswith("ForSequenceClassification") for name in architectures):
+        loads = "AutoModelForSequenceClassification"  # a reward model keeps its score head
+    else:
+        loads = "AutoModelForCausalLM"
     console.print(f"[green]merged[/]: {saved}  ({loads}.from_pretrained({str(saved)!r}))", highlight=False)
 
 
@@ -514,10 +525,19 @@ def chat(
     import sys
 
     _quiet_libraries()
-    from ftclip.inference import Conversation, chat_image, find_chat_source, load_for_chat, prompt_style, reply
+    from ftclip.inference import (
+        Conversation,
+        chat_image,
+        find_chat_source,
+        load_for_chat,
+        prompt_style,
+        refuse_reward_model,
+        reply,
+    )
 
     try:
         source = find_chat_source(run_dir, base_model)
+        refuse_reward_model(source)
         model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
         processor = getattr(tokenizer, "ftclip_processor", None)
         picture = chat_image(image, source.recipe, processor) if image is not None else None

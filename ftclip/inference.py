@@ -46,6 +46,19 @@ def find_chat_source(path: Path, base_model: str | None = None) -> ChatSource:
                      "or merged/")
 
 
+def refuse_reward_model(source: ChatSource) -> None:
+    """A reward model (reward_model: true, a sequence-classification head) scores text; it has nothing to say."""
+    config_file = source.folder / "config.json"
+    architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
+    adapter = source.folder / ADAPTER_CONFIG
+    task = json.loads(adapter.read_text()).get("task_type") if adapter.is_file() else None
+    if source.recipe.get("reward_model") or task == "SEQ_CLS" or (
+            architectures and all(name.endswith("ForSequenceClassification") for name in architectures)):
+        raise ModelError(f"{source.folder} is a reward model (a sequence-classification head that gives each text one "
+                         "score): it does not generate, so there is nothing to chat with. Score texts with "
+                         "transformers' AutoModelForSequenceClassification (see docs/preference.md)")
+
+
 def _saved_recipe(folder: Path, run_dir: Path) -> dict[str, Any]:
     from ftclip.merge import saved_recipe
 
@@ -64,6 +77,8 @@ def prompt_style(recipe: dict[str, Any], tokenizer) -> str:
     # mistral-common's tokenizer has no template text: its chat encoding is its own.
     has_template = bool(getattr(tokenizer, "chat_template", None)) or is_mistral_common(tokenizer)
     if kinds & {"chat", "chat_template"} and has_template:
+        return "chat"
+    if recipe.get("rl") and has_template:  # preference data: its messages were rendered by the template
         return "chat"
     if "alpaca" in kinds:
         return "alpaca"

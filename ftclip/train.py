@@ -52,7 +52,7 @@ from ftclip.errors import DataError, ModelError, ResumeError, RunStopped, Storag
 from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
-from ftclip.objectives import MicroBatchLoss, Objective, objective_for
+from ftclip.objectives import MicroBatchLoss, Objective, SetupContext, objective_for
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
 from ftclip.qat import FakeQuantSchedule
@@ -140,7 +140,10 @@ def describe_data(data) -> str:
     """One line on where the tokens came from and, with packing, how full the rows are."""
     source = "cache hit" if data.hit else f"tokenized {data.records:,} records in {data.seconds:.1f} s"
     line = "".join(f"warning: {note}\n" for note in data.notes)
-    line += f"data: {len(data.examples):,} examples, {data.examples.tokens:,} tokens ({source}: {data.cache})"
+    unit = getattr(data.examples, "unit", "examples")  # preference data counts pairs (or KTO examples)
+    line += f"data: {len(data.examples):,} {unit}, {data.examples.tokens:,} tokens ({source}: {data.cache})"
+    if data.detail:
+        line += f"; {data.detail}"
     if data.packing:
         packing = data.packing
         line += (f"\npacking: {packing.examples} examples in {packing.rows} rows of {packing.capacity} tokens, "
@@ -404,14 +407,19 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     if short_warmup:
         console.print(f"[yellow]warning:[/] {escape(short_warmup)}", highlight=False)
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
+    unit = getattr(data.examples, "unit", "examples")  # preference data: pairs (or KTO examples)
     console.print(
-        f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "
+        f"[bold]ftclip[/] {example_count} training {unit}, {len(held_out)} held out; "
         f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps}{ranks} "
-        f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
+        f"{'packed rows' if recipe.sample_packing else unit} on {device}"
     )
 
     model, trainable = _load_trainable_model(recipe, device, dist, tokenizer, console.print)
     objective = objective_for(recipe)  # what a micro-batch's loss is: SFT's, or a preference method's
+    # Before the optimizer and any resume: a preference method's reference comes from the weights as loaded.
+    setup_note = objective.prepare(model, data, SetupContext(recipe, device, dist, tokenizer.pad_token_id))
+    if setup_note:
+        console.print(escape(setup_note), highlight=False)
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     sharded = dist.strategy == "fsdp" and dist.enabled

@@ -99,9 +99,16 @@ def test_a_misspelled_dataset_type_is_a_native_error_with_the_others(make_recipe
     assert "got 'alpacca'" in result.output and "learning_rate: Input should be greater than 0" in result.output
 
 
-@pytest.mark.parametrize("kind", ["sharegpt", "sharegpt:chat", "chatml.intel", "alpaca_chat.load_qa",
+@pytest.mark.parametrize("kind", ["sharegpt", "sharegpt:chat", "zephyr.nectar", "alpaca_chat.load_qa",
                                   {"field_instruction": "q", "format": "{instruction}"}])
 def test_axolotl_dataset_types_send_the_file_through_the_importer(kind):
     from ftclip.recipe_files import axolotl_keys
 
     assert axolotl_keys({"base_model": "m", "datasets": [{"path": "d.jsonl", "type": kind}]}) == ["datasets.0.type"]
+
+
+def test_axolotl_preference_formats_ftclip_reads_natively_stay_native():
+    from ftclip.recipe_files import axolotl_keys
+
+    for kind in ("chatml.intel", "llama3.ultra", "chat_template.default", "bradley_terry.chat_template"):
+        assert axolotl_keys({"base_model": "m", "rl": "dpo", "datasets": [{"path": "d.jsonl", "type": kind}]}) == []

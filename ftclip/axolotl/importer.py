@@ -25,6 +25,7 @@ from ftclip.axolotl.table import (
     Rule,
     as_number,
     is_off,
+    preference_dataset_type,
     show_value,
     strategy_from_deepspeed,
 )
@@ -121,6 +122,12 @@ def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, ou
             result.refused.append((name, "not a dataset key ftclip's importer knows; it may change the data"))
         elif key == "path":
             converted["path"] = _rebase(str(value), output_dir)
+        elif key == "type" and preference_dataset_type(value, config) is not None:  # rl / reward_model configs
+            outcome = preference_dataset_type(value, config)
+            if isinstance(outcome, Refused):
+                result.refused.append((name, outcome.why))
+            else:
+                converted["type"] = outcome.updates["type"]
         elif key == "type":
             if not isinstance(value, str) or value not in DATASET_TYPES:
                 result.refused.append((name, _dataset_type_refusal(value)))

@@ -206,6 +206,8 @@ def _target_modules(value: Any, config: dict) -> Outcome:
 
 
 def _model_type(value: Any, config: dict) -> Outcome:
+    if value == "AutoModelForSequenceClassification" and config.get("reward_model"):
+        return Dropped("reward_model: ftclip loads AutoModelForSequenceClassification with one output")
     if isinstance(value, str) and (value == "AutoModelForCausalLM" or value.endswith("ForCausalLM")):
         return Dropped("ftclip loads AutoModelForCausalLM, which picks this class from the checkpoint")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -574,11 +576,7 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "jagged_restart_anneal_steps": _refuse("jagged LR restarts"),
     "lisa_n_layers": _refuse("LISA layer sampling"), "lisa_step_interval": _refuse("LISA layer sampling"),
     "lisa_layers_attribute": _refuse("LISA layer sampling"),
-    "rl": _refuse("preference or RL training (DPO, ORPO, KTO, GRPO, ...): ftclip does supervised fine-tuning only"),
-    "rl_beta": _refuse("preference training"), "orpo_alpha": _refuse("preference training"),
-    "kto_desirable_weight": _refuse("preference training"), "trl": _refuse("TRL trainer settings"),
-    "reward_model": _refuse("reward-model training"), "process_reward_model": _refuse("reward-model training"),
-    "center_rewards_coefficient": _refuse("reward-model training"), "num_labels": _refuse("classification heads"),
+    "process_reward_model": _refuse("process reward models (a score per reasoning step)"),
     "cls_model_config": _refuse("classification heads"),
     # precision and memory
     "bf16": _to("bf16", "auto, as in Axolotl, when absent", _precision_flag("bf16")),
@@ -683,7 +681,6 @@ AXOLOTL_KEYS: dict[str, Rule] = {
                                     _parallel_size),
     "heads_k_stride": _drop("a setting of sequence parallelism (refused above 1 there)"),
     "ring_attn_func": _drop("a setting of sequence parallelism (refused above 1 there)"),
-    "dpo_beta": _refuse("preference training"), "rl_adapter_ref_model": _refuse("preference training"),
     "save_embedding_layers": _not_axolotl("peft's switch to save embeddings with the adapter"),
     "sample_packing_size": _not_axolotl(), "datasets_path": _not_axolotl(), "output_file": _not_axolotl(),
     "deepspeed_config": _not_axolotl("the deepspeed key decides"),
@@ -795,13 +792,163 @@ DATASET_KEYS: dict[str, Rule] = {
                             "field_completion (preference-data keys): the prompt and completion columns are not read"),
     "field_completion": _refuse("see field_prompt: Axolotl's completion format reads one text column"),
     "prompt_style": _drop("not a key of Axolotl's dataset schema: Axolotl discards it, so it has no effect there"),
-    "field_chosen": _refuse("preference pairs"), "field_rejected": _refuse("preference pairs"),
     "shards": _refuse("trains on a shard"), "shards_idx": _refuse("trains on a shard"),
     "preprocess_shards": _refuse("trains on a shard"), "train_on_split": _refuse("an extra split"),
     "train_on_inputs": _refuse("per-dataset train_on_inputs; ftclip has one for the recipe"),
     "step_separator": _refuse("process-reward-model data"), "train_on_last_step_only": _refuse("process-reward-model data"),
     "max_completion_length": _refuse("preference/RL completions"),
 }
+
+
+# ---------------------------------------------------------------- preference training (rl, reward_model)
+# ftclip trains Axolotl's rl: dpo, ipo, orpo, simpo and kto, and reward_model, on its own loop (docs/preference.md).
+# Axolotl hands these keys to TRL's trainers (src/axolotl/core/builders/rl.py, core/trainers/dpo/__init__.py); a key
+# the chosen method's trainer does not read has no effect there, so it is dropped here.
+
+PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "simpo", "kto")
+
+
+def _rl(value: Any, config: dict) -> Outcome:
+    if value not in PREFERENCE_METHODS:
+        return Refused(f"{show_value(value)}: online RL that generates as it trains (GRPO, GDPO, EBFT); ftclip trains "
+                       f"the offline preference methods {', '.join(PREFERENCE_METHODS)}")
+    if value == "simpo" and config.get("cpo_alpha") is None:
+        return Mapped({"rl": value, "cpo_alpha": 1.0}, "Axolotl leaves cpo_alpha at TRL's CPOConfig default 1.0 (the "
+                                                       "NLL of the chosen answer); ftclip's default is pure SimPO (0)")
+    return Mapped({"rl": value})
+
+
+def _beta_source(config: dict) -> str | None:
+    """Which key sets TRL's beta in Axolotl: trl.beta, else rl_beta (or its old name dpo_beta)."""
+    if isinstance(config.get("trl"), dict) and config["trl"].get("beta") is not None:
+        return "trl.beta"
+    for key in ("rl_beta", "dpo_beta"):
+        if config.get(key) is not None:
+            return key
+    return None
+
+
+def _beta(key: str) -> Converter:
+    def convert(value: Any, config: dict) -> Outcome:
+        source = _beta_source(config)
+        if source != key:
+            return Dropped(f"{source} sets TRL's beta in Axolotl, so this value is not read")
+        if config.get("rl") == "orpo":  # TRL's ORPO calls its odds-ratio weight λ beta
+            return Mapped({"orpo_alpha": float(value)}, "under rl: orpo, Axolotl passes it to TRL's ORPO as its weight λ")
+        return Mapped({"rl_beta": float(value)})
+    return convert
+
+
+def _trl(value: Any, config: dict) -> Outcome:
+    if not isinstance(value, dict):
+        raise TypeError("trl is a mapping")
+    settings = {key: setting for key, setting in value.items() if not is_off(setting)}
+    others = sorted(set(settings) - {"beta"})
+    if others:
+        return Refused(f"TRL trainer settings ftclip does not have: {', '.join(others)} (GRPO/vLLM generation)")
+    if "beta" not in settings:
+        return Dropped("no setting that is on")
+    return _beta("trl.beta")(settings["beta"], config)
+
+
+def _read_by(key: str, methods: tuple[str, ...], why: str = "") -> Converter:
+    """A method's own setting: the same key under those methods, dropped (not read by Axolotl's trainer) otherwise."""
+    def convert(value: Any, config: dict) -> Outcome:
+        method = config.get("rl") or ("reward_model" if config.get("reward_model") else None)
+        if method not in methods:
+            return Dropped(f"read under {' or '.join(methods)} only; {method or 'SFT'} does not read it")
+        return Mapped({key: value}, why)
+    return convert
+
+
+def _method_key(key: str, methods: tuple[str, ...], why: str = "") -> Rule:
+    return _to(key, f"read under {' or '.join(methods)} (dropped otherwise)", _read_by(key, methods, why))
+
+
+def _orpo_alpha(value: Any, config: dict) -> Outcome:
+    if config.get("rl") == "orpo" and _beta_source(config):
+        return Dropped(f"{_beta_source(config)} sets ORPO's weight in Axolotl, so orpo_alpha is not read")
+    return _read_by("orpo_alpha", ("orpo",))(value, config)
+
+
+def _label_smoothing(value: Any, config: dict) -> Outcome:
+    losses = config.get("dpo_loss_type") or ["sigmoid"]
+    losses = [losses] if isinstance(losses, str) else losses
+    if config.get("rl") != "dpo":
+        return Dropped("Axolotl passes it under rl: dpo only")
+    if not {"robust", "exo_pair"} & set(losses):
+        return Dropped(f"TRL's {', '.join(losses)} loss does not read it (only robust and exo_pair do): no effect")
+    return Mapped({"dpo_label_smoothing": value})
+
+
+def _num_labels(value: Any, config: dict) -> Outcome:
+    if config.get("reward_model") and value == 1:
+        return Dropped("a reward model has one output, as ftclip builds it")
+    return Refused(f"{show_value(value)} labels: classification heads other than a one-output reward model")
+
+
+def _precompute(value: Any, config: dict) -> Outcome:
+    if config.get("rl") in ("dpo", "ipo"):
+        return Mapped({"precompute_ref_log_probs": bool(value)})
+    return Dropped("Axolotl passes it to TRL's DPO trainer only (rl: dpo or ipo)")
+
+
+PREFERENCE_KEYS: dict[str, Rule] = {
+    "rl": _to("rl", "dpo, ipo, orpo, simpo, kto; simpo without cpo_alpha writes TRL's 1.0; grpo/gdpo/ebft refused", _rl),
+    "rl_beta": _to("rl_beta", "TRL's beta (under rl: orpo, orpo_alpha: Axolotl passes it as ORPO's weight)", _beta("rl_beta")),
+    "dpo_beta": _to("rl_beta", "Axolotl's old name for rl_beta", _beta("dpo_beta")),
+    "trl": _to("rl_beta", "beta → rl_beta; other TRL (GRPO/vLLM) settings refused", _trl),
+    "orpo_alpha": _to("orpo_alpha", "rl: orpo's weight λ, unless rl_beta or trl.beta sets it", _orpo_alpha),
+    "simpo_gamma": _method_key("simpo_gamma", ("simpo",)),
+    "cpo_alpha": _method_key("cpo_alpha", ("simpo",)),
+    "kto_desirable_weight": _method_key("kto_desirable_weight", ("kto",)),
+    "kto_undesirable_weight": _method_key("kto_undesirable_weight", ("kto",)),
+    "dpo_loss_type": _method_key("dpo_loss_type", ("dpo",)),
+    "dpo_loss_weights": _method_key("dpo_loss_weights", ("dpo",)),
+    "dpo_label_smoothing": _to("dpo_label_smoothing", "with the robust or exo_pair loss; dropped otherwise (no effect "
+                               "in TRL)", _label_smoothing),
+    "precompute_ref_log_probs": _to("precompute_ref_log_probs", "rl: dpo or ipo (dropped otherwise)", _precompute),
+    "max_prompt_len": _method_key("max_prompt_len", ("dpo", "ipo", "orpo", "simpo", "kto", "reward_model"),
+                                  "ftclip keeps the prompt's last max_prompt_len tokens"),
+    "reward_model": _same("a sequence-classification head with one output, the Bradley–Terry loss"),
+    "center_rewards_coefficient": _method_key("center_rewards_coefficient", ("reward_model",)),
+    "num_labels": _to("—", "1 with reward_model: dropped; refused otherwise", _num_labels),
+    "rl_adapter_ref_model": _drop("a second copy of the base as the reference; ftclip disables the adapter instead "
+                                  "(the same reference, no second copy)"),
+    "dpo_use_weighting": _refuse("WPO weighting of DPO pairs"),
+    "dpo_padding_free": _drop(_MEMORY), "dpo_use_liger_kernel": _drop(KERNEL_ONLY),
+    "remove_unused_columns": _drop("a Trainer setting on dataset columns"),
+}
+AXOLOTL_KEYS.update(PREFERENCE_KEYS)
+NUMERIC_KEYS.update({"rl_beta", "dpo_beta", "orpo_alpha", "simpo_gamma", "cpo_alpha", "kto_desirable_weight",
+                     "kto_undesirable_weight", "dpo_label_smoothing", "center_rewards_coefficient"})
+
+# Axolotl's preference dataset formats ftclip reads natively (ftclip/data/preference_records.py).
+PREFERENCE_DATASET_TYPES = {"chat_template.default", "chat_template.argilla", "chat_template.argilla_chat",
+                            "bradley_terry.chat_template", "chatml", "llama3"} | {
+    f"{family}.{name}" for family in ("chatml", "llama3")
+    for name in ("default", "argilla", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")}
+DATASET_KEYS.update({
+    "field_chosen": _same("chat_template.default / argilla_chat: the chosen answer's column"),
+    "field_rejected": _same("chat_template.default / argilla_chat: the rejected answer's column"),
+})
+
+
+def preference_dataset_type(value: Any, config: dict) -> Outcome | None:
+    """A dataset type under rl or reward_model (Axolotl then reads it from its dpo/, kto/, orpo/ or bradley_terry/
+    strategies), or None for an SFT config."""
+    if not (config.get("rl") or config.get("reward_model")):
+        return None
+    if value == "chat_template" and config.get("rl"):
+        value = "chat_template.default"
+    if isinstance(value, str) and value in PREFERENCE_DATASET_TYPES:
+        return Mapped({"type": value}, "Axolotl's preference format, read natively")
+    if isinstance(value, dict):
+        return Refused("a user-defined preference format (type as a mapping of format strings); ftclip reads TRL's "
+                       "layouts (type: preference / kto) and Axolotl's chatml.*, llama3.*, chat_template.* formats")
+    return Refused(f"{show_value(value)} is not a preference format ftclip reads: type preference ({{prompt, chosen, "
+                   "rejected}}), kto, or Axolotl's chatml.*, llama3.*, chat_template.default/argilla/argilla_chat, "
+                   "bradley_terry.chat_template")
 
 
 # ---------------------------------------------------------------- README table

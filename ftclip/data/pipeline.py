@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,41 +18,13 @@ from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_m
 from ftclip.data.chat import check_skipped
 from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices, without_duplicates
 from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
+from ftclip.data.prepared import PreparedData, num_processes
+from ftclip.data.prepared import first_problem as _first_problem
+from ftclip.data.prepared import source_identity as _source_identity
 from ftclip.data.sources import Source, open_dataset, resolve_source
 from ftclip.data.tokenize import TokenizeSettings, check_chat_template, tokenize_batch
 from ftclip.errors import DataError
 from ftclip.recipe import Recipe
-
-SMALL_DATASET = 5000  # below this many records, worker processes cost more than they save
-
-
-@dataclass
-class PreparedData:
-    examples: TokenizedExamples
-    train: Rows
-    val: Rows
-    packing: PackingStats | None
-    cache: Path
-    hit: bool
-    records: int  # records read (0 on a cache hit)
-    seconds: float  # time spent tokenizing (0 on a hit)
-    notes: list[str]  # e.g. chat records skipped because the template could not mask them
-
-
-def num_processes(recipe: Recipe, records: int) -> int:
-    if records < SMALL_DATASET:
-        return 1
-    chosen = recipe.dataset_processes or min(os.cpu_count() or 1, 8)
-    return max(1, min(chosen, records // 1000))
-
-
-def _source_identity(source: Source, digests: FileDigests) -> str | None:
-    """The content's identity without loading it (local data); None for a hub dataset (known once opened)."""
-    if source.kind == "file":
-        return digests.of(Path(source.location))
-    if source.kind == "folder":
-        return digests.of_folder(Path(source.location))
-    return None
 
 
 def _key(recipe: Recipe, sources: list[Source], identities: list[str], tokenizer) -> str:
@@ -67,18 +38,6 @@ def _key(recipe: Recipe, sources: list[Source], identities: list[str], tokenizer
     if vision.is_vision(recipe):  # the expanded image placeholders depend on the processor's settings
         parts["vision"] = vision.processor_fingerprint(tokenizer.ftclip_processor, vision.ImageSettings.from_recipe(recipe))
     return entry_key(parts)
-
-
-def _first_problem(mapped, source: Source) -> None:
-    import pyarrow.compute as pc
-
-    column = mapped.data.column("problem")
-    if column.null_count == len(column):
-        return
-    first = pc.index(pc.is_valid(column), True).as_py()
-    count = len(column) - column.null_count
-    more = f" ({count} records have problems)" if count > 1 else ""
-    raise DataError(f"{source.label}: record {first + 1}: {column[first].as_py()}{more}")
 
 
 def _skipped_note(mapped, source: Source, check=check_skipped) -> list[str]:
@@ -232,6 +191,10 @@ def prepare(recipe: Recipe, tokenizer, dist=None) -> PreparedData:
 
 
 def _prepare(recipe: Recipe, tokenizer, build: bool, dist=None) -> PreparedData:
+    if recipe.rl or recipe.reward_model:  # preference pairs / KTO completions: their own rows (data/preference.py)
+        from ftclip.data.preference import prepare_preference
+
+        return prepare_preference(recipe, tokenizer, build)
     examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))

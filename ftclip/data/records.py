@@ -41,6 +41,10 @@ def _is_text(value: Any) -> bool:
 def record_problem(record: Any, spec: DatasetSpec) -> str | None:
     """Why a record does not fit its dataset type, or None."""
     kind = spec.type
+    if spec.preference_kind:  # preference pairs and KTO completions: ftclip/data/preference_records.py
+        from ftclip.data.preference_records import preference_problem
+
+        return preference_problem(record, spec)
     if not isinstance(record, dict):
         return f"a record must be a JSON object, not {type(record).__name__}"
     if kind == "alpaca":
@@ -65,6 +69,12 @@ REQUIRED_COLUMNS = {"alpaca": ("instruction", "output"), "completion": ("text",)
 def missing_columns(columns: list[str], spec: DatasetSpec) -> str | None:
     """For sources checked by their schema rather than record by record (parquet and Arrow files)."""
     kind = spec.type
+    if spec.preference_kind:
+        from ftclip.data.preference_records import required_columns
+
+        missing = [name for name in required_columns(spec) if name not in columns]
+        return (f"a {kind} dataset needs column(s) {', '.join(missing)}; it has {', '.join(columns) or 'none'}"
+                if missing else None)
     if kind == "chat":
         wanted = [spec.field_messages] if spec.field_messages else ["messages", "conversations"]
         return None if set(wanted) & set(columns) else (
