@@ -5,7 +5,7 @@ messages for Axolotl keys and the README's "Coming from Axolotl" table are all m
 reads the values that need more than a rename. Meanings and defaults follow Axolotl's schema
 (src/axolotl/utils/schemas/*.py in axolotl-ai-cloud/axolotl)."""
 
-from ftclip.axolotl.importer import ImportResult, import_config, output_paths, write_atomically
+from ftclip.axolotl.importer import ImportResult, import_config, import_mapping, output_paths, write_atomically
 from ftclip.axolotl.table import (
            AXOLOTL_KEYS,
            DATASET_KEYS,
@@ -16,4 +16,4 @@ from ftclip.axolotl.table import (
 )
 
 __all__ = ["AXOLOTL_KEYS", "DATASET_KEYS", "DISTRIBUTED_KEYS", "ImportResult", "distributed_strategy", "import_config",
-           "mapping_markdown", "output_paths", "unknown_key_message", "write_atomically"]
+           "import_mapping", "mapping_markdown", "output_paths", "unknown_key_message", "write_atomically"]

@@ -43,7 +43,8 @@ class ImportResult:
     refused: list[tuple[str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)  # unreadable input, or the written recipe fails validation
     native: bool = False
-    text: str | None = None
+    text: str | None = None  # the recipe as written: YAML with a comment per key saying where it came from
+    recipe: dict[str, Any] | None = None  # the same recipe's keys and values, when it was made and is valid
 
     @property
     def ok(self) -> bool:
@@ -249,31 +250,43 @@ def _render(builder: _Builder, source: str) -> str:
 
 
 def import_config(source: str | Path, output: str | Path | None = None) -> ImportResult:
-    """Convert one Axolotl config to ftclip recipe text (result.text), with the per-key report. Writes nothing."""
+    """Convert one Axolotl config file to ftclip recipe text (result.text), with the per-key report. Writes nothing."""
     source = Path(source)
-    result = ImportResult(str(source), str(output) if output else None)
-    output_dir = Path(output).parent if output else source.parent
     try:
         text = source.read_text(encoding="utf-8")
         config = yaml.safe_load(text)
     except FileNotFoundError:
-        result.problems.append("no such file")
-        return result
+        return ImportResult(str(source), str(output) if output else None, problems=["no such file"])
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        result.problems.append(f"cannot read it as YAML: {error}")
-        return result
+        return ImportResult(str(source), str(output) if output else None,
+                            problems=[f"cannot read it as YAML: {error}"])
+    return import_mapping(config, source, output, text=text)
+
+
+def import_mapping(config: Any, source: str | Path = "<config>", output: str | Path | None = None,
+                   text: str | None = None) -> ImportResult:
+    """Convert an Axolotl config already parsed (yaml.safe_load's mapping), in memory: result.recipe is the
+    recipe's keys and values, result.text the same recipe rendered with a comment per key, and mapped / dropped /
+    refused / problems the per-key report. Writes nothing. source names the config in messages and is where a
+    deepspeed file is looked for; local paths are made relative to output's folder (source's when output is None).
+    text, the config's own text when there is one, lets an ftclip recipe already be recognized by its lines."""
+    source = Path(source)
+    result = ImportResult(str(source), str(output) if output else None)
+    output_dir = Path(output).parent if output else source.parent
     if not isinstance(config, dict):
         result.problems.append("not a mapping of keys (an Axolotl config is one)")
         return result
     if set(config) & FTCLIP_ONLY_KEYS:
+        own_text = text if text is not None else yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
         try:
-            parse_recipe(text, str(source))
+            parse_recipe(own_text, str(source))
         except RecipeError:
             pass
         else:  # already an ftclip recipe: its meaning rests on ftclip's defaults, so it is kept as it is
             result.native = True
             result.mapped = [(key, key, "an ftclip key") for key in config]
-            result.text = f"# Already an ftclip recipe ({source}); copied unchanged by `ftclip import-axolotl`.\n" + text
+            result.recipe = dict(config)
+            result.text = f"# Already an ftclip recipe ({source}); copied unchanged by `ftclip import-axolotl`.\n" + own_text
             return result
 
     # Numbers written as strings ("2e-4": YAML reads an exponent without a dot as text) are numbers to Axolotl.
@@ -306,6 +319,8 @@ def import_config(source: str | Path, output: str | Path | None = None) -> Impor
     except RecipeError as error:
         result.problems += [f"{p.key}: {p.message}" if p.key else p.message for p in error.problems]
         result.text = None
+        return result
+    result.recipe = builder.values
     return result
 
 
