@@ -153,7 +153,7 @@ def run_cold(args) -> dict:
     datasets.disable_progress_bars()
     recipe = _recipe(args)
     started = time.perf_counter()
-    data = prepare(recipe, None, load_tokenizer(recipe, None))
+    data = prepare(recipe, load_tokenizer(recipe))
     seconds = time.perf_counter() - started
     assert not data.hit
     return {"seconds": seconds, "records": len(data.examples), "tokens": data.examples.tokens, **peak_rss()}
@@ -167,9 +167,9 @@ def run_warm(args) -> dict:
 
     recipe = _recipe(args)
     loading = time.perf_counter()
-    tokenizer = load_tokenizer(recipe, None)  # not the data stage's cost: training loads it anyway
+    tokenizer = load_tokenizer(recipe)  # not the data stage's cost: training loads it anyway
     started = time.perf_counter()
-    data = prepare(recipe, None, tokenizer)
+    data = prepare(recipe, tokenizer)
     batch = collate(next(micro_batches(data.train, recipe.micro_batch_size, recipe.seed, 0)), tokenizer.pad_token_id)
     seconds = time.perf_counter() - started
     assert data.hit and batch["input_ids"].shape[0] == recipe.micro_batch_size
@@ -185,7 +185,7 @@ def run_packing(args) -> dict:
     from ftclip.modeling import load_tokenizer
 
     recipe = _recipe(args)
-    data = prepare(recipe, None, load_tokenizer(recipe, None))
+    data = prepare(recipe, load_tokenizer(recipe))
     lengths = data.examples.lengths[data.train.members]
     results = {}
     for label, values in (("1x", lengths), ("4x", np.tile(lengths, 4))):

@@ -107,7 +107,7 @@ def tokenized_examples(recipe_path: Path):
     from ftclip.recipe import load_recipe
 
     recipe = load_recipe(recipe_path)
-    data = prepare(recipe, recipe_path, load_tokenizer(recipe, recipe_path))
+    data = prepare(recipe, load_tokenizer(recipe))
     return recipe, data.train.rows(range(len(data.train)))
 
 
@@ -145,7 +145,7 @@ def run_ftclip(recipe_path: Path, clock: StepClock) -> None:
         return real(model, group, *args, **kwargs)
 
     ftclip_train.forward_backward = timed
-    ftclip_train.train(load_recipe(recipe_path), recipe_path, Console(quiet=True), resume=False)
+    ftclip_train.train(load_recipe(recipe_path), Console(quiet=True), resume=False)
 
 
 def run_hf(recipe_path: Path, clock: StepClock, device: str) -> None:
@@ -157,7 +157,7 @@ def run_hf(recipe_path: Path, clock: StepClock, device: str) -> None:
     from ftclip.modeling import load_tokenizer
 
     recipe, examples = tokenized_examples(recipe_path)
-    pad_id = load_tokenizer(recipe, recipe_path).pad_token_id
+    pad_id = load_tokenizer(recipe).pad_token_id
     batch_tokens: list[int] = []
 
     def collator(batch):

@@ -71,11 +71,11 @@ def _filesystem_problems(recipe: Recipe, path: Path) -> tuple[list[Problem], lis
     from ftclip.recipe import key_line
     from ftclip.trackers import tracker_problems
 
-    data_problems, notices = check_datasets(recipe, path)
+    data_problems, notices = check_datasets(recipe)
     kernels = _kernel_problems(recipe)
     if recipe.device != "cpu":  # a recipe may be meant for a GPU box: CI validates it here, `train` refuses it
         notices, kernels = notices + [(key, f"{message} — `ftclip train` will refuse it here") for key, message in kernels], []
-    found = data_problems + check_model_source(recipe, path) + tracker_problems(recipe) + kernels
+    found = data_problems + check_model_source(recipe) + tracker_problems(recipe) + kernels
     problems = [Problem(str(path), key, message, key_line(path, key)) for key, message in found]
     return blame(problems, recipe_overrides(recipe)), notices
 
@@ -91,8 +91,12 @@ def _kernel_problems(recipe: Recipe) -> list[tuple[str, str]]:
 def _notices(recipe: Recipe) -> list[tuple[str, str]]:
     """Valid, but worth a word, as (key, message): settings that run foreign code, or that this machine cannot run."""
     from ftclip.optim import optimizer_device_problem, why_no_cuda_without_torch
+    from ftclip.recipe import warmup_warning
 
     notices = [("trust_remote_code", "true runs code shipped with the model")] if recipe.trust_remote_code else []
+    short_warmup = warmup_warning(recipe, recipe.max_steps) if recipe.max_steps else None
+    if short_warmup:  # known here only when max_steps sets the length; train says it in every case
+        notices.append(("warmup_steps", short_warmup.removeprefix("warmup_steps: ")))
     if recipe.optimizer.startswith("paged_"):  # the CUDA probe reads a few files; torch itself is never imported here
         why_not = why_no_cuda_without_torch()
         problem = optimizer_device_problem(recipe, why_not is None, why_not or "")
@@ -250,7 +254,7 @@ def train(
         if resume is None and not no_resume and recipe.resume_from_checkpoint:
             resume = Path(recipe.resume_from_checkpoint)  # the recipe's spelling of --resume
         _check_verify_mode(verify)
-        result = run_training(recipe, recipe_path, console, resume=False if no_resume else resume, verify=verify)
+        result = run_training(recipe, console, resume=False if no_resume else resume, verify=verify)
     except StorageError as error:
         if _is_rank_zero():
             error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
@@ -399,9 +403,9 @@ def preprocess(
         from ftclip.data import prepare
         from ftclip.modeling import load_tokenizer
 
-        tokenizer = load_tokenizer(recipe, recipe_path)
+        tokenizer = load_tokenizer(recipe)
         started = time.perf_counter()
-        data = prepare(recipe, recipe_path, tokenizer)
+        data = prepare(recipe, tokenizer)
         seconds = time.perf_counter() - started
     except FtclipError as error:
         _fail(error)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftclip.errors import ModelError
-from ftclip.recipe import Recipe, parse_unfrozen_pattern, resolve_input_path
+from ftclip.recipe import Recipe, parse_unfrozen_pattern
 
 if TYPE_CHECKING:
     import torch
@@ -21,16 +21,16 @@ if TYPE_CHECKING:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
-def model_source(value: str, recipe_path: str | Path | None) -> Path | str:
+def model_source(value: str, recipe: Recipe) -> Path | str:
     """A local folder (a Path, relative to the recipe) when one exists or the value looks like a path;
     else a hub id (a str)."""
-    local = resolve_input_path(value, recipe_path)
+    local = recipe.input_path(value)
     if local.exists() or value.startswith((".", "/", "~")) or not HUB_ID.match(value):
         return local
     return value
 
 
-def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[str, str]]:
+def check_model_source(recipe: Recipe) -> list[tuple[str, str]]:
     """For `validate`: a local model folder has a config that fits the recipe; a hub id is well-formed.
     Nothing is downloaded and no weights are read."""
     problems = []
@@ -38,7 +38,7 @@ def check_model_source(recipe: Recipe, recipe_path: str | Path) -> list[tuple[st
         value = getattr(recipe, key)
         if value is None:
             continue
-        folder = model_source(value, recipe_path)
+        folder = model_source(value, recipe)
         if isinstance(folder, str):
             continue  # a hub id: well-formed by HUB_ID, and not fetched at validate time
         if not folder.is_dir():
@@ -159,10 +159,10 @@ def weight_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
-def load_tokenizer(recipe: Recipe, recipe_path: str | Path | None):
+def load_tokenizer(recipe: Recipe):
     from transformers import AutoTokenizer
 
-    source = model_source(recipe.tokenizer or recipe.base_model, recipe_path)
+    source = model_source(recipe.tokenizer or recipe.base_model, recipe)
     revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model and not recipe.tokenizer else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=recipe.trust_remote_code, **revision)
@@ -280,7 +280,7 @@ def _refuse_kernel_problems(recipe: Recipe, device: torch.device) -> None:
         raise ModelError("; ".join(f"{key}: {message}" for key, message in problems))
 
 
-def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.device, tokenizer=None, note=None,
+def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
                placement: str = "device"):
     """The model ready to train: on the device, quantized and LoRA-wrapped as the recipe says; its embeddings
     fit the tokenizer when one is given (tokens the recipe added). `note(text)` prints what was decided for
@@ -291,7 +291,7 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
     from transformers import AutoModelForCausalLM
 
     _refuse_kernel_problems(recipe, device)
-    source = model_source(recipe.base_model, recipe_path)
+    source = model_source(recipe.base_model, recipe)
     use_tf32(recipe, device)
     dtype = weight_dtype(recipe, device)
     quantization = _quantization_config(recipe, dtype)
@@ -341,7 +341,7 @@ def load_model(recipe: Recipe, recipe_path: str | Path | None, device: torch.dev
             gradient_checkpointing_kwargs=checkpointing_options,
         )
     if recipe.lora_model_dir:
-        return _continue_adapter(model, recipe, recipe_path)
+        return _continue_adapter(model, recipe)
     lora = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
@@ -444,11 +444,11 @@ def use_tf32(recipe: Recipe, device: torch.device) -> None:
             torch.backends.cudnn.allow_tf32 = True
 
 
-def _continue_adapter(model, recipe: Recipe, recipe_path: str | Path | None):
+def _continue_adapter(model, recipe: Recipe):
     """lora_model_dir: load a saved LoRA adapter onto the base, trainable, to continue training it."""
     from peft import PeftModel
 
-    folder = resolve_input_path(recipe.lora_model_dir, recipe_path)
+    folder = recipe.input_path(recipe.lora_model_dir)
     if not (folder / "adapter_config.json").is_file():
         raise ModelError(f"lora_model_dir: {folder} has no adapter_config.json; is it a saved LoRA adapter?")
     try:

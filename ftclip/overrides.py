@@ -159,7 +159,7 @@ def load_recipe_with_overrides(path: str | Path, texts: list[str] | None) -> Rec
                 for key, line in duplicates]
     changed = apply_overrides(data, overrides, file)
     try:
-        recipe = parse_recipe(yaml.safe_dump(changed, sort_keys=False), file)
+        recipe = parse_recipe(yaml.safe_dump(changed, sort_keys=False), file, Path(path).parent)
     except RecipeError as error:
         for problem in blame(error.problems, overrides):
             if "(from --set " not in problem.message:  # a line of the real file, not of the re-dumped text

@@ -465,6 +465,22 @@ class Recipe(BaseModel):
     _overrides: list = PrivateAttr(default_factory=list)
     # What `bf16: auto` resolved to on the training device (e.g. "bfloat16"), recorded by dump_recipe for merge.
     _trained_dtype: str | None = PrivateAttr(default=None)
+    # The folder of the recipe file, set once when it is loaded: every input path is resolved against it, so
+    # no stage needs to know where the recipe came from. None (a recipe built in code): the working directory.
+    _folder: Path | None = PrivateAttr(default=None)
+
+    @property
+    def folder(self) -> Path | None:
+        return self._folder
+
+    def input_path(self, value: str) -> Path:
+        """An input path (data file, model or adapter folder) as the recipe means it: relative to the recipe's
+        folder, so recipes work from any working directory. Output paths (output_dir, dataset_cache_dir) stay
+        relative to the working directory, as Axolotl and Hugging Face read them."""
+        candidate = Path(value).expanduser()
+        if candidate.is_absolute() or self._folder is None:
+            return candidate
+        return self._folder / candidate
 
     @field_validator("chat_template")
     @classmethod
@@ -574,6 +590,17 @@ def schedule_steps(recipe: Recipe, total_steps: int) -> Schedule:
     return Schedule(warmup, every(recipe.saves_per_epoch, recipe.save_steps), evals)
 
 
+def warmup_warning(recipe: Recipe, total_steps: int) -> str | None:
+    """A run shorter than its warmup is allowed (a smoke run with --max-steps 3 is the most common use of
+    max_steps, as in HF Trainer and Axolotl), with one line saying what it means for the learning rate."""
+    warmup = schedule_steps(recipe, total_steps).warmup_steps
+    if warmup < total_steps or warmup <= 1:
+        return None
+    reached = recipe.learning_rate * total_steps / warmup
+    return (f"warmup_steps: {warmup} warmup steps but the run has {total_steps} optimizer steps: the learning rate "
+            f"will not reach its peak ({recipe.learning_rate:g}; it ends warming up at {reached:.3g})")
+
+
 def resolve_schedule(recipe: Recipe, total_steps: int) -> Recipe:
     """The recipe with save_steps and eval_steps derived from saves_per_epoch/evals_per_epoch, once the step
     count is known. Warmup stays a ratio in the recipe (a resumed run compares recipes before it counts
@@ -618,8 +645,6 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
         problems.append(("min_lr_ratio", f"applies to lr_scheduler: cosine, not {recipe.lr_scheduler}"))
     if recipe.lora_model_dir and recipe.adapter is None:
         problems.append(("lora_model_dir", "continues a LoRA adapter; set adapter: lora or adapter: qlora"))
-    if recipe.warmup_steps and recipe.max_steps and recipe.warmup_steps >= recipe.max_steps:
-        problems.append(("warmup_steps", f"{recipe.warmup_steps} >= max_steps {recipe.max_steps}; the LR never peaks"))
     if recipe.chat_template == "jinja" and not recipe.chat_template_jinja:
         problems.append(("chat_template", "jinja needs the template text in chat_template_jinja"))
     if recipe.chat_template_jinja and recipe.chat_template not in ("jinja", "tokenizer_default"):
@@ -771,8 +796,9 @@ def problems_from_validation(error: ValidationError, file: str, lines: dict) -> 
     return problems
 
 
-def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
-    """Parse and validate recipe text; raise RecipeError listing every problem found."""
+def parse_recipe(text: str, file: str = "<recipe>", folder: str | Path | None = None) -> Recipe:
+    """Parse and validate recipe text; raise RecipeError listing every problem found. folder: where the
+    recipe's relative input paths start (the recipe file's folder)."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -800,6 +826,7 @@ def parse_recipe(text: str, file: str = "<recipe>") -> Recipe:
     problems += [Problem(file, key, message, _line_of((key,), lines)) for key, message in combination_problems(recipe)]
     if problems:
         raise RecipeError(problems)
+    recipe._folder = Path(folder).resolve() if folder is not None else None
     return recipe
 
 
@@ -811,7 +838,7 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError([Problem(str(path), "", "no such recipe file")]) from None
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError([Problem(str(path), "", f"cannot read the recipe: {error}")]) from None
-    return parse_recipe(text, str(path))
+    return parse_recipe(text, str(path), path.parent)
 
 
 def key_line(path: str | Path, key: str) -> int | None:
@@ -822,14 +849,6 @@ def key_line(path: str | Path, key: str) -> int | None:
         return None
     loc = tuple(int(part) if part.isdigit() else part for part in key.split("."))
     return _line_of(loc, lines)
-
-
-def resolve_input_path(value: str, recipe_path: str | Path | None) -> Path:
-    """Input paths (data, local models) are relative to the recipe's folder, so recipes work from any cwd."""
-    candidate = Path(value).expanduser()
-    if candidate.is_absolute() or recipe_path is None:
-        return candidate
-    return Path(recipe_path).resolve().parent / candidate
 
 
 AUTO_PRECISION_NOTE = "# bf16: auto resolved to {dtype} on the training device"

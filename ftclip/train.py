@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from safetensors import SafetensorError
 
 from ftclip.checkpoint import (
@@ -44,18 +45,17 @@ from ftclip.checkpoint import (
     verify_checkpoint,
 )
 from ftclip.clip import ClipOutcome, GradientClipper
-from ftclip.data.batches import Row, Rows, collate, micro_batches, row_tokens, trained_tokens
+from ftclip.data.batches import Row, Rows, micro_batches
 from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
 from ftclip.errors import DataError, ModelError, ResumeError, RunStopped, StorageError
 from ftclip.interrupt import EXIT_CODES, StopRequests
-from ftclip.loss import loss_function
 from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
+from ftclip.objectives import MicroBatchLoss, Objective, objective_for
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
-from ftclip.padding_free import collate_flattened
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
-from ftclip.recipe import Recipe, resolve_schedule
+from ftclip.recipe import Recipe, resolve_schedule, warmup_warning
 from ftclip.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
@@ -82,26 +82,31 @@ class _Window:
     first_step: int
     losses: list[torch.Tensor] = field(default_factory=list)
     outcomes: list[ClipOutcome] = field(default_factory=list)
+    metrics: list[dict[str, torch.Tensor]] = field(default_factory=list)  # the objective's, per step
     tokens: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def read_back(self, dist: Distributed | None = None) -> list[StepStats]:
-        """The window's per-step values on the host. Under data parallelism each rank's loss covers its own
-        share of the batch (divided by the global token count over the world size), so the step's loss is
-        the mean over ranks; norms and coefficients are global already."""
-        losses = torch.stack(self.losses).float()
+    def read_back(self, dist: Distributed | None = None) -> tuple[list[StepStats], dict[str, list[float]]]:
+        """The window's per-step values on the host, and the objective's metrics per step. Under data
+        parallelism each rank's loss (and metric) covers its own share of the batch (divided by the global item
+        count over the world size), so the step's value is the mean over ranks; norms and coefficients are
+        global already."""
+        names = sorted(self.metrics[0]) if self.metrics else []
+        per_rank = torch.stack([torch.stack(self.losses).float()]
+                               + [torch.stack([step[name].float() for step in self.metrics]) for name in names])
         if dist is not None and dist.enabled:
-            losses = dist.mean(losses)
-        stacked = torch.stack(
-            [losses]
-            + [torch.stack([getattr(o, name).float() for o in self.outcomes])
-               for name in ("pre_clip_norm", "clip_coef", "threshold", "nonfinite")]
-        )
-        losses, norms, coefs, thresholds, nonfinite = stacked.tolist()  # the one host sync per logging window
-        return [
-            StepStats(self.first_step + i, losses[i], norms[i], coefs[i], thresholds[i], bool(nonfinite[i]))
-            for i in range(len(losses))
-        ]
+            per_rank = dist.mean(per_rank)
+        stacked = torch.cat([
+            per_rank,
+            torch.stack([torch.stack([getattr(o, name).float() for o in self.outcomes])
+                         for name in ("pre_clip_norm", "clip_coef", "threshold", "nonfinite")]),
+        ])
+        values = stacked.tolist()  # the one host sync per logging window
+        losses, metrics = values[0], dict(zip(names, values[1:1 + len(names)]))
+        norms, coefs, thresholds, nonfinite = values[1 + len(names):]
+        steps = [StepStats(self.first_step + i, losses[i], norms[i], coefs[i], thresholds[i], bool(nonfinite[i]))
+                 for i in range(len(losses))]
+        return steps, metrics
 
 
 def seed_everything(seed: int) -> None:
@@ -147,48 +152,52 @@ def _on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {name: value.to(device) if isinstance(value, torch.Tensor) else value for name, value in batch.items()}
 
 
-def forward_backward(model, group: list[list[Row]], pad_id: int, device: torch.device,
-                     dist: Distributed | None = None, compute_loss=None, flatten_packed: bool = False) -> torch.Tensor:
-    """Accumulate gradients over the micro-batches of one optimizer step. Each micro-batch's summed token
-    loss is divided by the token count of the *whole* step (all micro-batches, all ranks), so accumulation
-    and data parallelism give the gradient of one big batch: a mean over tokens, not a mean of means.
-    (DDP and FSDP average gradients over ranks, hence the count divided by the world size.) Gradients are
-    reduced across ranks once, on the last micro-batch. compute_loss(model, inputs, num_items_in_batch):
-    ftclip.loss's (chunked by default); None is the plain `model(**inputs).loss`. flatten_packed: packed rows
-    go to the model padding-free, as one flattened row with per-example positions and cu_seq_lens."""
+def forward_backward(model, group: list[list[Row]], objective: Objective, pad_id: int, device: torch.device,
+                     dist: Distributed | None = None) -> MicroBatchLoss:
+    """Accumulate gradients over the micro-batches of one optimizer step. Each micro-batch's loss is its sum
+    divided by the item count of the *whole* step (all micro-batches, all ranks: trained tokens for SFT), so
+    accumulation and data parallelism give the gradient of one big batch: a mean over items, not a mean of
+    means. (DDP and FSDP average gradients over ranks, hence the count divided by the world size.) Gradients
+    are reduced across ranks once, on the last micro-batch. Returns the step's loss and metrics (detached)."""
     dist = dist or Distributed()
-    step_tokens = sum(trained_tokens(batch) for batch in group)
-    items = step_tokens / dist.world_size if dist.enabled else step_tokens
-    step_loss = torch.zeros((), device=device)
+    step_items = objective.step_items(group)
+    items = step_items / dist.world_size if dist.enabled else step_items
+    step = MicroBatchLoss(torch.zeros((), device=device), {})
     for index, global_batch in enumerate(group):
         batch = dist.local_slice(global_batch)
         with dist.gradient_sync(model, sync=index == len(group) - 1):
-            inputs = collate_flattened(batch, pad_id) if flatten_packed else collate(batch, pad_id)
-            inputs = _on_device(inputs, device)
-            if compute_loss is None:
-                loss = model(**inputs, num_items_in_batch=items).loss
-            else:
-                loss = compute_loss(model, inputs, items)
-            loss.backward()
-        step_loss += loss.detach()
-    return step_loss
+            inputs = _on_device(objective.collate(batch, pad_id), device)
+            share = objective.loss(model, inputs, items)
+            share.loss.backward()
+        step.loss += share.loss.detach()
+        for name, value in share.metrics.items():
+            step.metrics[name] = step.metrics.get(name, 0) + value.detach()
+    return step
 
 
 @torch.no_grad()
-def evaluate(model, held_out: Rows, recipe: Recipe, pad_id: int, device: torch.device) -> float:
-    """Token-mean loss over the held-out set. Every rank evaluates all of it: FSDP needs each forward on
-    every rank anyway, and the answer is then the same everywhere with no reduction."""
+def evaluate(model, held_out: Rows, objective: Objective, micro_batch_size: int, pad_id: int,
+             device: torch.device) -> dict[str, float]:
+    """The objective's loss and metrics over the held-out set, as means over all of its items (tokens for SFT),
+    as {"eval_loss": ..., "eval_<metric>": ...}. Every rank evaluates all of it: FSDP needs each forward on every
+    rank anyway, and the answer is then the same everywhere with no reduction."""
     model.eval()
-    compute_loss = loss_function(recipe)
-    total_loss, total_tokens = torch.zeros((), device=device), 0
-    for start in range(0, len(held_out), recipe.micro_batch_size):
-        batch = held_out.rows(range(start, min(start + recipe.micro_batch_size, len(held_out))))
-        tokens = trained_tokens(batch)
-        inputs = _on_device(collate(batch, pad_id), device)
-        total_loss += compute_loss(model, inputs, tokens) * tokens
-        total_tokens += tokens
+    total = MicroBatchLoss(torch.zeros((), device=device), {})
+    total_items = 0
+    for start in range(0, len(held_out), micro_batch_size):
+        batch = held_out.rows(range(start, min(start + micro_batch_size, len(held_out))))
+        items = objective.step_items([batch])
+        inputs = _on_device(objective.collate(batch, pad_id, training=False), device)
+        share = objective.loss(model, inputs, items)
+        total.loss += share.loss * items
+        for name, value in share.metrics.items():
+            total.metrics[name] = total.metrics.get(name, 0) + value * items
+        total_items += items
     model.train()
-    return float(total_loss) / max(total_tokens, 1)
+    scale = 1 / max(total_items, 1)
+    result = {"eval_loss": float(total.loss) * scale}
+    result.update({f"eval_{name}": float(value) * scale for name, value in total.metrics.items()})
+    return result
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -196,8 +205,9 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _log_record(step: int, total: int, epoch: int, window: _Window, steps: list[StepStats], lr: float,
-                counters: dict[str, int]) -> dict:
-    """One metrics line for the window; `counters` are the run's clipped/skipped totals including it."""
+                counters: dict[str, int], metrics: dict[str, list[float]] | None = None) -> dict:
+    """One metrics line for the window; `counters` are the run's clipped/skipped totals including it;
+    `metrics` the objective's per-step values (their window mean is logged, under their own names)."""
     norms = [s.norm for s in steps]
     clipped = [s.clipped for s in steps]
     last = steps[-1]
@@ -220,6 +230,7 @@ def _log_record(step: int, total: int, epoch: int, window: _Window, steps: list[
         "skipped_steps": counters["skipped_steps"],
         "lr": lr,
         "tokens_per_s": window.tokens / elapsed if elapsed > 0 else 0.0,
+        **{name: sum(values) / len(values) for name, values in (metrics or {}).items()},
         # Every step of the window, so `ftclip report` sees each norm whatever logging_steps is.
         "per_step": {
             "step": [s.step for s in steps],
@@ -294,14 +305,14 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
     return checkpoint
 
 
-def _load_trainable_model(recipe: Recipe, recipe_path, device: torch.device, dist: Distributed, tokenizer=None, note=None):
+def _load_trainable_model(recipe: Recipe, device: torch.device, dist: Distributed, tokenizer=None, note=None):
     """The model, wrapped for data parallelism, with its trainable parameters (after wrapping: FSDP2
     replaces them with DTensor shards)."""
     if dist.enabled and dist.strategy == "fsdp" and not recipe.quantized:  # bitsandbytes quantizes while loading
         model = dist.wrap_from_rank0(
-            lambda placement: load_model(recipe, recipe_path, device, tokenizer, note, placement=placement), device)
+            lambda placement: load_model(recipe, device, tokenizer, note, placement=placement), device)
     else:
-        model = dist.wrap(load_model(recipe, recipe_path, device, tokenizer, note))
+        model = dist.wrap(load_model(recipe, device, tokenizer, note))
     trainable = [p for p in model.parameters() if p.requires_grad]
     if not trainable:
         raise DataError("the model has no trainable parameters")
@@ -348,7 +359,7 @@ def _describe_clip(recipe: Recipe, trainable: list, clipper: GradientClipper) ->
     return f"clip: {clip.mode} (max_norm {clip.max_norm}, norm_type {clip.norm_type}); {layout}; scale {scale}"
 
 
-def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | None = None,
+def train(recipe: Recipe, console: Console | None = None,
           resume: bool | str | Path | None = None, verify: str = "auto") -> TrainResult:
     """Run the recipe. resume: None/True = continue from output_dir's newest intact checkpoint if any,
     False = start over, a path = that checkpoint. verify: "auto" (hash files up to 64 MiB, size of larger
@@ -356,7 +367,7 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
     dist = Distributed.from_environment(recipe.distributed.strategy)
     every_rank_here = False
     try:
-        result = _train(recipe, recipe_path, console or Console(), resume, dist, verify)
+        result = _train(recipe, console or Console(), resume, dist, verify)
         every_rank_here = True
         return result
     except RunStopped:
@@ -367,7 +378,7 @@ def train(recipe: Recipe, recipe_path: str | Path | None, console: Console | Non
         dist.close(wait_for_peers=every_rank_here)
 
 
-def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distributed, verify: str = "auto") -> TrainResult:
+def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: str = "auto") -> TrainResult:
     if not dist.is_main:
         console = Console(quiet=True)
     output_dir = prepare_output_dir(recipe.output_dir) if dist.is_main else Path(recipe.output_dir)
@@ -382,13 +393,16 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
     if problem:
         raise ModelError(f"optimizer: {problem}")
 
-    tokenizer = load_tokenizer(recipe, recipe_path)
-    data = prepare(recipe, recipe_path, tokenizer, dist)
+    tokenizer = load_tokenizer(recipe)
+    data = prepare(recipe, tokenizer, dist)
     console.print(describe_data(data), highlight=False)
     train_rows, held_out = data.train, data.val
     example_count = len(data.examples) - len(held_out)
     total_steps = count_steps(recipe, len(train_rows), dist.world_size)
     recipe = resolve_schedule(recipe, total_steps)  # saves/evals per epoch become step counts
+    short_warmup = warmup_warning(recipe, total_steps)
+    if short_warmup:
+        console.print(f"[yellow]warning:[/] {escape(short_warmup)}", highlight=False)
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
     console.print(
         f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "
@@ -396,7 +410,8 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
     )
 
-    model, trainable = _load_trainable_model(recipe, recipe_path, device, dist, tokenizer, console.print)
+    model, trainable = _load_trainable_model(recipe, device, dist, tokenizer, console.print)
+    objective = objective_for(recipe)  # what a micro-batch's loss is: SFT's, or a preference method's
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     sharded = dist.strategy == "fsdp" and dist.enabled
@@ -448,16 +463,17 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
 
     def log_window(step: int, view: TrainingView) -> dict[str, Any]:
         """Read the window back (the one host sync), warn, evaluate if due, write one metrics line."""
-        steps = window.read_back(dist)
+        steps, step_metrics = window.read_back(dist)
         counters["clipped_steps"] += sum(s.clipped for s in steps)
         counters["skipped_steps"] += sum(s.nonfinite for s in steps)
-        record = _log_record(step, total_steps, epoch, window, steps, scheduler.get_last_lr()[0], counters)
+        record = _log_record(step, total_steps, epoch, window, steps, scheduler.get_last_lr()[0], counters,
+                             step_metrics)
         spikes_before = len(monitor.spike_log)
         for notice in monitor.observe(steps) + (monitor.finish(step) if step == total_steps else []):
             view.warn(notice.message, loud=notice.loud)
         record["spike_steps"] = [spike.step for spike in monitor.spike_log[spikes_before:]]
         if held_out and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
-            record["eval_loss"] = evaluate(model, held_out, recipe, pad_id, device)
+            record.update(evaluate(model, held_out, objective, recipe.micro_batch_size, pad_id, device))
         metrics.write(record)
         tensorboard.write(record)
         trackers.write(record)
@@ -465,7 +481,6 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         view.logged(record)
         return record
 
-    compute_loss = loss_function(recipe)
     model.train()
     try:
         with TrainingView(console, total_steps, completed=state.step) as view, StopRequests(
@@ -477,17 +492,17 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
                 for _ in range(recipe.gradient_accumulation_steps):
                     epoch, batch_in_epoch, batch = next(batches)
                     group.append(batch)
-                step_loss = forward_backward(model, group, pad_id, device, dist, compute_loss,
-                                             flatten_packed=recipe.sample_packing)
+                step_result = forward_backward(model, group, objective, pad_id, device, dist)
 
                 outcome = clipper.clip()
                 clipper.optimizer_step(outcome)
                 scheduler.step()
                 clipper.zero_grad()
 
-                window.losses.append(step_loss)
+                window.losses.append(step_result.loss)
+                window.metrics.append(step_result.metrics)
                 window.outcomes.append(outcome)
-                window.tokens += sum(row_tokens(batch) for batch in group)
+                window.tokens += sum(objective.batch_tokens(batch) for batch in group)
                 view.advance()
                 # All ranks stop at the same step, whichever of them got the signal.
                 stop_signal = dist.agree_max(int(stop.received or 0))
@@ -519,7 +534,7 @@ def _train(recipe: Recipe, recipe_path, console: Console, resume, dist: Distribu
         trackers.close()
 
     if held_out and eval_loss is None:  # resumed from a checkpoint taken at the very last step
-        eval_loss = evaluate(model, held_out, recipe, pad_id, device)
+        eval_loss = evaluate(model, held_out, objective, recipe.micro_batch_size, pad_id, device)["eval_loss"]
     destination = output_dir / ("adapter" if recipe.adapter else "model")
     artifact = save_final(model, tokenizer, recipe, destination, dist)
     result = TrainResult(

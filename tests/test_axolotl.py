@@ -283,7 +283,7 @@ def test_lora_model_dir_continues_an_adapter(tmp_path, make_recipe):
     from ftclip.modeling import load_model
 
     first = load_recipe(make_recipe(lora_target_modules=r".*\.(q|v)_proj"))
-    model = load_model(first, None, torch.device("cpu"))
+    model = load_model(first, torch.device("cpu"))
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     assert names and all(".q_proj." in n or ".v_proj." in n for n in names)  # the regex reached peft
     with torch.no_grad():
@@ -292,19 +292,19 @@ def test_lora_model_dir_continues_an_adapter(tmp_path, make_recipe):
                 parameter.fill_(0.25)
     model.save_pretrained(tmp_path / "adapter")
     second = load_recipe(make_recipe("second.yaml", lora_model_dir=str(tmp_path / "adapter")))
-    continued = load_model(second, None, torch.device("cpu"))
+    continued = load_model(second, torch.device("cpu"))
     trained = {name: p for name, p in continued.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in name for name in trained)
     assert all(torch.all(p == 0.25) for name, p in trained.items() if "lora_B" in name)
     with pytest.raises(Exception, match="adapter_config.json"):
-        load_model(load_recipe(make_recipe("third.yaml", lora_model_dir=str(tmp_path))), None, torch.device("cpu"))
+        load_model(load_recipe(make_recipe("third.yaml", lora_model_dir=str(tmp_path))), torch.device("cpu"))
 
 
 def test_saves_per_epoch_and_resume_from_checkpoint_in_a_run(tmp_path, make_recipe):
     from ftclip.train import train
 
     recipe_path = make_recipe(max_steps=6, saves_per_epoch=2, warmup_ratio=0.5, lr_scheduler="linear")
-    result = train(load_recipe(recipe_path), recipe_path)
+    result = train(load_recipe(recipe_path))
     checkpoints = sorted(p.name for p in (result.output_dir / "checkpoints").glob("step-*"))
     assert checkpoints == ["step-3", "step-6"]
     assert result.records[0]["lr"] == pytest.approx(3e-3 / 3)  # warmup: int(0.5 × 6) = 3 steps

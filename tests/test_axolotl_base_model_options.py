@@ -34,7 +34,7 @@ def run_with_overrides(tmp_path_factory, tiny_model_dir):
     folder = tmp_path_factory.mktemp("overrides")
     data = write_jsonl(folder / "alpaca.jsonl", ALPACA)
     path = write_recipe(folder, tiny_model_dir, data, model_config=OVERRIDE, max_steps=4, learning_rate=2e-2)
-    return train(load_recipe(path), path, Console(quiet=True)).output_dir
+    return train(load_recipe(path), Console(quiet=True)).output_dir
 
 
 def _logits(model) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _embeddings(folder: Path) -> torch.Tensor:
 
 def test_merge_and_chat_load_the_revision_the_adapter_records(make_recipe, hub_with_two_revisions, tmp_path):
     cache, snapshots = hub_with_two_revisions
-    run = train(load_recipe(path := make_recipe(max_steps=2)), path, Console(quiet=True)).output_dir
+    run = train(load_recipe(make_recipe(max_steps=2)), Console(quiet=True)).output_dir
     adapter_config = run / "adapter" / "adapter_config.json"
     # As peft writes it for a run on org/tiny with revision_of_model: v2.
     adapter_config.write_text(json.dumps({**json.loads(adapter_config.read_text()),

@@ -61,7 +61,7 @@ def test_unfrozen_parameters_train_only_the_matching_parameters(make_recipe):
     recipe = load_recipe(make_recipe(adapter=None, unfrozen_parameters=["^lm_head.weight$", "model.layers.1.mlp",
                                                                         "model.language_model.*"]))
     notes = []
-    model = load_model(recipe, None, CPU, note=notes.append)
+    model = load_model(recipe, CPU, note=notes.append)
     trained = sorted(name for name, parameter in model.named_parameters() if parameter.requires_grad)
     assert trained == ["lm_head.weight", "model.layers.1.mlp.down_proj.weight", "model.layers.1.mlp.gate_proj.weight",
                        "model.layers.1.mlp.up_proj.weight"]
@@ -71,7 +71,7 @@ def test_unfrozen_parameters_train_only_the_matching_parameters(make_recipe):
 
 def test_unfrozen_row_range_zeroes_the_other_rows_gradient(make_recipe):
     recipe = load_recipe(make_recipe(adapter=None, unfrozen_parameters=["^model.embed_tokens.weight$[:10]"]))
-    model = load_model(recipe, None, CPU)
+    model = load_model(recipe, CPU)
     embeddings = model.get_input_embeddings().weight
     assert embeddings.requires_grad
     ids = torch.arange(0, 40).unsqueeze(0)
@@ -83,7 +83,7 @@ def test_unfrozen_row_range_zeroes_the_other_rows_gradient(make_recipe):
 def test_unfrozen_parameters_that_match_nothing_are_refused(make_recipe):
     recipe = load_recipe(make_recipe(adapter=None, unfrozen_parameters=["^transformer.h.0"]))
     with pytest.raises(ModelError, match="no parameter name matches"):
-        load_model(recipe, None, CPU)
+        load_model(recipe, CPU)
 
 
 def test_unfrozen_parameters_with_an_adapter_are_refused():
@@ -112,12 +112,12 @@ def test_real_full_finetune_keeps_its_unfrozen_parameters():
 def test_model_config_overrides_reach_the_loaded_model(make_recipe, tiny_model_dir):
     recipe = load_recipe(make_recipe(model_config={"max_position_embeddings": 512, "rms_norm_eps": 1e-3}))
     assert recipe.overrides_of_model_config == {"max_position_embeddings": 512, "rms_norm_eps": 1e-3}
-    model = load_model(recipe, None, CPU)
+    model = load_model(recipe, CPU)
     assert model.config.max_position_embeddings == 512 and model.config.rms_norm_eps == 1e-3
     # validate reads the overridden limit: the tiny model's own is 256
     longer = load_recipe(make_recipe("long.yaml", sequence_len=400, model_config={"max_position_embeddings": 512}))
-    assert check_model_source(longer, tiny_model_dir.parent / "recipe.yaml") == []
-    assert [key for key, _ in check_model_source(load_recipe(make_recipe("short.yaml", sequence_len=400)), None)] == [
+    assert check_model_source(longer) == []
+    assert [key for key, _ in check_model_source(load_recipe(make_recipe("short.yaml", sequence_len=400)))] == [
         "sequence_len"]
     assert "overrides_of_model_config" in problem_keys(BASE + "model_config: {a: 1}\noverrides_of_model_config: {a: 2}")
 
@@ -132,12 +132,12 @@ def test_real_mixtral_qlora_keeps_its_model_config():
 def test_revision_of_model(make_recipe):
     _, recipe = imported("mimo__mimo-7b-qlora.yaml")
     assert recipe.revision_of_model == "6299b5a"
-    assert check_model_source(recipe, "recipe.yaml") == []  # a hub id: validate stays offline
+    assert check_model_source(recipe) == []  # a hub id: validate stays offline
     assert parse_recipe(BASE + "model_revision: v1").revision_of_model == "v1"  # Axolotl's alias
     local = load_recipe(make_recipe(revision_of_model="abc1234"))
-    assert [key for key, _ in check_model_source(local, None)] == ["revision_of_model"]
+    assert [key for key, _ in check_model_source(local)] == ["revision_of_model"]
     # The revision is recorded in the adapter's config, so the adapter names the base it was trained on.
-    model = load_model(local, None, CPU)
+    model = load_model(local, CPU)
     assert model.peft_config["default"].revision == "abc1234"
 
 
@@ -145,21 +145,21 @@ def test_revision_of_model(make_recipe):
 
 
 def test_rslora_dora_and_fan_in_fan_out_reach_peft(make_recipe):
-    model = load_model(load_recipe(make_recipe(peft_use_rslora=True, lora_r=4, lora_alpha=16)), None, CPU)
+    model = load_model(load_recipe(make_recipe(peft_use_rslora=True, lora_r=4, lora_alpha=16)), CPU)
     config = model.peft_config["default"]
     assert config.use_rslora and not config.use_dora
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q_proj.scaling["default"] == pytest.approx(16 / math.sqrt(4))  # not 16 / 4
-    dora = load_model(load_recipe(make_recipe("dora.yaml", peft_use_dora=True)), None, CPU)
+    dora = load_model(load_recipe(make_recipe("dora.yaml", peft_use_dora=True)), CPU)
     assert dora.peft_config["default"].use_dora
     assert any("lora_magnitude_vector" in name for name, _ in dora.named_parameters())
-    fan = load_model(load_recipe(make_recipe("fan.yaml", lora_fan_in_fan_out=True)), None, CPU)
+    fan = load_model(load_recipe(make_recipe("fan.yaml", lora_fan_in_fan_out=True)), CPU)
     assert fan.peft_config["default"].fan_in_fan_out is False  # peft turns it off for nn.Linear, as in Axolotl
 
 
 def test_lora_target_parameters_reach_peft(make_recipe):
     recipe = load_recipe(make_recipe(lora_target_modules=["q_proj"], lora_target_parameters=["mlp.up_proj.weight"]))
-    model = load_model(recipe, None, CPU)
+    model = load_model(recipe, CPU)
     assert model.peft_config["default"].target_parameters == ["mlp.up_proj.weight"]
     trained = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     assert any(".mlp.up_proj.lora_A." in name for name in trained)
@@ -240,7 +240,7 @@ def test_a_run_with_unfrozen_parameters_changes_only_those(make_recipe, tiny_mod
 
     recipe_path = make_recipe(adapter=None, max_steps=3, unfrozen_parameters=["^lm_head.weight$", "model.layers.1.mlp"],
                               optimizer="adamw_torch")
-    result = train(load_recipe(recipe_path), recipe_path)
+    result = train(load_recipe(recipe_path))
     before = load_file(tiny_model_dir / "model.safetensors")
     after = load_file(result.artifact / "model.safetensors")
     changed = sorted(name for name in before if not torch.equal(before[name], after[name]))
@@ -265,9 +265,9 @@ def test_a_run_with_unfrozen_parameters_resumes_to_the_same_weights(make_recipe,
     settings = dict(adapter=None, max_steps=4, save_steps=2, unfrozen_parameters=["^lm_head.weight$"],
                     optimizer="adamw_torch")
     straight = make_recipe(**settings)
-    first = train(load_recipe(straight), straight)
+    first = train(load_recipe(straight))
     again = make_recipe("again.yaml", **settings, output_dir=str(tmp_path / "again"))
-    resumed = train(load_recipe(again), again, resume=first.output_dir / "checkpoints" / "step-2")
+    resumed = train(load_recipe(again), resume=first.output_dir / "checkpoints" / "step-2")
     assert resumed.resumed_from is not None
     one, two = load_file(first.artifact / "model.safetensors"), load_file(resumed.artifact / "model.safetensors")
     assert all(torch.equal(one[name], two[name]) for name in one)

@@ -26,7 +26,7 @@ def model_and_data(tiny_model_dir, tmp_path_factory):
     data_file = write_jsonl(folder / "alpaca.jsonl", ALPACA)
     recipe = Recipe(base_model="x", datasets=[{"path": str(data_file), "type": "alpaca"}], sequence_len=128,
                     sample_packing=True, dataset_cache_dir=str(folder / "cache"))
-    return model, tokenizer, prepare(recipe, None, tokenizer)
+    return model, tokenizer, prepare(recipe, tokenizer)
 
 
 def test_packing_puts_several_examples_in_a_row_and_masks_boundaries(model_and_data):
@@ -95,9 +95,9 @@ def test_best_fit_takes_the_tightest_row():
 def test_packed_training_step_matches_unpacked(make_recipe, tmp_path):
     # One optimizer step over the whole data set, packed or not: same token-mean loss, same gradient norm.
     common = dict(max_steps=1, learning_rate=1e-3, micro_batch_size=8)
-    plain = train(load_recipe(p := make_recipe("plain.yaml", output_dir=str(tmp_path / "plain"), **common)), p,
+    plain = train(load_recipe(make_recipe("plain.yaml", output_dir=str(tmp_path / "plain"), **common)),
                   Console(quiet=True))
-    packed = train(load_recipe(q := make_recipe("packed.yaml", output_dir=str(tmp_path / "packed"), sample_packing=True,
-                                                **common)), q, Console(quiet=True))
+    packed = train(load_recipe(make_recipe("packed.yaml", output_dir=str(tmp_path / "packed"), sample_packing=True,
+                                           **common)), Console(quiet=True))
     assert packed.records[0]["loss"] == pytest.approx(plain.records[0]["loss"], rel=1e-5)
     assert packed.records[0]["grad_norm"] == pytest.approx(plain.records[0]["grad_norm"], rel=1e-4)

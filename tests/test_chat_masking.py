@@ -886,12 +886,12 @@ def test_added_tokens_resize_the_model_train_with_lora_and_are_saved(tiny_model_
 
     recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", chat_template="chatml",
                          tokens=["<|im_start|>"], special_tokens={"eos_token": "<|im_end|>"})
-    tokenizer = load_tokenizer(recipe, None)
+    tokenizer = load_tokenizer(recipe)
     assert tokenizer.chat_template == builtin_template("chatml")
     assert len(tokenizer) == 1026 and tokenizer.ftclip_added_tokens == ["<|im_end|>", "<|im_start|>"]
     assert len(tokenizer("<|im_start|>user")["input_ids"]) == len(tokenizer("user")["input_ids"]) + 1
     notes = []
-    model = load_model(recipe, None, torch.device("cpu"), tokenizer, notes.append)
+    model = load_model(recipe, torch.device("cpu"), tokenizer, notes.append)
     assert model.get_input_embeddings().num_embeddings == 1026
     assert notes and "lora_modules_to_save is set to ['embed_tokens', 'lm_head']" in notes[0]
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
@@ -912,9 +912,9 @@ def test_added_tokens_with_frozen_embeddings_are_refused(tiny_model_dir):
     from ftclip.modeling import load_model, load_tokenizer
 
     recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", tokens=["<tool>"], lora_modules_to_save=["lm_head"])
-    tokenizer = load_tokenizer(recipe, None)
+    tokenizer = load_tokenizer(recipe)
     with pytest.raises(ModelError, match=r"leaves \['embed_tokens'\] frozen"):
-        load_model(recipe, None, torch.device("cpu"), tokenizer)
+        load_model(recipe, torch.device("cpu"), tokenizer)
 
 
 def test_no_added_tokens_no_resize_and_no_modules_to_save(tiny_model_dir):
@@ -923,9 +923,9 @@ def test_no_added_tokens_no_resize_and_no_modules_to_save(tiny_model_dir):
     from ftclip.modeling import load_model, load_tokenizer
 
     recipe = recipe_with(base_model=str(tiny_model_dir), adapter="lora", special_tokens={"pad_token": "<pad>"})
-    tokenizer = load_tokenizer(recipe, None)
+    tokenizer = load_tokenizer(recipe)
     assert tokenizer.ftclip_added_tokens == [] and tokenizer.chat_template  # the tokenizer's own template kept
-    model = load_model(recipe, None, torch.device("cpu"), tokenizer)
+    model = load_model(recipe, torch.device("cpu"), tokenizer)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) == 1024
     assert model.peft_config["default"].modules_to_save is None
 
@@ -979,7 +979,7 @@ def test_training_with_added_tokens_learns_their_embeddings_and_saves_them(make_
                        tokens=["<|im_start|>", "<|im_end|>"], special_tokens={"eos_token": "<|im_end|>"},
                        max_steps=4, micro_batch_size=8, learning_rate=1e-2)
     console = Console(record=True, width=200)
-    result = train(load_recipe(path), path, console)
+    result = train(load_recipe(path), console)
     assert "lora_modules_to_save is set to ['embed_tokens', 'lm_head']" in console.export_text()
     tokenizer = AutoTokenizer.from_pretrained(result.artifact)
     new_id = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -161,7 +161,7 @@ def test_fallback_through_load_tokenizer(tmp_path):
     from ftclip.modeling import load_tokenizer
 
     with_template = load_tokenizer(recipe_with(base_model=str(QUICKSTART_MODEL),
-                                               chat_template="tokenizer_default_fallback_chatml"), None)
+                                               chat_template="tokenizer_default_fallback_chatml"))
     assert with_template.chat_template == (QUICKSTART_MODEL / "chat_template.jinja").read_text()
 
     bare = tmp_path / "bare"  # the same tokenizer without a chat template
@@ -169,7 +169,7 @@ def test_fallback_through_load_tokenizer(tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(QUICKSTART_MODEL / name, bare / name)
     assert not AutoTokenizer.from_pretrained(bare).chat_template
-    fallen_back = load_tokenizer(recipe_with(base_model=str(bare), chat_template="tokenizer_default_fallback_chatml"), None)
+    fallen_back = load_tokenizer(recipe_with(base_model=str(bare), chat_template="tokenizer_default_fallback_chatml"))
     assert fallen_back.chat_template == builtin_template("chatml")
 
 

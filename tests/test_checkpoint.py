@@ -26,7 +26,7 @@ RUN = dict(max_steps=10, save_steps=2, save_total_limit=0, lora_dropout=0.1, mic
 
 
 def run(path, **kwargs):
-    return train_module.train(load_recipe(path), path, Console(quiet=True), **kwargs)
+    return train_module.train(load_recipe(path), Console(quiet=True), **kwargs)
 
 
 def adapter_weights(output_dir):

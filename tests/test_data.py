@@ -120,7 +120,7 @@ def test_same_tokens_as_before_the_datasets_layer(tmp_path, tokenizer, case):
     path, kind, sequence_len, train_on_inputs = case.split("|")
     recipe = recipe_for(tmp_path, [{"path": str(REPO / path), "type": kind}], sequence_len=int(sequence_len),
                         train_on_inputs=train_on_inputs == "True")
-    tokens = all_tokens(prepare(recipe, None, tokenizer))
+    tokens = all_tokens(prepare(recipe, tokenizer))
     expected = GOLDEN["cases"][case]
     assert len(tokens) == expected["count"]
     if kind != "chat" or train_on_inputs == "True":
@@ -162,7 +162,7 @@ def test_malformed_record_names_file_and_record(tmp_path, tokenizer, kind, recor
     with pytest.raises(DataError) as at_validate:
         check_source(DatasetSpec(**spec), None)
     with pytest.raises(DataError) as at_train:
-        prepare(recipe_for(tmp_path, [spec]), None, tokenizer)
+        prepare(recipe_for(tmp_path, [spec]), tokenizer)
     for caught in (at_validate, at_train):
         assert f"{path}: record 2: " in str(caught.value) and fragment in str(caught.value)
     assert not any((tmp_path / "cache").glob(f"*/{MANIFEST}"))  # nothing cached for bad data
@@ -174,7 +174,7 @@ def test_invalid_json_line_is_located(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
         check_source(DatasetSpec(path=str(path), type="completion"), None)
     with pytest.raises(DataError, match=r"data.jsonl:2: not valid JSON"):
-        prepare(recipe_for(tmp_path, [{"path": str(path), "type": "completion"}]), None, tokenizer)
+        prepare(recipe_for(tmp_path, [{"path": str(path), "type": "completion"}]), tokenizer)
 
 
 def test_missing_file_and_wrong_suffix(tmp_path):
@@ -200,7 +200,7 @@ def write_parquet(path: Path, records: list[dict]) -> Path:
 def reference_tokens(tmp_path, tokenizer, records) -> list:
     path = write_jsonl(tmp_path / "reference.jsonl", records)
     return all_tokens(prepare(recipe_for(tmp_path, [{"path": str(path), "type": "alpaca"}],
-                                         dataset_cache_dir=str(tmp_path / "reference-cache")), None, tokenizer))
+                                         dataset_cache_dir=str(tmp_path / "reference-cache")), tokenizer))
 
 
 def test_folder_laid_out_like_a_hub_repo_with_splits(tmp_path, tokenizer):
@@ -209,8 +209,8 @@ def test_folder_laid_out_like_a_hub_repo_with_splits(tmp_path, tokenizer):
     write_parquet(repo / "data" / "test-00000-of-00001.parquet", [{"input": "", **r} for r in ALPACA[6:]])
     for split, records in (("train", ALPACA[:6]), ("test", ALPACA[6:])):
         recipe = recipe_for(tmp_path, [{"path": str(repo), "type": "alpaca", "split": split}])
-        assert check_datasets(recipe, tmp_path / "r.yaml") == ([], [])
-        assert all_tokens(prepare(recipe, None, tokenizer)) == reference_tokens(tmp_path, tokenizer, records)
+        assert check_datasets(recipe) == ([], [])
+        assert all_tokens(prepare(recipe, tokenizer)) == reference_tokens(tmp_path, tokenizer, records)
 
 
 def test_data_files_selects_files_of_a_folder(tmp_path, tokenizer):
@@ -219,7 +219,7 @@ def test_data_files_selects_files_of_a_folder(tmp_path, tokenizer):
     write_jsonl(folder / "part-a.jsonl", ALPACA[:3])
     write_jsonl(folder / "part-b.jsonl", ALPACA[3:])
     recipe = recipe_for(tmp_path, [{"path": str(folder), "type": "alpaca", "data_files": "part-b.jsonl"}])
-    assert all_tokens(prepare(recipe, None, tokenizer)) == reference_tokens(tmp_path, tokenizer, ALPACA[3:])
+    assert all_tokens(prepare(recipe, tokenizer)) == reference_tokens(tmp_path, tokenizer, ALPACA[3:])
 
 
 def test_save_to_disk_folder_csv_and_arrow_files(tmp_path, tokenizer):
@@ -238,8 +238,8 @@ def test_save_to_disk_folder_csv_and_arrow_files(tmp_path, tokenizer):
     arrow = next(saved.glob("*.arrow"))
     for path in (saved, tmp_path / "data.csv", arrow):
         recipe = recipe_for(tmp_path, [{"path": str(path), "type": "alpaca"}])
-        assert check_datasets(recipe, tmp_path / "r.yaml") == ([], []), path
-        assert all_tokens(prepare(recipe, None, tokenizer)) == expected, path
+        assert check_datasets(recipe) == ([], []), path
+        assert all_tokens(prepare(recipe, tokenizer)) == expected, path
 
 
 def test_save_to_disk_dataset_dict_picks_the_split(tmp_path, tokenizer):
@@ -249,7 +249,7 @@ def test_save_to_disk_dataset_dict_picks_the_split(tmp_path, tokenizer):
     datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:4]),
                           "validation": datasets.Dataset.from_list(rows[4:])}).save_to_disk(str(tmp_path / "dd"))
     data = prepare(recipe_for(tmp_path, [{"path": str(tmp_path / "dd"), "type": "completion", "split": "validation"}]),
-                   None, tokenizer)
+                   tokenizer)
     assert len(data.examples) == 2
     assert "record number 5" in tokenizer.decode(data.examples.input_ids(1))
 
@@ -258,11 +258,11 @@ def test_hub_id_offline_and_uncached_is_a_clear_error(tmp_path, tokenizer, monke
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     spec = {"path": "someorg/some-sft-mix", "type": "chat"}
-    problems, notices = check_datasets(recipe_for(tmp_path, [spec]), tmp_path / "r.yaml")
+    problems, notices = check_datasets(recipe_for(tmp_path, [spec]))
     assert problems == [] and notices[0][0] == "datasets.0.path"
     assert "someorg/some-sft-mix looks like a hub dataset id" in notices[0][1]
     with pytest.raises(DataError) as caught:
-        prepare(recipe_for(tmp_path, [spec]), None, tokenizer)
+        prepare(recipe_for(tmp_path, [spec]), tokenizer)
     message = str(caught.value)
     assert "someorg/some-sft-mix" in message and "offline" in message and "hf download" in message
 
@@ -288,23 +288,23 @@ def test_uncached_hub_dataset_exits_2_from_the_cli(tmp_path, tiny_model_dir):
 
 def test_cache_is_keyed_by_what_decides_the_tokens(tmp_path, tokenizer, alpaca_file):
     spec = [{"path": str(alpaca_file), "type": "alpaca"}]
-    first = prepare(recipe_for(tmp_path, spec), None, tokenizer)
-    again = prepare(recipe_for(tmp_path, spec, learning_rate=1e-5, seed=7, val_set_size=0.25), None, tokenizer)
+    first = prepare(recipe_for(tmp_path, spec), tokenizer)
+    again = prepare(recipe_for(tmp_path, spec, learning_rate=1e-5, seed=7, val_set_size=0.25), tokenizer)
     assert (first.hit, again.hit) == (False, True) and again.cache == first.cache
     assert all_tokens(again) == all_tokens(first)
     for change in ({"sequence_len": 64}, {"train_on_inputs": True}):
-        assert prepare(recipe_for(tmp_path, spec, **change), None, tokenizer).cache != first.cache
+        assert prepare(recipe_for(tmp_path, spec, **change), tokenizer).cache != first.cache
     write_jsonl(alpaca_file, ALPACA[:-1])  # new bytes, new key
-    changed = prepare(recipe_for(tmp_path, spec), None, tokenizer)
+    changed = prepare(recipe_for(tmp_path, spec), tokenizer)
     assert not changed.hit and len(changed.examples) == len(ALPACA) - 1
 
 
 def test_a_damaged_cache_entry_is_rebuilt_not_trusted(tmp_path, tokenizer, alpaca_file):
     recipe = recipe_for(tmp_path, [{"path": str(alpaca_file), "type": "alpaca"}])
-    expected = all_tokens(prepare(recipe, None, tokenizer))
-    shard = next(prepare(recipe, None, tokenizer).cache.glob("*.arrow"))
+    expected = all_tokens(prepare(recipe, tokenizer))
+    shard = next(prepare(recipe, tokenizer).cache.glob("*.arrow"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated file
-    rebuilt = prepare(recipe, None, tokenizer)
+    rebuilt = prepare(recipe, tokenizer)
     assert not rebuilt.hit and all_tokens(rebuilt) == expected
 
 
@@ -343,7 +343,7 @@ def test_a_preprocess_killed_mid_write_leaves_nothing_trusted(tmp_path):
 def test_validation_split_is_deterministic_by_seed(tmp_path, tokenizer, alpaca_file):
     def split(seed):
         data = prepare(recipe_for(tmp_path, [{"path": str(alpaca_file), "type": "alpaca"}], val_set_size=0.25, seed=seed),
-                       None, tokenizer)
+                       tokenizer)
         return data.train.members.tolist(), data.val.members.tolist()
 
     train, val = split(1)
@@ -364,10 +364,10 @@ def test_exact_deduplication_drops_repeats_in_train_and_train_repeats_in_val(tmp
     def tokens(data, members):
         return [(tuple(data.examples.input_ids(i)), tuple(data.examples.labels(i))) for i in members]
 
-    plain = prepare(recipe_for(tmp_path, spec, val_set_size=0.5, seed=3, sample_packing=packing), None, tokenizer)
+    plain = prepare(recipe_for(tmp_path, spec, val_set_size=0.5, seed=3, sample_packing=packing), tokenizer)
     assert len(tokens(plain, plain.train.members)) + len(tokens(plain, plain.val.members)) == 12
     data = prepare(recipe_for(tmp_path, spec, val_set_size=0.5, seed=3, sample_packing=packing,
-                              dataset_exact_deduplication=True), None, tokenizer)
+                              dataset_exact_deduplication=True), tokenizer)
     train, val = tokens(data, data.train.members), tokens(data, data.val.members)
     assert len(set(train)) == len(train) and len(set(val)) == len(val)  # no repeats within either
     assert not set(train) & set(val)  # nothing held out that also trains
@@ -395,18 +395,18 @@ def first_fit_rows(lengths, capacity) -> int:
 def test_packing_is_at_least_as_full_as_first_fit(tmp_path, tokenizer):
     recipe = recipe_for(tmp_path, [{"path": str(REPO / "recipes/quickstart/data.jsonl"), "type": "alpaca"}],
                         sample_packing=True, sequence_len=128, val_set_size=0.1)
-    data = prepare(recipe, None, tokenizer)
+    data = prepare(recipe, tokenizer)
     lengths = data.examples.lengths[np.sort(data.train.members)].tolist()
     assert data.packing.rows <= first_fit_rows(lengths, 128)
     assert sorted(data.train.members.tolist()) == sorted(set(range(len(data.examples))) - set(data.val.members.tolist()))
     for row in range(len(data.train)):
         assert data.examples.lengths[data.train.example_indices(row)].sum() <= 128
-    again = prepare(recipe, None, tokenizer)  # the packing is cached beside the tokens and identical
+    again = prepare(recipe, tokenizer)  # the packing is cached beside the tokens and identical
     assert np.array_equal(again.train.members, data.train.members) and list(data.cache.glob("packing-*.npz"))
 
 
 def test_collate_pads_right_and_masks_padding(tmp_path, tokenizer, alpaca_file):
-    data = prepare(recipe_for(tmp_path, [{"path": str(alpaca_file), "type": "alpaca"}]), None, tokenizer)
+    data = prepare(recipe_for(tmp_path, [{"path": str(alpaca_file), "type": "alpaca"}]), tokenizer)
     rows = data.train.rows(range(3))
     batch = collate(rows, pad_token_id=tokenizer.pad_token_id)
     longest = max(len(row[0][0]) for row in rows)
@@ -429,11 +429,11 @@ def test_chat_records_a_template_cannot_mask_are_counted_then_refused(tmp_path, 
     template = ("{% for m in messages %}{{ m['role'] }}: {{ '' if m['content'] == 'DROPPED' else m['content'] }}</s>\n"
                 "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     spec = lambda path: [{"path": str(path), "type": "chat"}]  # noqa: E731
-    few = prepare(recipe_for(tmp_path, spec(dropping(1)), chat_template="jinja", chat_template_jinja=template), None,
+    few = prepare(recipe_for(tmp_path, spec(dropping(1)), chat_template="jinja", chat_template_jinja=template),
                   _with_template(tokenizer, template))
     assert len(few.examples) == 20 and few.notes and "skipped 1 of 21 chat records" in few.notes[0]
     with pytest.raises(DataError, match="wrong template"):
-        prepare(recipe_for(tmp_path, spec(dropping(10)), chat_template="jinja", chat_template_jinja=template), None,
+        prepare(recipe_for(tmp_path, spec(dropping(10)), chat_template="jinja", chat_template_jinja=template),
                 _with_template(tokenizer, template))
 
 

@@ -46,7 +46,7 @@ def single_process(tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("single")
     data = write_jsonl(folder / "alpaca.jsonl", ALPACA)
     path = write_recipe(folder, tiny_model_dir, data, micro_batch_size=4, **STEPS)
-    result = train(load_recipe(path), path, Console(quiet=True))
+    result = train(load_recipe(path), Console(quiet=True))
     return result.output_dir, folder, data
 
 

@@ -35,7 +35,7 @@ LOAD_FROM_RANK0 = textwrap.dedent("""
     dist = Distributed.from_environment("fsdp")
     torch.manual_seed(0)  # the LoRA initialization rank 0 broadcasts
     device = torch.device("cpu")
-    model = dist.wrap_from_rank0(lambda placement: load_model(recipe, recipe_path, device, placement=placement), device)
+    model = dist.wrap_from_rank0(lambda placement: load_model(recipe, device, placement=placement), device)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
     trainable = sorted(name for name, p in model.named_parameters() if p.requires_grad)
@@ -59,7 +59,7 @@ def test_meta_device_loading_on_two_ranks_gives_the_weights_of_a_plain_load(make
     assert (rank0["reads"], rank1["reads"]) == (1, 0)  # rank 1 never read the weights
 
     torch.manual_seed(0)
-    plain = load_model(load_recipe(path), path, torch.device("cpu"))
+    plain = load_model(load_recipe(path), torch.device("cpu"))
     expected = plain.state_dict()
     assert rank0["state"].keys() == expected.keys()
     for name, tensor in expected.items():

@@ -25,7 +25,7 @@ runner = CliRunner()
 @pytest.fixture
 def trained_lora(make_recipe):
     path = make_recipe(max_steps=2)
-    return train(load_recipe(path), path, Console(quiet=True)).output_dir
+    return train(load_recipe(path), Console(quiet=True)).output_dir
 
 
 def test_a_run_dir_loads_base_plus_adapter_and_formats_alpaca(trained_lora, tiny_model_dir):
@@ -65,7 +65,7 @@ def test_prompt_answers_once_within_max_new_tokens(trained_lora):
 
 def test_interactive_keeps_history_and_resets(make_recipe, monkeypatch):
     path = make_recipe(max_steps=1, datasets=[{"path": str(REPO / "recipes" / "data" / "chat-sample.jsonl"), "type": "chat"}])
-    run = train(load_recipe(path), path, Console(quiet=True)).output_dir
+    run = train(load_recipe(path), Console(quiet=True)).output_dir
     prompts = []
     original = Conversation.prompt_ids
 

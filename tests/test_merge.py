@@ -15,7 +15,7 @@ from ftclip.train import train
 
 def test_merge_matches_base_plus_adapter(make_recipe, tiny_model_dir, tmp_path):
     path = make_recipe(max_steps=4, learning_rate=2e-2)
-    result = train(load_recipe(path), path, Console(quiet=True))
+    result = train(load_recipe(path), Console(quiet=True))
     merged_dir = tmp_path / "merged-model"
     done = CliRunner().invoke(app, ["merge", str(result.output_dir), "--output", str(merged_dir)])
     assert done.exit_code == 0, done.output
@@ -52,7 +52,7 @@ def _saved_dtypes(folder) -> tuple[str, set]:
 
 def test_merge_saves_in_the_precision_the_run_trained_in(make_recipe, tmp_path):
     path = make_recipe(max_steps=2, bf16=True)
-    result = train(load_recipe(path), path, Console(quiet=True))
+    result = train(load_recipe(path), Console(quiet=True))
     done = CliRunner().invoke(app, ["merge", str(result.output_dir)])
     assert done.exit_code == 0, done.output
     assert "saving in bfloat16 (the run trained with bf16: true)" in done.output
@@ -63,7 +63,7 @@ def test_bf16_auto_merges_as_it_resolved_in_training_and_dtype_chooses(make_reci
     from ftclip.checkpoint import RECIPE_FILE
 
     path = make_recipe(max_steps=2, bf16="auto")
-    result = train(load_recipe(path), path, Console(quiet=True))
+    result = train(load_recipe(path), Console(quiet=True))
     saved_recipe = result.artifact / RECIPE_FILE
     assert "# bf16: auto resolved to float32 on the training device" in saved_recipe.read_text()  # CPU: no bf16
     done = CliRunner().invoke(app, ["merge", str(result.output_dir), "--output", str(tmp_path / "auto")])

@@ -139,7 +139,7 @@ def test_nonfinite_steps_count_consecutively():
 
 def run_and_capture(path, **kwargs):
     buffer = io.StringIO()
-    result = train_module.train(load_recipe(path), path, Console(file=buffer, width=400), **kwargs)
+    result = train_module.train(load_recipe(path), Console(file=buffer, width=400), **kwargs)
     return result, buffer.getvalue()
 
 

@@ -137,9 +137,9 @@ def test_load_model_uses_varlen_sdpa_for_packed_sdpa_runs(make_recipe):
     from ftclip.recipe import load_recipe
 
     path = make_recipe(sample_packing=True)
-    assert load_model(load_recipe(path), path, torch.device("cpu")).config._attn_implementation == VARLEN_SDPA
+    assert load_model(load_recipe(path), torch.device("cpu")).config._attn_implementation == VARLEN_SDPA
     path = make_recipe(sample_packing=False)
-    assert load_model(load_recipe(path), path, torch.device("cpu")).config._attn_implementation == "sdpa"
+    assert load_model(load_recipe(path), torch.device("cpu")).config._attn_implementation == "sdpa"
 
 
 def test_packing_is_refused_for_layers_that_ignore_example_boundaries():
@@ -218,7 +218,7 @@ def test_the_model_loads_with_the_recipes_attention(make_recipe, attn_implementa
     from ftclip.recipe import load_recipe
 
     path = make_recipe(attn_implementation=attn_implementation)
-    model = load_model(load_recipe(path), path, torch.device("cpu"))
+    model = load_model(load_recipe(path), torch.device("cpu"))
     assert model.config._attn_implementation == attn_implementation
 
 
@@ -229,4 +229,4 @@ def test_train_refuses_a_kernel_this_machine_lacks_with_an_ftclip_error(make_rec
 
     path = make_recipe(attn_implementation="flash_attention_2", bf16=True)
     with pytest.raises(ModelError, match="attn_implementation: flash_attention_2"):
-        load_model(load_recipe(path), path, torch.device("cpu"))
+        load_model(load_recipe(path), torch.device("cpu"))

@@ -36,7 +36,7 @@ runner = CliRunner()
 
 
 def run(path, console=None, **kwargs):
-    return train_module.train(load_recipe(path), path, console or Console(quiet=True), **kwargs)
+    return train_module.train(load_recipe(path), console or Console(quiet=True), **kwargs)
 
 
 def losses(output_dir):

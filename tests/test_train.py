@@ -15,7 +15,7 @@ from ftclip.train import train
 
 
 def run(recipe_path):
-    return train(load_recipe(recipe_path), recipe_path, Console(quiet=True))
+    return train(load_recipe(recipe_path), Console(quiet=True))
 
 
 def test_lora_run_lowers_loss_and_writes_adapter_and_metrics(make_recipe, tiny_model_dir, tmp_path):
@@ -101,7 +101,7 @@ def test_qlora_uses_4bit_linear_layers_and_8bit_adamw(make_recipe, tmp_path):
     path = make_recipe(adapter="qlora", load_in_4bit=True, optimizer="adamw_8bit", max_steps=10, learning_rate=3e-3,
                        micro_batch_size=8)
     recipe = load_recipe(path)
-    model = load_model(recipe, path, torch.device("cpu"))
+    model = load_model(recipe, torch.device("cpu"))
     assert any(isinstance(module, bnb.nn.Linear4bit) for module in model.modules())
     result = run(path)
     assert result.last_loss < result.first_loss - 0.25

@@ -145,13 +145,13 @@ def _open(entry: Path, manifest: dict) -> TokenizedExamples:
     return TokenizedExamples(tables, kept)
 
 
-def tokenized_examples(recipe: Recipe, recipe_path: str | Path | None, tokenizer, build: bool = True
+def tokenized_examples(recipe: Recipe, tokenizer, build: bool = True
                        ) -> tuple[TokenizedExamples, Path, dict, bool, int, float]:
     """(examples, cache entry, its manifest, hit, records read, seconds) — from the cache, else tokenized now
     and stored.
     build=False (a rank other than 0) only opens an entry that rank 0 built."""
     root = cache_dir(recipe)
-    sources = [resolve_source(spec, recipe_path) for spec in recipe.datasets]
+    sources = [resolve_source(spec, recipe) for spec in recipe.datasets]
     digests = FileDigests(root)
     identities = [_source_identity(source, digests) for source in sources]
     opened = [None] * len(sources)
@@ -202,24 +202,24 @@ def _packing(recipe: Recipe, examples: TokenizedExamples, train: np.ndarray, ent
     return Rows(examples, offsets, train[members], packed=True), stats
 
 
-def prepare(recipe: Recipe, recipe_path: str | Path | None, tokenizer, dist=None) -> PreparedData:
+def prepare(recipe: Recipe, tokenizer, dist=None) -> PreparedData:
     """Tokenized, split and (with sample_packing) packed data. Under torchrun rank 0 prepares while the other
     ranks wait; an error on rank 0 stops every rank."""
     if dist is not None and dist.enabled:
         failure = None
         if dist.is_main:
             try:
-                prepared = _prepare(recipe, recipe_path, tokenizer, build=True)
+                prepared = _prepare(recipe, tokenizer, build=True)
             except Exception as error:  # whatever it is, the waiting ranks must hear of it, not hang
                 failure = error
         if dist.agree_max(int(failure is not None)):  # doubles as the barrier: rank 0 has finished
             raise failure or DataError("rank 0 could not prepare the data (see its message)")
-        return prepared if dist.is_main else _prepare(recipe, recipe_path, tokenizer, build=False)
-    return _prepare(recipe, recipe_path, tokenizer, build=True)
+        return prepared if dist.is_main else _prepare(recipe, tokenizer, build=False)
+    return _prepare(recipe, tokenizer, build=True)
 
 
-def _prepare(recipe: Recipe, recipe_path, tokenizer, build: bool) -> PreparedData:
-    examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, recipe_path, tokenizer, build)
+def _prepare(recipe: Recipe, tokenizer, build: bool) -> PreparedData:
+    examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))
     if recipe.dataset_exact_deduplication:

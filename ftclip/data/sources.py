@@ -17,7 +17,7 @@ from typing import Any
 
 from ftclip.data.records import missing_columns, record_problem
 from ftclip.errors import DataError
-from ftclip.recipe import DatasetSpec, Recipe, resolve_input_path
+from ftclip.recipe import DatasetSpec, Recipe
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
@@ -39,9 +39,10 @@ class Source:
         return self.location if self.kind != "hub" else f"hub dataset {self.location}"
 
 
-def resolve_source(spec: DatasetSpec, recipe_path: str | Path | None) -> Source:
-    """A local file or folder when one exists (or the value names a data file); else a hub id."""
-    local = resolve_input_path(spec.path, recipe_path)
+def resolve_source(spec: DatasetSpec, recipe: Recipe | None) -> Source:
+    """A local file or folder when one exists (or the value names a data file); else a hub id. Local paths
+    are relative to the recipe's folder (the working directory without a recipe)."""
+    local = recipe.input_path(spec.path) if recipe is not None else Path(spec.path).expanduser()
     if local.is_dir():
         return Source(spec, "folder", str(local))
     if local.is_file() or local.suffix in FILE_TYPES or spec.path.startswith((".", "/", "~")):
@@ -144,10 +145,10 @@ def check_records(path: Path, records: list[Any], spec: DatasetSpec) -> None:
             raise DataError(f"{path}: record {number}: {problem}")
 
 
-def check_source(spec: DatasetSpec, recipe_path: str | Path | None) -> str | None:
+def check_source(spec: DatasetSpec, recipe: Recipe | None) -> str | None:
     """For `validate`: raise DataError for what is wrong; return a notice for what is fine but worth saying
     (a hub dataset that is not in the local cache)."""
-    source = resolve_source(spec, recipe_path)
+    source = resolve_source(spec, recipe)
     path = Path(source.location)
     if source.kind == "hub":
         if hub_cache_folders(source.location):
@@ -167,12 +168,12 @@ def check_source(spec: DatasetSpec, recipe_path: str | Path | None) -> str | Non
     return None
 
 
-def check_datasets(recipe: Recipe, recipe_path: str | Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def check_datasets(recipe: Recipe) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """For `validate`: (key, problem) and (key, notice) pairs; reads local files, never the network."""
     problems, notices = [], []
     for index, spec in enumerate(recipe.datasets):
         try:
-            notice = check_source(spec, recipe_path)
+            notice = check_source(spec, recipe)
         except DataError as error:
             problems.append((f"datasets.{index}.path", str(error)))
             continue

@@ -144,7 +144,7 @@ def pretrain(random_base: Path, corpus: Path, workdir: Path) -> Path:
         micro_batch_size=16, num_epochs=60, learning_rate=3e-3, lr_scheduler="cosine", warmup_steps=20,
         output_dir=str(workdir), logging_steps=50, seed=0,
     )
-    return train(recipe, None, Console(quiet=True)).artifact
+    return train(recipe, Console(quiet=True)).artifact
 
 
 def main() -> None:
