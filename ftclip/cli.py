@@ -19,20 +19,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped, StorageError
 from ftclip.overrides import load_recipe_with_overrides
 from ftclip.recipe import Recipe
+from ftclip.terminal import make_console, user
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Fine-tune LLMs (LoRA, QLoRA, full) from YAML recipes, with a fast and visible gradient clip.",
 )
-console = Console()
-error_console = Console(stderr=True)
+console = make_console()
+error_console = make_console(stderr=True)
 
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
@@ -47,7 +46,7 @@ SetOption = Annotated[
 
 
 def _fail(error: FtclipError) -> None:
-    error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {user(error)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -168,13 +167,13 @@ def validate(
     else:
         for result in results:
             if result["valid"]:
-                console.print(f"[green]ok[/]      {result['file']}", highlight=False, soft_wrap=True)
+                console.print(f"[green]ok[/]      {user(result['file'])}", highlight=False, soft_wrap=True)
             else:
-                console.print(f"[red]invalid[/] {result['file']}", highlight=False, soft_wrap=True)
+                console.print(f"[red]invalid[/] {user(result['file'])}", highlight=False, soft_wrap=True)
                 for problem in result["problems"]:
-                    console.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
+                    console.print(f"  {user(problem)}", highlight=False, soft_wrap=True)
             for key, message in result["notices"]:
-                console.print(f"  [yellow]warning:[/] {key}: {escape(message)}", highlight=False, soft_wrap=True)
+                console.print(f"  [yellow]warning:[/] {user(key)}: {user(message)}", highlight=False, soft_wrap=True)
     if os.environ.get("GITHUB_ACTIONS") == "true":
         # The runner reads workflow commands from stdout and stderr alike; stderr keeps --json's stdout parseable.
         for result in results:
@@ -257,28 +256,28 @@ def train(
         result = run_training(recipe, console, resume=False if no_resume else resume, verify=verify)
     except StorageError as error:
         if _is_rank_zero():
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            error_console.print(f"[bold red]error:[/] {user(error)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STORAGE)
     except OSError as error:
         # A write outside the checkpoint code (metrics, TensorBoard) on a full or read-only disk: the same exit.
         if error.errno not in _STORAGE_ERRNOS:
             raise
-        error_console.print(f"[bold red]error:[/] cannot write {error.filename or 'to the output folder'}: "
-                            f"{error.strerror}. Checkpoints written before are untouched; free space or fix the "
+        error_console.print(f"[bold red]error:[/] cannot write {user(error.filename or 'to the output folder')}: "
+                            f"{user(error.strerror)}. Checkpoints written before are untouched; free space or fix the "
                             "folder's permissions, then run the same command again.", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STORAGE)
     except FtclipError as error:
         _fail(error)
     except RunStopped as stopped:
         if _is_rank_zero():  # the other ranks stopped at the same step; one message
-            error_console.print(f"[yellow]stopped[/]: {stopped}", highlight=False)
+            error_console.print(f"[yellow]stopped[/]: {user(stopped)}", highlight=False)
         _leave_worker(stopped.exit_code)
         raise typer.Exit(stopped.exit_code)
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/]: stopped without saving; the last checkpoint and earlier "
                             "outputs are intact")
         raise typer.Exit(EXIT_INTERRUPTED)
-    console.print(f"[green]done[/]: {result.artifact}")
+    console.print(f"[green]done[/]: {user(result.artifact)}", highlight=False)
     _leave_worker(0)
 
 
@@ -321,7 +320,7 @@ def checkpoints(
                              "size_checked_files": c.size_checked, "unverified": c.legacy} for c in checks],
         }, indent=2, ensure_ascii=False))
         return
-    table = Table(title=f"checkpoints: {run_dir / CHECKPOINTS}")
+    table = Table(title=f"checkpoints: {user(run_dir / CHECKPOINTS)}")
     for column in ("step", "size", "state", "resume"):
         table.add_column(column, justify="right" if column in ("step", "size") else "left")
     for check in checks:
@@ -330,7 +329,7 @@ def checkpoints(
         elif check.intact:
             state = "[green]intact[/]" + (f" ({check.size_checked} large file(s) by size)" if check.size_checked else "")
         else:
-            state = "[red]damaged[/]: " + "; ".join(check.problems)
+            state = "[red]damaged[/]: " + user("; ".join(check.problems))
         table.add_row(str(check.step), human_bytes(check.size), state, "← resume" if check.path == chosen else "")
     console.print(table)
     if chosen is None:
@@ -353,7 +352,7 @@ def report(
         result = analyze(history)
     except FtclipError as error:
         _fail(error)
-    table = Table(title=f"ftclip report: {run_dir}", show_header=False)
+    table = Table(title=f"ftclip report: {user(run_dir)}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("optimizer steps", str(result.steps))
@@ -370,12 +369,12 @@ def report(
     table.add_row("[bold green]suggested max_norm[/]", f"[bold green]{result.suggested:g}[/]")
     console.print(table)
     for line in result.reasoning:
-        console.print(f"  • {line}", highlight=False)
+        console.print(f"  • {user(line)}", highlight=False)
     console.print(f"grad norm (log): {sparkline([s.norm for s in history.steps])}", highlight=False)
     if plot:
         written = write_plot(history, result, Path(run_dir) / PLOT_FILE)
         if written:
-            console.print(f"plot: {written}")
+            console.print(f"plot: {user(written)}", highlight=False)
         else:
             console.print("no plot: matplotlib is not installed (pip install 'ftclip[report]'); the sparkline above "
                           "is the terminal version")
@@ -419,7 +418,7 @@ def preprocess(
         if as_json:
             return
     for note in data.notes:
-        console.print(f"[yellow]warning:[/] {note}", highlight=False)
+        console.print(f"[yellow]warning:[/] {user(note)}", highlight=False)
     trained = int(examples.trained.sum())
     console.print(f"{len(examples):,} examples ({len(data.train.members):,} train, {len(data.val):,} held out), "
                   f"{examples.tokens:,} tokens of which {trained:,} trained on; longest {int(examples.lengths.max())} "
@@ -428,11 +427,11 @@ def preprocess(
         stats = data.packing
         console.print(f"packing: {stats.examples:,} examples in {stats.rows:,} rows, efficiency {stats.efficiency:.1%}")
     if data.hit:
-        console.print(f"cache hit: {data.cache} (opened in {seconds:.2f} s)", highlight=False)
+        console.print(f"cache hit: {user(data.cache)} (opened in {seconds:.2f} s)", highlight=False)
     else:
         console.print(f"tokenized {data.records:,} records in {data.seconds:.1f} s: {data.records / data.seconds:,.0f} "
                       f"records/s, {examples.tokens / data.seconds:,.0f} tokens/s", highlight=False)
-        console.print(f"cached: {data.cache}", highlight=False)
+        console.print(f"cached: {user(data.cache)}", highlight=False)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     console.print(f"peak memory: {own:,.0f} MB" + (f" (largest child process {workers:,.0f} MB)" if workers else ""),
@@ -452,10 +451,11 @@ def merge(
 
     try:
         saved = merge_adapter(run_dir, output, base_model, dtype,
-                              report=lambda message: console.print(message, highlight=False))
+                              report=lambda message: console.print(user(message), highlight=False))
     except FtclipError as error:
         _fail(error)
-    console.print(f"[green]merged[/]: {saved}  (AutoModelForCausalLM.from_pretrained({str(saved)!r}))", highlight=False)
+    loads = f"AutoModelForCausalLM.from_pretrained({str(saved)!r})"
+    console.print(f"[green]merged[/]: {user(saved)}  ({user(loads)})", highlight=False)
 
 
 @app.command()
@@ -490,7 +490,7 @@ def chat(
         write("\n")
         return
     loaded = f"{source.base_model} + adapter {source.folder}" if source.base_model else str(source.folder)
-    console.print(f"[bold]ftclip chat[/]: {loaded}, {conversation.style} prompts. /reset forgets the conversation; "
+    console.print(f"[bold]ftclip chat[/]: {user(loaded)}, {conversation.style} prompts. /reset forgets the conversation; "
                   "/quit or Ctrl-D ends it.", highlight=False)
     while True:
         try:
@@ -556,18 +556,19 @@ def import_axolotl(
 def _print_import(result) -> None:
     if result.ok:
         kind = " (already an ftclip recipe: copied unchanged)" if result.native else ""
-        console.print(f"[green]written[/] {result.output}  ← {result.source}{kind}", highlight=False)
+        console.print(f"[green]written[/] {user(result.output)}  ← {user(result.source)}{kind}", highlight=False)
     elif result.refused:
-        console.print(f"[red]refused[/] {result.source}: nothing written", highlight=False)
+        console.print(f"[red]refused[/] {user(result.source)}: nothing written", highlight=False)
     else:
-        console.print(f"[red]invalid[/] {result.source}: nothing written", highlight=False)
+        console.print(f"[red]invalid[/] {user(result.source)}: nothing written", highlight=False)
     if result.native:
         return
     for old, new, note in result.mapped:
-        console.print(f"  mapped   {old} → {new}" + (f"  ({note})" if note else ""), highlight=False, soft_wrap=True)
+        console.print(f"  mapped   {user(old)} → {user(new)}" + (f"  ({user(note)})" if note else ""), highlight=False,
+                      soft_wrap=True)
     for key, why in result.dropped:
-        console.print(f"  dropped  {key}: {why}", highlight=False, soft_wrap=True)
+        console.print(f"  dropped  {user(key)}: {user(why)}", highlight=False, soft_wrap=True)
     for key, why in result.refused:
-        console.print(f"  [red]refused[/]  {key}: {why}", highlight=False, soft_wrap=True)
+        console.print(f"  [red]refused[/]  {user(key)}: {user(why)}", highlight=False, soft_wrap=True)
     for problem in result.problems:
-        console.print(f"  [red]problem[/]  {problem}", highlight=False, soft_wrap=True)
+        console.print(f"  [red]problem[/]  {user(problem)}", highlight=False, soft_wrap=True)

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.markup import escape
 from safetensors import SafetensorError
 
 from ftclip.checkpoint import (
@@ -56,6 +55,7 @@ from ftclip.objectives import MicroBatchLoss, Objective, objective_for
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
 from ftclip.recipe import Recipe, resolve_schedule, warmup_warning
+from ftclip.terminal import make_console, user
 from ftclip.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
@@ -271,11 +271,11 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
         chosen, damaged = choose_checkpoint(output_dir, verify)
         checkpoint = chosen.path if chosen else None
         if chosen and chosen.legacy:
-            console.print(f"[yellow]warning:[/] {checkpoint} was written without checksums (an older ftclip): "
+            console.print(f"[yellow]warning:[/] {user(checkpoint)} was written without checksums (an older ftclip): "
                           "resuming from it unverified", highlight=False)
         for check in damaged:
-            console.print(f"[yellow]warning:[/] checkpoint {check.path} is damaged, not used: "
-                          + "; ".join(check.problems), highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning:[/] checkpoint {user(check.path)} is damaged, not used: "
+                          + user("; ".join(check.problems)), highlight=False, soft_wrap=True)
         if checkpoint is None and damaged:
             raise ResumeError(
                 f"no intact checkpoint in {output_dir / 'checkpoints'} to resume from (each one above is damaged). "
@@ -283,7 +283,7 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
                 "or pruned as the new run saves its own)."
             )
         if checkpoint is not None and damaged:
-            console.print(f"[yellow]warning:[/] resuming from {checkpoint}, the newest intact checkpoint",
+            console.print(f"[yellow]warning:[/] resuming from {user(checkpoint)}, the newest intact checkpoint",
                           highlight=False)
     else:
         checkpoint = Path(resume)
@@ -367,7 +367,7 @@ def train(recipe: Recipe, console: Console | None = None,
     dist = Distributed.from_environment(recipe.distributed.strategy)
     every_rank_here = False
     try:
-        result = _train(recipe, console or Console(), resume, dist, verify)
+        result = _train(recipe, console or make_console(), resume, dist, verify)
         every_rank_here = True
         return result
     except RunStopped:
@@ -395,14 +395,14 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
 
     tokenizer = load_tokenizer(recipe)
     data = prepare(recipe, tokenizer, dist)
-    console.print(describe_data(data), highlight=False)
+    console.print(user(describe_data(data)), highlight=False)
     train_rows, held_out = data.train, data.val
     example_count = len(data.examples) - len(held_out)
     total_steps = count_steps(recipe, len(train_rows), dist.world_size)
     recipe = resolve_schedule(recipe, total_steps)  # saves/evals per epoch become step counts
     short_warmup = warmup_warning(recipe, total_steps)
     if short_warmup:
-        console.print(f"[yellow]warning:[/] {escape(short_warmup)}", highlight=False)
+        console.print(f"[yellow]warning:[/] {user(short_warmup)}", highlight=False)
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
     console.print(
         f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "
@@ -410,7 +410,8 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
         f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
     )
 
-    model, trainable = _load_trainable_model(recipe, device, dist, tokenizer, console.print)
+    model, trainable = _load_trainable_model(recipe, device, dist, tokenizer,
+                                             lambda text: console.print(user(text), highlight=False))
     objective = objective_for(recipe)  # what a micro-batch's loss is: SFT's, or a preference method's
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
@@ -419,12 +420,12 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     console.print(_describe_clip(recipe, trainable, clipper))
     space_warning = low_space_warning(recipe, output_dir, trainable, total_steps) if dist.is_main else None
     if space_warning:
-        console.print(f"[yellow]warning:[/] {space_warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {user(space_warning)}", highlight=False)
 
     state = TrainingState(step=0, epoch=0, batch_in_epoch=0, counters={"clipped_steps": 0, "skipped_steps": 0}, tensors={})
     if checkpoint is not None:
         state = _restore(checkpoint, model, optimizer, scheduler, clipper, recipe, dist)
-        console.print(f"[bold]resumed[/] from {checkpoint} (step {state.step} of {total_steps}); "
+        console.print(f"[bold]resumed[/] from {user(checkpoint)} (step {state.step} of {total_steps}); "
                       "pass --no-resume to start over")
 
     pad_id = tokenizer.pad_token_id
