@@ -1,7 +1,7 @@
 """The command line: the only place that turns ftclip's errors into messages and exit codes
-(0 ok, 1 run stopped because it diverged, 2 bad input, 3 storage failure: a checkpoint or the result could not
-be written (disk full, read-only or permission denied; earlier checkpoints intact), 130/143 stopped by
-SIGINT/SIGTERM).
+(0 ok, 1 run stopped because it diverged, or import-axolotl failed unexpectedly on a config, 2 bad input,
+3 storage failure: a checkpoint or the result could not be written (disk full, read-only or permission denied;
+earlier checkpoints intact), 130/143 stopped by SIGINT/SIGTERM).
 
 Imports: this module's top imports only typer, rich and ftclip's light modules (errors, recipe). torch,
 transformers, datasets, peft and bitsandbytes cost seconds, so they are imported inside the command functions
@@ -33,6 +33,7 @@ app = typer.Typer(
 console = make_console()
 error_console = make_console(stderr=True)
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
 EXIT_INTERRUPTED = 130
@@ -527,30 +528,55 @@ def import_axolotl(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Convert Axolotl configs to ftclip recipes, with a per-key report: mapped, dropped (no effect on what is
-    trained), refused (changes training; nothing is written for that config). Exit 2 if any was not written."""
-    from ftclip.axolotl import import_config, output_paths, write_atomically
+    trained), refused (changes training; nothing is written for that config). Each config is reported even when
+    another fails. Exit 2 if any was not written; 1 if the importer failed unexpectedly on any (that config is
+    reported with the error; the others are still converted)."""
+    from ftclip.axolotl import output_paths
 
     if output is not None and (len(configs) > 1 or output_dir is not None):
         _fail(FtclipError("-o names one output file: pass one config, or use --output-dir for several"))
     results = []
     for source, target in zip(configs, output_paths(configs, output, output_dir)):
+        result = _import_one(source, target)
+        results.append(result)
+        if not as_json:
+            _report_import(result)
+    if as_json:
+        print(json.dumps([result.as_json() for result in results], indent=2))
+    written = sum(result.ok for result in results)
+    if not as_json and len(results) > 1:
+        failed = sum(result.failure is not None for result in results)
+        console.print(f"{written} of {len(results)} configs written" + (f", {failed} failed" if failed else ""),
+                      highlight=False)
+    if any(result.failure is not None for result in results):
+        raise typer.Exit(EXIT_FAILED)
+    if written < len(results):
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _import_one(source: Path, target: Path):
+    """One config's import and write. Never raises: an unexpected error (an importer bug, or a file no parser
+    expects) becomes that config's failure, so the configs after it are still converted and reported."""
+    from ftclip.axolotl import ImportResult, import_config, write_atomically
+
+    try:
         result = import_config(source, target)
         if result.ok:
             try:
                 write_atomically(target, result.text)
             except OSError as error:
                 result.problems.append(f"cannot write {target}: {error}")
-        results.append(result)
-    if as_json:
-        print(json.dumps([result.as_json() for result in results], indent=2))
-    else:
-        for result in results:
-            _print_import(result)
-    written = sum(result.ok for result in results)
-    if not as_json and len(results) > 1:
-        console.print(f"{written} of {len(results)} configs written", highlight=False)
-    if written < len(results):
-        raise typer.Exit(EXIT_BAD_INPUT)
+    except Exception as error:  # reported for this config; the next one runs
+        result = ImportResult(str(source), str(target), failure=f"{type(error).__name__}: {error}")
+    return result
+
+
+def _report_import(result) -> None:
+    try:
+        _print_import(result)
+    except Exception as error:  # printing one report must not stop the others
+        result.failure = f"{type(error).__name__} while printing its report: {error}"
+        error_console.print(f"failed {result.source}: {result.failure}", markup=False, highlight=False)
 
 
 def _print_import(result) -> None:
@@ -559,6 +585,10 @@ def _print_import(result) -> None:
         console.print(f"[green]written[/] {user(result.output)}  ← {user(result.source)}{kind}", highlight=False)
     elif result.refused:
         console.print(f"[red]refused[/] {user(result.source)}: nothing written", highlight=False)
+    elif result.failure is not None:
+        console.print(f"[bold red]failed[/] {user(result.source)}: the importer failed unexpectedly, nothing written: "
+                      f"{user(result.failure)}", highlight=False, soft_wrap=True)
+        return
     else:
         console.print(f"[red]invalid[/] {user(result.source)}: nothing written", highlight=False)
     if result.native:

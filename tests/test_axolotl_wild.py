@@ -3,16 +3,20 @@ and its in-memory entry point."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
+from typer.testing import CliRunner
 
 from ftclip.axolotl import import_config, import_mapping
+from ftclip.cli import app
 from ftclip.recipe import parse_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_DIR = REPO / "tests" / "fixtures" / "axolotl_wild"
 CORPUS = sorted(path for path in CORPUS_DIR.iterdir() if path.suffix in (".yml", ".yaml"))
+runner = CliRunner()
 
 
 def test_import_mapping_converts_a_parsed_config_in_memory(tmp_path):
@@ -35,3 +39,33 @@ def test_import_mapping_reports_refusals_without_a_recipe(tmp_path):
                              "rl": "dpo"}, tmp_path / "axolotl.yml")
     assert not result.ok and result.recipe is None and "rl" in dict(result.refused)
     assert import_mapping(["not", "a", "mapping"]).problems == ["not a mapping of keys (an Axolotl config is one)"]
+
+
+# ---------------------------------------------------------------- one failing config does not hide the others
+
+
+def test_an_unexpected_failure_is_reported_for_its_config_and_the_rest_still_run(tmp_path):
+    good = "base_model: org/model\ndatasets:\n  - path: data.jsonl\n    type: alpaca\n"
+    (tmp_path / "a.yml").write_text(good)
+    # A real file no parser expects: nesting deeper than Python's recursion limit makes PyYAML's constructor
+    # raise RecursionError (not a YAMLError), which nothing in the importer anticipates.
+    (tmp_path / "b.yml").write_text(good + "model_config: " + "[" * 5000 + "]" * 5000 + "\n")
+    (tmp_path / "c.yml").write_text(good)
+    sources = [str(tmp_path / name) for name in ("a.yml", "b.yml", "c.yml")]
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["import-axolotl", *sources, "--output-dir", str(out)])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert f"failed {sources[1]}: the importer failed unexpectedly, nothing written: RecursionError" in result.output
+    assert result.output.count("written") >= 3 and "2 of 3 configs written, 1 failed" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.ftclip.yaml", "c.ftclip.yaml"]
+    report = json.loads(runner.invoke(app, ["import-axolotl", *sources, "--output-dir", str(out), "--json"]).stdout)
+    assert [entry["written"] for entry in report] == [True, False, True]
+    assert report[1]["failure"].startswith("RecursionError") and report[0]["failure"] is None
+
+
+def test_a_key_yaml_reads_as_a_boolean_is_refused_by_name(tmp_path):
+    path = tmp_path / "axolotl.yml"
+    path.write_text("base_model: org/model\ndatasets:\n  - path: d.jsonl\n    type: alpaca\non: true\n")
+    result = import_config(path)  # was: AttributeError: 'bool' object has no attribute 'startswith'
+    assert dict(result.refused)["True"] == "True (bool) is not a key name; quote it if it is one"

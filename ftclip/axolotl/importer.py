@@ -45,10 +45,11 @@ class ImportResult:
     native: bool = False
     text: str | None = None  # the recipe as written: YAML with a comment per key saying where it came from
     recipe: dict[str, Any] | None = None  # the same recipe's keys and values, when it was made and is valid
+    failure: str | None = None  # an unexpected error while importing it (the command reports it and goes on)
 
     @property
     def ok(self) -> bool:
-        return not self.refused and not self.problems and self.text is not None
+        return not self.refused and not self.problems and self.failure is None and self.text is not None
 
     def as_json(self) -> dict:
         return {
@@ -57,7 +58,7 @@ class ImportResult:
             "mapped": [{"from": old, "to": new, "note": note} for old, new, note in self.mapped],
             "dropped": [{"key": key, "why": why} for key, why in self.dropped],
             "refused": [{"key": key, "why": why} for key, why in self.refused],
-            "problems": self.problems,
+            "problems": self.problems, "failure": self.failure,
         }
 
 
@@ -174,6 +175,9 @@ def _apply(key: str, value: Any, config: dict, builder: _Builder, source: Path) 
     origin = f"from {key}: {show_value(value)}"
     if value is None or value == "":  # `key:` or `key: ""`, as configs written from a template leave them
         result.dropped.append((key, "empty: not set, the default applies"))
+        return
+    if not isinstance(key, str):  # YAML reads `on:`, `yes:`, `no:` or `1:` as a boolean or a number, not a name
+        result.refused.append((str(key), f"{key!r} ({type(key).__name__}) is not a key name; quote it if it is one"))
         return
     rule = AXOLOTL_KEYS.get(key)
     if rule is None and key.startswith(TRACKER_PREFIXES) and key not in Recipe.model_fields:
