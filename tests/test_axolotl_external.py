@@ -67,7 +67,7 @@ def test_external_corpus_outcomes():
     assert len(written) >= 21
     refused = {name: {key for key, _ in result.refused} for name, result in results.items()}
     assert "datasets[0].type" in refused["DEITA__qlora.yml"]  # a user-defined prompt format (type: {...})
-    assert "datasets[0].type" in refused["Medilora__train_medilora_medqa.yml"]  # sharegpt
+    assert "datasets[0].type" not in refused["Medilora__train_medilora_medqa.yml"]  # sharegpt: read as chat now
     assert "rl" in refused["util-llm-script__qlora_dpo.yml"]
     # The two that are neither: an inference config without datasets, and a template with empty values.
     invalid = {name for name, result in results.items() if not result.ok and not result.refused}
@@ -202,10 +202,12 @@ def test_dataset_field_and_column_keys(tmp_path):
     assert "datasets[0].field_prompt" in dict(import_config(path).refused)
 
 
-def test_sharegpt_refusal_says_how_to_rewrite_it():
-    result = import_config(CORPUS_DIR / "Medilora__train_medilora_medqa.yml")
-    why = dict(result.refused)["datasets[0].type"]
-    assert "type: chat_template" in why and "message_property_mappings" in why
+def test_sharegpt_is_read_as_chat_in_the_conversations_template():
+    result = import_config(CORPUS_DIR / "Medilora__train_medilora_medqa.yml")  # was: refused (type: sharegpt)
+    assert result.ok, (result.refused, result.problems)
+    recipe = parse_recipe(result.text)
+    assert recipe.chat_template == "chatml" and recipe.datasets[0].field_messages == "conversations"
+    assert recipe.datasets[0].roles == {"user": ["user"], "assistant": ["assistant"]}  # field_human/field_model
 
 
 def test_base_model_config(tmp_path):

@@ -69,3 +69,68 @@ def test_a_key_yaml_reads_as_a_boolean_is_refused_by_name(tmp_path):
     path.write_text("base_model: org/model\ndatasets:\n  - path: d.jsonl\n    type: alpaca\non: true\n")
     result = import_config(path)  # was: AttributeError: 'bool' object has no attribute 'startswith'
     assert dict(result.refused)["True"] == "True (bool) is not a key name; quote it if it is one"
+
+
+# ---------------------------------------------------------------- ShareGPT configs
+
+
+def sharegpt_config(tmp_path: Path, entry: dict, **top) -> Path:
+    path = tmp_path / "axolotl.yml"
+    path.write_text(yaml.safe_dump({"base_model": "org/model", "datasets": [{"path": "chats.jsonl", **entry}], **top}))
+    return path
+
+
+def test_sharegpt_reads_as_chat_in_the_conversations_template(tmp_path, tiny_model_dir):
+    records = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Name a colour."},
+                                  {"from": "gpt", "value": "Teal is a colour."}]}] * 4
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = import_config(sharegpt_config(tmp_path, {"type": "sharegpt", "conversation": "chatml"}, chat_template="chatml",
+                                           sequence_len=128))
+    assert result.ok, (result.refused, result.problems)
+    recipe = parse_recipe(result.text, str(tmp_path / "axolotl.ftclip.yaml"))
+    [dataset] = recipe.datasets
+    assert (dataset.type, dataset.field_messages) == ("chat", "conversations")
+    assert dataset.message_property_mappings == {"role": "from", "content": "value"}
+    assert dataset.roles == {"user": ["human"], "assistant": ["gpt"]} and recipe.chat_template == "chatml"
+    assert "You are a helpful assistant." in dict((old, note) for old, _, note in result.mapped)["datasets[0].conversation"]
+    # The written recipe reads the ShareGPT records: the gpt turn is trained, the human and system turns are not.
+    written = tmp_path / "recipe.yaml"
+    written.write_text(result.text)
+    shown = runner.invoke(app, ["preprocess", str(written), "--show", "1", "--json", "--set", f"base_model={tiny_model_dir}",
+                                "--set", f"dataset_cache_dir={tmp_path / 'cache'}"])
+    assert shown.exit_code == 0, shown.output
+    from transformers import AutoTokenizer
+
+    example = json.loads(shown.stdout.splitlines()[0])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    trained = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+    assert trained.startswith("Teal is a colour.") and "Name a colour" not in trained and "Be brief" not in trained
+    assert "<|im_start|>user\nName a colour.<|im_end|>" in tokenizer.decode(example["input_ids"])
+
+
+def test_sharegpt_loaders_and_role_names(tmp_path):
+    for type_name in ("sharegpt", "sharegpt:chat", "sharegpt.load"):
+        recipe = parse_recipe(import_config(sharegpt_config(tmp_path, {"type": type_name, "conversation": "llama3"})).text)
+        assert recipe.datasets[0].message_property_mappings == {"role": "from", "content": "value"}
+        assert recipe.chat_template == "llama3"
+    result = import_config(sharegpt_config(tmp_path, {"type": "sharegpt.load_guanaco", "conversation": "mistral"}))
+    dataset = parse_recipe(result.text).datasets[0]
+    assert dataset.message_property_mappings == {"role": "role", "content": "text"}
+    assert dataset.roles == {"user": ["prompter"], "assistant": ["assistant"]}
+    result = import_config(sharegpt_config(tmp_path, {"type": "sharegpt", "conversation": "llama-3", "field_human": "user",
+                                                      "field_model": "assistant"}))
+    recipe = parse_recipe(result.text)
+    assert recipe.datasets[0].roles == {"user": ["user"], "assistant": ["assistant"]} and recipe.chat_template == "llama3"
+    result = import_config(sharegpt_config(tmp_path, {"type": "alpaca", "conversation": "chatml"}))
+    assert "read by Axolotl's sharegpt type only" in dict(result.dropped)["datasets[0].conversation"]
+
+
+def test_sharegpt_without_a_template_ftclip_has_is_refused_with_the_reason(tmp_path):
+    result = import_config(sharegpt_config(tmp_path, {"type": "sharegpt"}))
+    assert "vicuna_v1.1" in dict(result.refused)["datasets[0].conversation"]
+    result = import_config(sharegpt_config(tmp_path, {"type": "sharegpt", "conversation": "vicuna_v1.1"}))
+    assert "fastchat conversation 'vicuna_v1.1': ftclip has no chat template" in dict(result.refused)["datasets[0].conversation"]
+    result = import_config(sharegpt_config(tmp_path, {"type": "sharegpt", "conversation": "chatml"}, chat_template="llama3"))
+    assert "recipe's chat template is llama3" in dict(result.refused)["datasets[0].conversation"]
+    result = import_config(sharegpt_config(tmp_path, {"type": "sharegpt.load_glaive", "conversation": "chatml"}))
+    assert "a ShareGPT loader ftclip does not read" in dict(result.refused)["datasets[0].type"]

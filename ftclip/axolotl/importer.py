@@ -3,6 +3,7 @@ came from) atomically, validate it, and report mapped / dropped / refused keys."
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from ftclip.axolotl.sharegpt import conversation_template, sharegpt_fields, sharegpt_loader
 from ftclip.axolotl.table import (
     AXOLOTL_KEYS,
     DATASET_KEYS,
@@ -95,14 +97,37 @@ def _dataset_type_refusal(value: Any) -> str:
     if isinstance(value, dict):
         return ("a user-defined prompt format (type as a mapping of format strings and field_* columns); ftclip reads "
                 "alpaca, completion and chat_template records: write the data in one of them")
-    if isinstance(value, str) and value.split(".")[0].split(":")[0] == "sharegpt":
-        return (f"{value}: Axolotl's older ShareGPT format with fastchat conversation templates (Axolotl itself now "
-                "rejects it); as type: chat_template with field_messages: conversations, message_property_mappings "
-                "{role: from, content: value} and roles {user: [human], assistant: [gpt]} ftclip reads the same "
-                "records with the model's chat template")
     if value in ("json", "jsonl", "csv", "parquet", "text", "arrow"):
         return f"{value!r} is a file format (Axolotl's ds_type), not a prompt format; ftclip's are alpaca, completion, chat"
     return f"prompt format {show_value(value)}: ftclip reads alpaca, completion and chat_template records"
+
+
+def _convert_sharegpt(where: str, entry: dict, loader: str, config: dict, builder: _Builder, converted: dict) -> None:
+    """type: sharegpt → chat with the turns' field and spellings, and the conversation's chat template."""
+    result = builder.result
+    fields = sharegpt_fields(entry, loader)
+    if isinstance(fields, str):
+        result.refused.append((f"{where}.type", fields))
+        return
+    converted.update(fields)
+    written = ", ".join(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in fields.items())
+    result.mapped.append((f"{where}.type", f"{where}: {written}",
+                          "Axolotl's ShareGPT records read as chat (its migration: type chat_template, field_messages, "
+                          "message_property_mappings)" + (", roles from field_human/field_model"
+                                                          if {"field_human", "field_model"} & set(entry) else "")))
+    conversation = entry.get("conversation")
+    template, note = conversation_template(conversation)
+    name = f"{where}.conversation"
+    if template is None:
+        result.refused.append((name, note))
+        return
+    chosen = builder.values.get("chat_template", config.get("chat_template"))
+    if chosen not in (None, template):
+        result.refused.append((name, f"{conversation}: its turns are written in {template}, but the recipe's chat template "
+                                     f"is {chosen}; ftclip has one chat template, for training and chat alike"))
+        return
+    builder.put("chat_template", template, f"from {name}: {conversation}")
+    result.mapped.append((name, f"chat_template: {template}", note))
 
 
 def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, output_dir: Path) -> dict | None:
@@ -112,6 +137,7 @@ def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, ou
         result.refused.append((where, "a dataset entry must be a mapping with path and type"))
         return None
     converted: dict[str, Any] = {}
+    loader = sharegpt_loader(entry.get("type"))
     for key, value in entry.items():
         name = f"{where}.{key}"
         if value is None:
@@ -122,6 +148,12 @@ def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, ou
             result.refused.append((name, "not a dataset key ftclip's importer knows; it may change the data"))
         elif key == "path":
             converted["path"] = _rebase(str(value), output_dir)
+        elif loader is not None and key in ("type", "conversation", "field_human", "field_model"):
+            if key == "type":
+                _convert_sharegpt(where, entry, loader, config, builder, converted)
+        elif key in ("conversation", "field_human", "field_model"):
+            result.dropped.append((name, f"read by Axolotl's sharegpt type only; with type {show_value(entry.get('type'))} "
+                                         "it has no effect"))
         elif key == "type":
             if not isinstance(value, str) or value not in DATASET_TYPES:
                 result.refused.append((name, _dataset_type_refusal(value)))

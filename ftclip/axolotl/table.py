@@ -728,7 +728,8 @@ DATASET_TYPES = {"alpaca": "alpaca", "completion": "completion", "chat_template"
                  "chat_template.default": "chat", "chat": "chat"}
 DATASET_KEYS: dict[str, Rule] = {
     "path": _same("a local path is rewritten relative to the written recipe"),
-    "type": _to("datasets[].type", "alpaca, completion, chat_template → chat"),
+    "type": _to("datasets[].type", "alpaca, completion, chat_template → chat; sharegpt → chat with field_messages and "
+                "message_property_mappings, as Axolotl's migration says"),
     "split": _same(), "name": _same(), "data_files": _same(), "revision": _same(),
     "field_messages": _same(), "message_property_mappings": _same(), "roles": _same(), "roles_to_train": _same(),
     "train_on_eos": _same(),
@@ -743,9 +744,10 @@ DATASET_KEYS: dict[str, Rule] = {
                               "thinking key; ftclip passes thinking/reasoning_content through but does not split"),
     "template_thinking_key": _refuse("see field_thinking: Axolotl splits <think>…</think> out of the content"),
     "field_system": _refuse("a per-record system prompt field"), "system_prompt": _refuse("a fixed system prompt"),
-    "conversation": _refuse("a fastchat conversation template, used by the ShareGPT format (see type: sharegpt)"),
-    "field_human": _refuse("ShareGPT's role names (see type: sharegpt)"),
-    "field_model": _refuse("ShareGPT's role names (see type: sharegpt)"),
+    "conversation": _to("chat_template", "type: sharegpt's fastchat conversation → the chat template of the same format "
+                        "(chatml, llama3, llama-3, mistral, gemma); others, and none (vicuna_v1.1), refused"),
+    "field_human": _to("datasets[].roles.user", "type: sharegpt: the role name of the human turns"),
+    "field_model": _to("datasets[].roles.assistant", "type: sharegpt: the role name of the model's turns"),
     **{key: _to("—", f"{column}: dropped (alpaca's own column); another column: refused")
        for key, column in (("field_instruction", "instruction"), ("field_input", "input"), ("field_output", "output"))},
     "field_prompt": _refuse("Axolotl's completion format reads one text column (field) and discards field_prompt/"
