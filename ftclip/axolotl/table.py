@@ -462,6 +462,13 @@ def _base_model_config(value: Any, config: dict) -> Outcome:
                    "model_config / overrides_of_model_config)")
 
 
+def _misspelled(correct: str) -> Rule:
+    """A key Axolotl's schema lacks whose name says what the author meant: Axolotl discarded it, so the setting the
+    author wanted was never made; refused so the author notices, with the key that makes it."""
+    return _refuse(f"not a key of Axolotl's config schema: Axolotl discards it, so it set nothing there; Axolotl's "
+                   f"key for this is {correct}")
+
+
 def _not_axolotl(note: str = "") -> Rule:
     """A key Axolotl's schema (at 067b021c) lacks: its validation discards it, so it had no effect there."""
     return _drop("not a key of Axolotl's config schema: Axolotl discards it, so it has no effect there"
@@ -712,6 +719,24 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "eval_dataset": _not_axolotl("Axolotl's is test_datasets"),
     **{key: _not_axolotl("Axolotl's is special_tokens." + key)
        for key in ("bos_token", "eos_token", "pad_token", "unk_token")},
+    # seen in configs committed in other repositories (tests/fixtures/axolotl_wild), checked against Axolotl's schema
+    "auto_find_batch_size": _drop("Hugging Face halves the micro-batch and retries after running out of memory; ftclip "
+                                  "trains with micro_batch_size as given (where that search starts) or stops"),
+    "dataset_keep_in_memory": _drop(_MEMORY),
+    "sample_packing_group_size": _drop("how many examples Axolotl's multipack packs at a time: the packing layout, "
+                                       "which ftclip's own packer decides"),
+    "sample_packing_bin_size": _drop("the most examples Axolotl's multipack puts in one row: the packing layout, "
+                                     "which ftclip's own packer decides"),
+    "batch_flattening": _drop(_MEMORY), "profiler_steps": _drop("a profiler: no effect on what is trained"),
+    "chat_template_kwargs": _refuse("arguments given to the chat template when it renders (such as enable_thinking), "
+                                    "which change the rendered text; ftclip renders the template without them"),
+    "data_seed": _not_axolotl("Hugging Face's seed for the data order; Axolotl never passes it on, its data order "
+                              "follows seed"),
+    "safe_serialization": _not_axolotl("ftclip writes safetensors"), "tokenizer_padding_side": _not_axolotl(),
+    "push_adapter_to_hub": _not_axolotl(), "checkpoint_dir": _not_axolotl(), "global_batch_size": _not_axolotl(),
+    **{key: _misspelled(correct) for key, correct in (
+        ("lr", "learning_rate"), ("epochs", "num_epochs"), ("train_batch_size", "micro_batch_size"),
+        ("tokenizer_path", "tokenizer_config"))},
     # cloud launcher settings (axolotl's modal/baseten runners), not training
     **{key: _drop("cloud launcher setting, not training") for key in (
         "gpu", "gpu_count", "provider", "node_count", "volumes", "branch", "dockerfile_commands", "memory", "timeout",
@@ -754,6 +779,8 @@ DATASET_KEYS: dict[str, Rule] = {
                             "field_completion (preference-data keys): the prompt and completion columns are not read"),
     "field_completion": _refuse("see field_prompt: Axolotl's completion format reads one text column"),
     "prompt_style": _drop("not a key of Axolotl's dataset schema: Axolotl discards it, so it has no effect there"),
+    **{key: _drop("not a key of Axolotl's dataset schema: Axolotl discards it, so it has no effect there")
+       for key in ("overlap_len", "min_sample_len", "discard_portion", "dset_type")},
     "field_chosen": _refuse("preference pairs"), "field_rejected": _refuse("preference pairs"),
     "shards": _refuse("trains on a shard"), "shards_idx": _refuse("trains on a shard"),
     "preprocess_shards": _refuse("trains on a shard"), "train_on_split": _refuse("an extra split"),
