@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 
 from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped, StorageError
-from ftclip.overrides import load_recipe_with_overrides
 from ftclip.recipe import Recipe
+from ftclip.recipe_files import read_recipe
 from ftclip.terminal import make_console, user
 
 app = typer.Typer(
@@ -105,6 +106,29 @@ def _notices(recipe: Recipe) -> list[tuple[str, str]]:
     return notices
 
 
+def import_summary(recipe: Recipe) -> list[str]:
+    """For an Axolotl config read through the importer: the short form of its report (plain text, user keys
+    and values in it): how many keys kept their name, which were converted, which were dropped."""
+    result = recipe._imported
+    if result is None:
+        return []
+    same = [old for old, new, _ in result.mapped if new.split(":", 1)[0] == old]
+    converted = [f"{old} → {new}" if old != "(absent)" else f"{new} (Axolotl's default)"
+                 for old, new, _ in result.mapped if new.split(":", 1)[0] != old]
+    lines = ["an Axolotl config, read through the importer in memory (`ftclip import-axolotl` writes the recipe "
+             "to commit):", f"  mapped {len(result.mapped)} keys: {len(same)} keep their names"
+             + (f"; {'; '.join(converted)}" if converted else "")]
+    if result.dropped:
+        lines.append(f"  dropped {len(result.dropped)}, no effect on what is trained: "
+                     + ", ".join(key for key, _ in result.dropped))
+    return lines
+
+
+def _print_import_summary(recipe: Recipe, to: Console) -> None:
+    for index, line in enumerate(import_summary(recipe)):
+        to.print(f"[bold]note:[/] {user(line)}" if index == 0 else user(line), highlight=False, soft_wrap=True)
+
+
 def _annotation_property(value: str) -> str:
     # GitHub's workflow-command escaping (actions/toolkit command.ts escapeProperty).
     return _annotation_data(value).replace(":", "%3A").replace(",", "%2C")
@@ -151,17 +175,20 @@ def validate(
     results = []
     for path in recipes:
         try:
-            recipe = load_recipe_with_overrides(path, overrides)
+            recipe = read_recipe(path, overrides)
             problems, data_notices = _filesystem_problems(recipe, path)
             notices = _notices(recipe) + data_notices
+            imported = recipe._imported
         except RecipeError as error:
-            problems, notices = error.problems, []
-        results.append({"file": str(path), "valid": not problems, "problems": problems, "notices": notices})
+            problems, notices, imported = error.problems, [], None
+        results.append({"file": str(path), "valid": not problems, "problems": problems, "notices": notices,
+                        "imported": imported, "summary": import_summary(recipe) if imported else []})
     if as_json:
         payload = [
             {"file": r["file"], "valid": r["valid"],
              "problems": [{"line": p.line, "key": p.key, "message": p.message} for p in r["problems"]],
-             "warnings": [f"{key}: {message}" for key, message in r["notices"]]}
+             "warnings": [f"{key}: {message}" for key, message in r["notices"]],
+             **({"axolotl_import": r["imported"].as_json()} if r["imported"] else {})}
             for r in results
         ]
         print(json.dumps(payload, indent=2))
@@ -173,6 +200,9 @@ def validate(
                 console.print(f"[red]invalid[/] {user(result['file'])}", highlight=False, soft_wrap=True)
                 for problem in result["problems"]:
                     console.print(f"  {user(problem)}", highlight=False, soft_wrap=True)
+            for line in result["summary"]:
+                console.print(f"  note: {user(line.strip())}" if line.startswith("an Axolotl") else f"  {user(line)}",
+                              highlight=False, soft_wrap=True)
             for key, message in result["notices"]:
                 console.print(f"  [yellow]warning:[/] {user(key)}: {user(message)}", highlight=False, soft_wrap=True)
     if os.environ.get("GITHUB_ACTIONS") == "true":
@@ -242,7 +272,8 @@ def train(
         # --max-steps/--output-dir are shorthands for --set; an explicit --set of the same key comes later and wins.
         shorthands = ([f"max_steps={max_steps}"] if max_steps is not None else []) + (
             [f"output_dir={json.dumps(output_dir)}"] if output_dir is not None else [])
-        recipe = load_recipe_with_overrides(recipe_path, shorthands + (overrides or []))
+        recipe = read_recipe(recipe_path, shorthands + (overrides or []))
+        _print_import_summary(recipe, console)
         problems, _ = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)
@@ -395,7 +426,8 @@ def preprocess(
     import time
 
     try:
-        recipe = load_recipe_with_overrides(recipe_path, overrides)
+        recipe = read_recipe(recipe_path, overrides)
+        _print_import_summary(recipe, error_console if as_json else console)  # --json's stdout is JSON alone
         problems, notices = _filesystem_problems(recipe, recipe_path)
         if problems:
             raise RecipeError(problems)

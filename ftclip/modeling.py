@@ -342,15 +342,17 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
         )
     if recipe.lora_model_dir:
         return _continue_adapter(model, recipe)
+    saved_in_full = modules_to_save(recipe, model, new_tokens, note)
     lora = LoraConfig(
         r=recipe.lora_r,
         lora_alpha=recipe.lora_alpha,
         lora_dropout=recipe.lora_dropout,
         target_modules=recipe.target_modules,
         task_type="CAUSAL_LM",
-        modules_to_save=modules_to_save(recipe, model, new_tokens, note),
-        # Tied input/output embeddings stay tied when both are trained in full.
-        ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False)),
+        modules_to_save=saved_in_full,
+        # Tied input/output embeddings stay tied when both are trained in full (only then: peft warns otherwise).
+        ensure_weight_tying=bool(getattr(model.config, "tie_word_embeddings", False))
+        and bool(set(saved_in_full or []) & set(_embedding_module_names(model))),
         **_peft_options(recipe),
     )
     try:

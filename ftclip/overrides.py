@@ -11,13 +11,12 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ftclip.errors import Problem, RecipeError
-from ftclip.recipe import Recipe, _clipping_from_shorthand, _key_lines, _line_of, load_recipe, parse_recipe
+from ftclip.recipe import Recipe, _clipping_from_shorthand
 
 
 @dataclass(frozen=True)
@@ -131,43 +130,3 @@ def blame(problems: list[Problem], overrides: list[Override]) -> list[Problem]:
 
 def recipe_overrides(recipe: Recipe) -> list[Override]:
     return list(recipe._overrides)
-
-
-def load_recipe_with_overrides(path: str | Path, texts: list[str] | None) -> Recipe:
-    """load_recipe, with the `--set` overrides applied to the YAML data before validation."""
-    if not texts:
-        return load_recipe(path)
-    file = str(path)
-    overrides, problems = [], []
-    for text in texts:  # every malformed one reported at once
-        try:
-            overrides.append(parse_override(text, file))
-        except RecipeError as error:
-            problems += error.problems
-    if problems:
-        raise RecipeError(problems)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return load_recipe(path)  # raises the file's own error, worded as without overrides
-    if not isinstance(data, dict):
-        return load_recipe(path)
-    lines, duplicates = _key_lines(node)
-    problems = [Problem(file, ".".join(map(str, key)), "key given twice; YAML would silently keep the last", line)
-                for key, line in duplicates]
-    changed = apply_overrides(data, overrides, file)
-    try:
-        recipe = parse_recipe(yaml.safe_dump(changed, sort_keys=False), file, Path(path).parent)
-    except RecipeError as error:
-        for problem in blame(error.problems, overrides):
-            if "(from --set " not in problem.message:  # a line of the real file, not of the re-dumped text
-                loc = tuple(int(p) if p.isdigit() else p for p in problem.key.split(".")) if problem.key else ()
-                problem = Problem(file, problem.key, problem.message, _line_of(loc, lines) if loc else None)
-            problems.append(problem)
-        raise RecipeError(problems) from None
-    if problems:
-        raise RecipeError(problems)
-    recipe._overrides = overrides
-    return recipe

@@ -220,22 +220,6 @@ def _without_empty_values(data: dict) -> dict:
     return cleaned
 
 
-def _distributed_from_axolotl(data: dict) -> dict:
-    """Axolotl's deepspeed / fsdp / fsdp_config / fsdp_version become distributed.strategy where the meaning
-    matches (ZeRO-3 or FULL_SHARD: fsdp; ZeRO-1/2 or NO_SHARD: ddp); the launcher stays torchrun."""
-    from ftclip.axolotl import DISTRIBUTED_KEYS, distributed_strategy  # lazy: ftclip.axolotl imports this module
-
-    given = {key: data.pop(key) for key in DISTRIBUTED_KEYS if key in data}
-    strategy, refusal, key = distributed_strategy(given)
-    if refusal:
-        raise ValueError(f"{key}: {refusal}")
-    if strategy is not None:
-        if "distributed" in data:
-            raise ValueError(f"{key}: distributed is given too; keep one (distributed: {{strategy: {strategy}}})")
-        data["distributed"] = {"strategy": strategy}
-    return data
-
-
 def _clipping_from_shorthand(value: Any) -> Any:
     """A bare number is a norm threshold (Axolotl/HF style); false, 0 and 'off' mean no clipping.
     (An empty value never gets here: it means the default, norm clipping at 1.0.)"""
@@ -465,6 +449,8 @@ class Recipe(BaseModel):
     _overrides: list = PrivateAttr(default_factory=list)
     # What `bf16: auto` resolved to on the training device (e.g. "bfloat16"), recorded by dump_recipe for merge.
     _trained_dtype: str | None = PrivateAttr(default=None)
+    # The Axolotl importer's report when the file was an Axolotl config read in memory (ftclip.recipe_files).
+    _imported: Any = PrivateAttr(default=None)
     # The folder of the recipe file, set once when it is loaded: every input path is resolved against it, so
     # no stage needs to know where the recipe came from. None (a recipe built in code): the working directory.
     _folder: Path | None = PrivateAttr(default=None)
@@ -538,7 +524,6 @@ class Recipe(BaseModel):
                 if key in data:
                     raise ValueError(f"{key} and {alias} (its Axolotl alias) are both given; keep one")
                 data[key] = data.pop(alias)
-        data = _distributed_from_axolotl(data)
         if "max_grad_norm" in data:
             if "gradient_clipping" in data:
                 raise ValueError(
@@ -597,7 +582,8 @@ def warmup_warning(recipe: Recipe, total_steps: int) -> str | None:
     if warmup < total_steps or warmup <= 1:
         return None
     reached = recipe.learning_rate * total_steps / warmup
-    return (f"warmup_steps: {warmup} warmup steps but the run has {total_steps} optimizer steps: the learning rate "
+    steps = f"{total_steps} optimizer step{'s' if total_steps != 1 else ''}"
+    return (f"warmup_steps: {warmup} warmup steps but the run has {steps}: the learning rate "
             f"will not reach its peak ({recipe.learning_rate:g}; it ends warming up at {reached:.3g})")
 
 
@@ -727,7 +713,8 @@ def _model_at(loc: tuple) -> type[BaseModel]:
     return _NESTED_MODELS.get(loc[0], Recipe) if len(loc) > 1 else Recipe
 
 
-def _allowed_keys(model: type[BaseModel]) -> list[str]:
+def allowed_keys(model: type[BaseModel]) -> list[str]:
+    """The keys a recipe (or one of its nested blocks) takes, aliases included."""
     keys = list(model.model_fields)
     return keys + ["max_grad_norm", "dataset_prepared_path", "model_config", "model_revision"] if model is Recipe else keys
 
@@ -759,13 +746,7 @@ def _describe(error: dict) -> str:
     kind, message = error["type"], error["msg"]
     if kind == "extra_forbidden":
         loc = error["loc"]
-        if _model_at(loc) in (Recipe, DatasetSpec):
-            from ftclip.axolotl import unknown_key_message  # lazy: ftclip.axolotl imports this module
-
-            known = unknown_key_message(str(loc[-1]), dataset=_model_at(loc) is DatasetSpec, value=error.get("input"))
-            if known:
-                return known
-        allowed = _allowed_keys(_model_at(loc))
+        allowed = allowed_keys(_model_at(loc))
         close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
         if not close and _model_at(loc) is Recipe and loc[-1] in _OTHER_TOOLS_NAMES:
             close = [_OTHER_TOOLS_NAMES[loc[-1]]]
@@ -787,8 +768,7 @@ def problems_from_validation(error: ValidationError, file: str, lines: dict) -> 
         key = ".".join(str(part) for part in loc) or "recipe"
         if not loc and "max_grad_norm" in item["msg"]:
             key, loc = "max_grad_norm", ("max_grad_norm",)
-        for alias in ("deepspeed", "fsdp_config", "fsdp", "dataset_prepared_path", "overrides_of_model_config",
-                      "revision_of_model"):  # model-level alias errors
+        for alias in ("dataset_prepared_path", "overrides_of_model_config", "revision_of_model"):  # model-level alias errors
             if not loc and item["msg"].removeprefix("Value error, ").startswith(alias):
                 key, loc = alias, (alias,)
                 break

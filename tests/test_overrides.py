@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from ftclip.checkpoint import RECIPE_FILE
 from ftclip.cli import app
 from ftclip.errors import RecipeError
-from ftclip.overrides import load_recipe_with_overrides
+from ftclip.recipe_files import read_recipe
 
 runner = CliRunner()
 
@@ -18,7 +18,7 @@ runner = CliRunner()
 def test_values_are_yaml_typed_and_keys_dotted(make_recipe, tmp_path):
     second = tmp_path / "more.jsonl"
     second.write_text('{"text": "hello"}\n')
-    recipe = load_recipe_with_overrides(make_recipe(), [
+    recipe = read_recipe(make_recipe(), [
         "learning_rate=1.0e-4", "bf16=true", "lora_target_modules=[q_proj, v_proj]", "gradient_clipping.max_norm=0.5",
         f"datasets.1.path={second}", "datasets.1.type=completion", "eval_steps=null",
     ])
@@ -29,11 +29,11 @@ def test_values_are_yaml_typed_and_keys_dotted(make_recipe, tmp_path):
 
 
 def test_clip_override_works_on_the_number_shorthand_and_the_hf_alias(make_recipe):
-    shorthand = load_recipe_with_overrides(make_recipe(gradient_clipping=2.0), ["gradient_clipping.max_norm=0.3"])
+    shorthand = read_recipe(make_recipe(gradient_clipping=2.0), ["gradient_clipping.max_norm=0.3"])
     assert (shorthand.gradient_clipping.mode, shorthand.gradient_clipping.max_norm) == ("norm", 0.3)
-    alias = load_recipe_with_overrides(make_recipe("alias.yaml", max_grad_norm=2.0), ["gradient_clipping.mode=auto"])
+    alias = read_recipe(make_recipe("alias.yaml", max_grad_norm=2.0), ["gradient_clipping.mode=auto"])
     assert alias.gradient_clipping.mode == "auto"
-    replaced = load_recipe_with_overrides(make_recipe("both.yaml", gradient_clipping={"mode": "off"}), ["max_grad_norm=0.7"])
+    replaced = read_recipe(make_recipe("both.yaml", gradient_clipping={"mode": "off"}), ["max_grad_norm=0.7"])
     assert replaced.gradient_clipping.max_norm == 0.7
 
 
@@ -58,7 +58,7 @@ def test_problems_name_the_override_and_exit_2(make_recipe, override, expected):
 def test_problems_elsewhere_keep_their_line_in_the_file(make_recipe):
     path = make_recipe(lora_r=0)
     with pytest.raises(RecipeError) as caught:
-        load_recipe_with_overrides(path, ["learning_rate=0.1"])
+        read_recipe(path, ["learning_rate=0.1"])
     [problem] = caught.value.problems
     line = next(number for number, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("lora_r:"))
     assert (problem.key, problem.line) == ("lora_r", line)
@@ -66,7 +66,7 @@ def test_problems_elsewhere_keep_their_line_in_the_file(make_recipe):
 
 
 def test_an_override_can_fix_the_file(make_recipe):
-    assert load_recipe_with_overrides(make_recipe(warmup_steps=10), ["warmup_steps=2"]).warmup_steps == 2
+    assert read_recipe(make_recipe(warmup_steps=10), ["warmup_steps=2"]).warmup_steps == 2
 
 
 def test_train_records_overrides_and_refuses_a_resume_with_other_ones(make_recipe, tmp_path):

@@ -9,11 +9,8 @@ from ftclip.axolotl.importer import ImportResult, import_config, import_mapping,
 from ftclip.axolotl.table import (
            AXOLOTL_KEYS,
            DATASET_KEYS,
-           DISTRIBUTED_KEYS,
-           distributed_strategy,
            mapping_markdown,
-           unknown_key_message,
 )
 
-__all__ = ["AXOLOTL_KEYS", "DATASET_KEYS", "DISTRIBUTED_KEYS", "ImportResult", "distributed_strategy", "import_config",
-           "import_mapping", "mapping_markdown", "output_paths", "unknown_key_message", "write_atomically"]
+__all__ = ["AXOLOTL_KEYS", "DATASET_KEYS", "ImportResult", "import_config", "import_mapping", "mapping_markdown",
+           "output_paths", "write_atomically"]

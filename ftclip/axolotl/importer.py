@@ -300,12 +300,13 @@ def import_config(source: str | Path, output: str | Path | None = None) -> Impor
 
 
 def import_mapping(config: Any, source: str | Path = "<config>", output: str | Path | None = None,
-                   text: str | None = None) -> ImportResult:
+                   text: str | None = None, axolotl_defaults: bool = True) -> ImportResult:
     """Convert an Axolotl config already parsed (yaml.safe_load's mapping), in memory: result.recipe is the
     recipe's keys and values, result.text the same recipe rendered with a comment per key, and mapped / dropped /
     refused / problems the per-key report. Writes nothing. source names the config in messages and is where a
     deepspeed file is looked for; local paths are made relative to output's folder (source's when output is None).
-    text, the config's own text when there is one, lets an ftclip recipe already be recognized by its lines."""
+    text, the config's own text when there is one, lets an ftclip recipe already be recognized by its lines.
+    axolotl_defaults=False leaves absent keys at ftclip's defaults (an ftclip recipe carrying a few Axolotl keys)."""
     source = Path(source)
     result = ImportResult(str(source), str(output) if output else None)
     output_dir = Path(output).parent if output else source.parent
@@ -343,10 +344,11 @@ def import_mapping(config: Any, source: str | Path = "<config>", output: str | P
         if key in ("base_model", "tokenizer", "lora_model_dir") and isinstance(value, str):
             value = _rebase(value, output_dir)
         _apply(key, value, config, builder, source)
-    for key, value, why in _axolotl_defaults(config, builder.values):
+    for key, value, why in _axolotl_defaults(config, builder.values) if axolotl_defaults else []:
         builder.put(key, value, f"not set in the Axolotl config: {why}")
         result.mapped.append(("(absent)", f"{key}: {show_value(value)}", why))
-    _lora_target_check(builder.values, result)
+    if axolotl_defaults:  # absent targets mean peft's choice to Axolotl, all-linear to ftclip
+        _lora_target_check(builder.values, result)
     if result.refused:
         return result
     result.text = _render(builder, str(source))

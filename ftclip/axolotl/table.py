@@ -260,24 +260,6 @@ def _strategy_from_fsdp(value: Any, config: dict) -> Outcome:
                   "wrap, offload and state-dict settings are ftclip's own")
 
 
-DISTRIBUTED_KEYS = ("deepspeed", "fsdp", "fsdp_config", "fsdp_version")
-
-
-def distributed_strategy(config: dict, source: Path | None = None) -> tuple[str | None, str | None, str]:
-    """(strategy, refusal, key) from Axolotl's deepspeed / fsdp / fsdp_config keys, for recipes that carry them:
-    ZeRO-3 or FULL_SHARD → fsdp, ZeRO-1/2 or NO_SHARD → ddp. strategy is None when none of them is set."""
-    for key in ("deepspeed", "fsdp_config", "fsdp"):
-        value = config.get(key)
-        if is_off(value):
-            continue
-        outcome = strategy_from_deepspeed(value, config, source) if key == "deepspeed" else _strategy_from_fsdp(value, config)
-        if isinstance(outcome, Refused):
-            return None, outcome.why, key
-        if isinstance(outcome, Mapped):
-            return outcome.updates["distributed"]["strategy"], None, key
-    return None, None, ""
-
-
 def _plugins(value: Any, config: dict) -> Outcome:
     if isinstance(value, str):
         value = [value]
@@ -788,25 +770,6 @@ DATASET_KEYS: dict[str, Rule] = {
     "step_separator": _refuse("process-reward-model data"), "train_on_last_step_only": _refuse("process-reward-model data"),
     "max_completion_length": _refuse("preference/RL completions"),
 }
-
-
-def unknown_key_message(key: str, dataset: bool = False, value: Any = None) -> str | None:
-    """validate's message for an Axolotl key ftclip's recipe lacks, or None when it is not an Axolotl key."""
-    rule = (DATASET_KEYS if dataset else AXOLOTL_KEYS).get(key)
-    if rule is None and not dataset and key.startswith(TRACKER_PREFIXES):
-        rule = _drop(TRACKER_WHY)
-    if rule is None:
-        return None
-    head = f"Axolotl key `{key}`"
-    if rule.kind == "drop":
-        return f"{head}: ftclip has no such setting and needs none ({rule.why}); remove it, or run `ftclip import-axolotl`"
-    if rule.kind == "refuse":
-        return f"{head}: not supported: {rule.why}; ftclip has no equivalent"
-    target = rule.ftclip if rule.ftclip and rule.ftclip != "—" else None
-    where = f"ftclip's `{target}`" if target else "converted"
-    note = f" ({rule.why})" if rule.why else ""
-    return f"{head}: {where}{note}; run `ftclip import-axolotl` to convert the whole config"
-
 
 
 # ---------------------------------------------------------------- README table

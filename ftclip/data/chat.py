@@ -26,7 +26,7 @@ from typing import Any
 
 from jinja2 import TemplateError
 
-from ftclip.data.records import IGNORE_INDEX
+from ftclip.data.labels import IGNORE_INDEX
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec
 

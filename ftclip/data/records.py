@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ftclip.data.chat import conversation_from_record
+from ftclip.data.labels import IGNORE_INDEX
 from ftclip.recipe import DatasetSpec
 
-IGNORE_INDEX = -100  # label value the loss skips (transformers' and torch's convention)
+__all__ = ["IGNORE_INDEX", "alpaca_prompt", "missing_columns", "record_problem"]
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -51,8 +53,6 @@ def record_problem(record: Any, spec: DatasetSpec) -> str | None:
         if not _is_text(record.get("text")) or not record["text"]:
             return "a completion record needs a non-empty string 'text'"
     elif kind == "chat":
-        from ftclip.data.chat import conversation_from_record
-
         conversation = conversation_from_record(record, spec)
         if isinstance(conversation, str):
             return conversation
