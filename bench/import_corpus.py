@@ -1,8 +1,9 @@
 """How `ftclip import-axolotl` fares on a folder of Axolotl configs: written / refused / invalid / failed (a
 traceback or an exit code other than 0 and 2), and which keys are refused most often.
 
-Each config is imported by its own `python -m ftclip import-axolotl` process, as a user would run it, so one
-config that crashes the importer cannot hide the others.
+Each config is imported by its own `ftclip import-axolotl` process, as a user would run it, so one config that
+crashes the importer cannot hide the others. The ftclip measured is the one of the checkout this script is in
+(copy the script into an older checkout to measure that one).
 
     python bench/import_corpus.py tests/fixtures/axolotl_wild            # a markdown table on stdout
     python bench/import_corpus.py tests/fixtures/axolotl_wild --top 20
@@ -20,14 +21,23 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+# The ftclip of the checkout this script is in, even where another one is installed in editable mode (its finder
+# would otherwise win over sys.path): so the same script measures an older checkout too.
+RUN_THIS_CHECKOUT = """
+import sys
+sys.meta_path[:] = [finder for finder in sys.meta_path if "editable" not in repr(finder).lower()]
+sys.path.insert(0, sys.argv.pop(1))
+from ftclip.cli import app
+sys.argv[0] = "ftclip"
+app()
+"""
 
 
 def import_one(config: Path, output_dir: Path) -> tuple[str, list[tuple[str, str]], str]:
     """(outcome, refused (key, why) pairs, the output's last line when it failed)."""
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-m", "ftclip", "import-axolotl", str(config), "--output-dir", str(output_dir)],
-                          capture_output=True, text=True, env=environment, timeout=300)
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    done = subprocess.run([sys.executable, "-c", RUN_THIS_CHECKOUT, str(REPO), "import-axolotl", str(config),
+                           "--output-dir", str(output_dir)], capture_output=True, text=True, env=environment, timeout=300)
     output = done.stdout + done.stderr
     if "Traceback" in output or done.returncode not in (0, 2):
         return "failed", [], output.strip().splitlines()[-1] if output.strip() else f"exit {done.returncode}"
