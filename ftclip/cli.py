@@ -505,14 +505,15 @@ def chat(
     import sys
 
     _quiet_libraries()
-    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_style, reply
+    from ftclip.inference import Conversation, find_chat_source, load_for_chat, prompt_format_of, prompt_style, reply
 
     try:
         source = find_chat_source(run_dir, base_model)
         model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
     except FtclipError as error:
         _fail(error)
-    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer))
+    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer),
+                                prompt_format=prompt_format_of(source.recipe))
 
     def write(text: str) -> None:
         sys.stdout.write(text)

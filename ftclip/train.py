@@ -24,6 +24,7 @@ import torch
 from rich.console import Console
 from safetensors import SafetensorError
 
+from ftclip.best_model import BestModel
 from ftclip.checkpoint import (
     TrainingState,
     choose_checkpoint,
@@ -47,14 +48,14 @@ from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data.batches import Row, Rows, micro_batches
 from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
-from ftclip.errors import DataError, ModelError, ResumeError, RunStopped, StorageError
+from ftclip.errors import DataError, FtclipError, ModelError, ResumeError, RunStopped, StorageError
 from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.objectives import MicroBatchLoss, Objective, objective_for
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
-from ftclip.recipe import Recipe, resolve_schedule, warmup_warning
+from ftclip.recipe import Recipe, best_model_alignment, resolve_schedule, warmup_warning
 from ftclip.terminal import make_console, user
 from ftclip.trackers import open_trackers
 
@@ -73,6 +74,8 @@ class TrainResult:
     skipped_steps: int
     records: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Path | None = None
+    stopped_early: bool = False  # early_stopping_patience ended the run at `steps`
+    chosen: str | None = None  # load_best_model_at_end: which weights were saved, and why
 
 
 @dataclass
@@ -121,7 +124,7 @@ def micro_batch_stream(rows: Rows, recipe: Recipe, world_size: int = 1, epoch: i
     epoch, starting `skip` micro-batches into `epoch` (a resumed run). A global micro-batch holds
     micro_batch_size examples per rank; the loop stops the stream by counting optimizer steps."""
     while True:
-        batches = micro_batches(rows, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size)
+        batches = micro_batches(rows, recipe.micro_batch_size * world_size, recipe.data_order_seed, epoch, world_size)
         for index, batch in enumerate(batches):
             if index >= skip:
                 yield epoch, index + 1, batch
@@ -397,21 +400,30 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     data = prepare(recipe, tokenizer, dist)
     console.print(user(describe_data(data)), highlight=False)
     train_rows, held_out = data.train, data.val
-    example_count = len(data.examples) - len(held_out)
+    example_count = len(train_rows.members)
     total_steps = count_steps(recipe, len(train_rows), dist.world_size)
     recipe = resolve_schedule(recipe, total_steps)  # saves/evals per epoch become step counts
+    misaligned = best_model_alignment(recipe)
+    if misaligned:
+        raise FtclipError(f"load_best_model_at_end: {misaligned} (saves_per_epoch and evals_per_epoch resolve to "
+                          "those steps in this run)")
     short_warmup = warmup_warning(recipe, total_steps)
     if short_warmup:
         console.print(f"[yellow]warning:[/] {user(short_warmup)}", highlight=False)
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
     console.print(
-        f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "
+        f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} {data.held_out}; "
         f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps}{ranks} "
         f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
     )
 
     model, trainable = _load_trainable_model(recipe, device, dist, tokenizer,
                                              lambda text: console.print(user(text), highlight=False))
+    neftune = None
+    if recipe.neftune_noise_alpha:  # transformers' own hook: noise on the embeddings in training forwards only
+        from transformers.integrations.neftune import activate_neftune
+
+        neftune = activate_neftune(dist.unwrap(model), recipe.neftune_noise_alpha)
     objective = objective_for(recipe)  # what a micro-batch's loss is: SFT's, or a preference method's
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
@@ -423,8 +435,11 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
         console.print(f"[yellow]warning:[/] {user(space_warning)}", highlight=False)
 
     state = TrainingState(step=0, epoch=0, batch_in_epoch=0, counters={"clipped_steps": 0, "skipped_steps": 0}, tensors={})
+    best = BestModel.for_recipe(recipe)  # early stopping and load_best_model_at_end
     if checkpoint is not None:
         state = _restore(checkpoint, model, optimizer, scheduler, clipper, recipe, dist)
+        if best is not None and "best_model" in state.tensors:
+            best.load_state_dict(state.tensors["best_model"])
         console.print(f"[bold]resumed[/] from {user(checkpoint)} (step {state.step} of {total_steps}); "
                       "pass --no-resume to start over")
 
@@ -439,22 +454,27 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     eval_loss = None
     epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
     window = _Window(first_step=state.step + 1)
+    stop_early = False
+    last_step = state.step
 
     def checkpoint_now(step: int) -> Path:
         # Every rank's RNG: their dropout streams diverge once their batches differ in shape.
         rng = gather_objects(rng_states()) if dist.enabled else rng_states()
+        extra = {"best_model": best.state_dict()} if best is not None else {}
+        keep = best.best_checkpoint(output_dir) if best is not None and recipe.load_best_model_at_end else None
         if sharded:  # every rank writes its shards
-            tensors = {"scheduler": scheduler.state_dict(), "clipper": clipper.state_dict(), "rng": rng}
+            tensors = {"scheduler": scheduler.state_dict(), "clipper": clipper.state_dict(), "rng": rng, **extra}
             state = TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors, dist.world_size)
-            return save_sharded_checkpoint(model, optimizer, dist.unwrap(model), recipe, state, output_dir, dist)
+            return save_sharded_checkpoint(model, optimizer, dist.unwrap(model), recipe, state, output_dir, dist,
+                                           keep=keep)
         saved, failure = None, None
         if dist.is_main:
             tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "clipper": clipper.state_dict(), "rng": rng}
+                       "clipper": clipper.state_dict(), "rng": rng, **extra}
             try:
                 saved = save_checkpoint(dist.unwrap(model), recipe,
                                         TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors,
-                                                      dist.world_size), output_dir)
+                                                      dist.world_size), output_dir, keep=keep)
             except StorageError as error:
                 failure = error
         # No rank moves on (or exits) before the checkpoint is complete, and all stop if it failed.
@@ -462,8 +482,10 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
             raise failure or StorageError(f"rank 0 could not write checkpoint step-{step}; see its message")
         return saved or output_dir / "checkpoints" / f"step-{step}"
 
-    def log_window(step: int, view: TrainingView) -> dict[str, Any]:
-        """Read the window back (the one host sync), warn, evaluate if due, write one metrics line."""
+    def log_window(step: int, view: TrainingView, checkpointed: bool) -> dict[str, Any]:
+        """Read the window back (the one host sync), warn, evaluate if due, write one metrics line; an
+        evaluation also goes to early stopping and the best-model choice (`checkpointed`: this step saves)."""
+        nonlocal stop_early
         steps, step_metrics = window.read_back(dist)
         counters["clipped_steps"] += sum(s.clipped for s in steps)
         counters["skipped_steps"] += sum(s.nonfinite for s in steps)
@@ -475,6 +497,12 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
         record["spike_steps"] = [spike.step for spike in monitor.spike_log[spikes_before:]]
         if held_out and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
             record.update(evaluate(model, held_out, objective, recipe.micro_batch_size, pad_id, device))
+            if best is not None:  # every rank evaluated all of the held-out set: the same answer everywhere
+                stop_early = best.observe(step, record, checkpointed) and step < total_steps
+                if stop_early:
+                    view.warn(f"early stopping: {best.metric} has not improved for {best.bad_evaluations} "
+                              f"evaluations (early_stopping_patience {recipe.early_stopping_patience}; best "
+                              f"{best.best:.4g}); stopping after step {step}")
         metrics.write(record)
         tensorboard.write(record)
         trackers.write(record)
@@ -499,6 +527,7 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
                 clipper.optimizer_step(outcome)
                 scheduler.step()
                 clipper.zero_grad()
+                last_step = step
 
                 window.losses.append(step_result.loss)
                 window.metrics.append(step_result.metrics)
@@ -509,8 +538,9 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
                 stop_signal = dist.agree_max(int(stop.received or 0))
                 stopping = stop_signal > 0
                 saving = bool(recipe.save_steps and step % recipe.save_steps == 0)
-                if step % recipe.logging_steps == 0 or step == total_steps or saving or stopping:
-                    eval_loss = log_window(step, view).get("eval_loss", eval_loss)
+                due_eval = bool(held_out and recipe.eval_steps and step % recipe.eval_steps == 0)
+                if step % recipe.logging_steps == 0 or step == total_steps or saving or stopping or due_eval:
+                    eval_loss = log_window(step, view, saving).get("eval_loss", eval_loss)
                     window = _Window(first_step=step + 1)
                     # The norm is global, so every rank counts the same skips and aborts together.
                     if monitor.consecutive_skips >= recipe.max_skipped_steps:
@@ -522,6 +552,8 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
                             "data, or use bf16 instead of fp16, then resume.", exit_code=1, checkpoint=saved)
                 if saving:
                     saved = checkpoint_now(step)
+                if stop_early:
+                    break
                 if stopping:
                     saved = saved if saving else checkpoint_now(step)
                     received = signal.Signals(stop_signal)
@@ -536,12 +568,19 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
 
     if held_out and eval_loss is None:  # resumed from a checkpoint taken at the very last step
         eval_loss = evaluate(model, held_out, objective, recipe.micro_batch_size, pad_id, device)["eval_loss"]
+    chosen = None
+    if recipe.load_best_model_at_end and best is not None:
+        chosen = _best_weights(best, records, last_step, model, optimizer, recipe, output_dir, dist, sharded)
+    if recipe.neftune_noise_alpha:
+        from transformers.integrations.neftune import deactivate_neftune
+
+        deactivate_neftune(dist.unwrap(model), neftune)
     destination = output_dir / ("adapter" if recipe.adapter else "model")
     artifact = save_final(model, tokenizer, recipe, destination, dist)
     result = TrainResult(
         output_dir=output_dir,
         artifact=artifact,
-        steps=total_steps,
+        steps=last_step,
         first_loss=records[0]["loss"] if records else math.nan,
         last_loss=records[-1]["loss"] if records else math.nan,
         eval_loss=eval_loss,
@@ -549,9 +588,32 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
         skipped_steps=counters["skipped_steps"],
         records=records,
         resumed_from=checkpoint,
+        stopped_early=stop_early,
+        chosen=chosen,
     )
     console.print(summary_table(_summary(result, recipe, monitor)))
     return result
+
+
+def _best_weights(best: BestModel, records: list[dict[str, Any]], last_step: int, model, optimizer, recipe: Recipe,
+                  output_dir: Path, dist: Distributed, sharded: bool) -> str:
+    """load_best_model_at_end: put the best checkpoint's weights in the model unless the final weights' own
+    evaluation is at least as good; say which weights are saved."""
+    final = next((record[best.metric] for record in reversed(records) if best.metric in record), None)
+    path = best.best_checkpoint(output_dir)
+    if path is None or best.best_checkpoint_step == last_step or final is None or not best.better(
+            best.best_checkpoint_value, final):
+        shown = f", {best.metric} {final:.4g}" if final is not None else ""
+        return f"the final weights (step {last_step}{shown}): no checkpoint evaluated better"
+    try:
+        if sharded:
+            load_sharded_checkpoint(path, model, optimizer)
+        else:
+            load_checkpoint(path, dist.unwrap(model), recipe)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, SafetensorError) as error:
+        raise load_error(path, error) from None
+    return (f"the best checkpoint, {path.name} ({best.metric} {best.best_checkpoint_value:.4g}; the final step's "
+            f"was {final:.4g})")
 
 
 def save_final(model, tokenizer, recipe: Recipe, destination: Path, dist: Distributed) -> Path:
@@ -585,6 +647,11 @@ def _summary(result: TrainResult, recipe: Recipe, monitor: ClipMonitor) -> dict[
         "metrics": str(result.output_dir / METRICS_FILE),
         "saved": str(result.artifact),
     }
+    if result.stopped_early:
+        summary["stopped early"] = (f"after step {result.steps}: early_stopping_patience {recipe.early_stopping_patience} "
+                                    "evaluations without improvement")
+    if result.chosen:
+        summary["saved weights"] = result.chosen
     if result.resumed_from:
         summary["resumed from"] = str(result.resumed_from)
     return summary

@@ -37,6 +37,12 @@ class PreparedData:
     records: int  # records read (0 on a cache hit)
     seconds: float  # time spent tokenizing (0 on a hit)
     notes: list[str]  # e.g. chat records skipped because the template could not mask them
+    test: TokenizedExamples | None = None  # test_datasets' examples (the held-out rows `val` are over them)
+
+    @property
+    def held_out(self) -> str:
+        """What `val` is, in words."""
+        return "from test_datasets" if self.test is not None else "held out"
 
 
 def num_processes(recipe: Recipe, records: int) -> int:
@@ -222,14 +228,23 @@ def _prepare(recipe: Recipe, tokenizer, build: bool) -> PreparedData:
     examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))
+    test = None
+    if recipe.test_datasets:  # evaluated on, never trained on: tokenized (and cached) as datasets are, on their own
+        test_recipe = recipe.model_copy(update={"datasets": recipe.test_datasets})
+        test, _, test_manifest, test_hit, test_records, test_seconds = tokenized_examples(test_recipe, tokenizer, build)
+        notes += [f"test_datasets: {note}" for note in test_manifest.get("notes", [])]
+        val = np.arange(len(test), dtype=np.int64)
+        hit, records, seconds = hit and test_hit, records + test_records, seconds + test_seconds
     if recipe.dataset_exact_deduplication:
-        unique_train, unique_val = without_duplicates(examples, train, val)
+        unique_train, unique_val = without_duplicates(examples, train, val, held_out_examples=test)
+        held_out = "test_datasets" if test is not None else "held-out"
         notes.append(f"dataset_exact_deduplication: dropped {len(train) - len(unique_train):,} repeated training and "
-                     f"{len(val) - len(unique_val):,} repeated held-out examples")
+                     f"{len(val) - len(unique_val):,} repeated {held_out} examples")
         train, val = unique_train, unique_val
     packing = None
     if recipe.sample_packing:
         train_rows, packing = _packing(recipe, examples, train, entry)
     else:
         train_rows = Rows.single(examples, train)
-    return PreparedData(examples, train_rows, Rows.single(examples, val), packing, entry, hit, records, seconds, notes)
+    val_rows = Rows.single(test if test is not None else examples, val)
+    return PreparedData(examples, train_rows, val_rows, packing, entry, hit, records, seconds, notes, test)
