@@ -30,7 +30,7 @@ class BestModel:
     metric: str
     greater_is_better: bool
     patience: int | None
-    best: float | None = None  # the best evaluation so far (every evaluation counts)
+    best: float | None = None  # the best evaluation so far (every evaluation counts; ∓inf while all were NaN)
     bad_evaluations: int = 0  # evaluations in a row that were not better
     best_checkpoint_step: int | None = None  # the step of the best checkpointed evaluation
     best_checkpoint_value: float | None = None
@@ -46,7 +46,8 @@ class BestModel:
         return cls(metric, greater, recipe.early_stopping_patience)
 
     def better(self, value: float, than: float | None) -> bool:
-        """Strictly better (a NaN never is), as Hugging Face compares with np.greater or np.less."""
+        """Strictly better (a NaN never is), as Hugging Face compares with np.greater or np.less; anything that is
+        not NaN is better than nothing yet."""
         if than is None:
             return not math.isnan(value)
         return value > than if self.greater_is_better else value < than
@@ -58,10 +59,16 @@ class BestModel:
             names = ", ".join(sorted(key for key in record if key.startswith("eval_")))
             raise FtclipError(f"metric_for_best_model: {self.metric} is not among the evaluation's values ({names})")
         value = float(record[self.metric])
-        if self.better(value, self.best):
-            self.best, self.bad_evaluations = value, 0
-        else:
+        # As EarlyStoppingCallback: the first evaluation never counts against the patience; later ones do unless
+        # strictly better. Then, as Trainer._determine_best_metric, the best starts at ∓inf (so a NaN is never it).
+        if self.best is not None and not self.better(value, self.best):
             self.bad_evaluations += 1
+        else:
+            self.bad_evaluations = 0
+        if self.best is None:
+            self.best = -math.inf if self.greater_is_better else math.inf
+        if self.better(value, self.best):
+            self.best = value
         if checkpointed and self.better(value, self.best_checkpoint_value):
             self.best_checkpoint_step, self.best_checkpoint_value = step, value
         return self.patience is not None and self.bad_evaluations >= self.patience

@@ -134,3 +134,112 @@ def test_sharegpt_without_a_template_ftclip_has_is_refused_with_the_reason(tmp_p
     assert "recipe's chat template is llama3" in dict(result.refused)["datasets[0].conversation"]
     result = import_config(sharegpt_config(tmp_path, {"type": "sharegpt.load_glaive", "conversation": "chatml"}))
     assert "a ShareGPT loader ftclip does not read" in dict(result.refused)["datasets[0].type"]
+
+
+# ---------------------------------------------------------------- the corpus
+
+GENERIC = "not a key ftclip's importer knows"
+
+
+def test_corpus_is_real_and_sourced():
+    sources = (CORPUS_DIR / "SOURCES.md").read_text()
+    assert 80 <= len(CORPUS) <= 150
+    for path in CORPUS:
+        assert f"`{path.name}`" in sources, f"{path.name} has no row in SOURCES.md"
+    assert sources.count("\n| `") == len(CORPUS)
+    assert "axolotl-ai-cloud/" not in sources.split("| --- |")[1]  # other repositories only
+    external = {path.read_bytes() for path in (REPO / "tests" / "fixtures" / "axolotl_external").glob("*.y*ml")}
+    assert not external & {path.read_bytes() for path in CORPUS}
+
+
+def test_every_wild_config_is_written_valid_or_refused_with_reasons():
+    written = 0
+    for path in CORPUS:
+        result = import_config(path)
+        assert result.failure is None and not result.problems, (path.name, result.problems)
+        if result.ok:
+            written += 1
+            assert parse_recipe(result.text, "imported.yaml").datasets
+            continue
+        assert result.refused, path.name
+        # Each refused config names a feature ftclip lacks. (Two DPO keys still get the generic reason besides rl's
+        # refusal: preference training's rows come with its own branch.)
+        assert any(GENERIC not in why for _, why in result.refused), (path.name, result.refused)
+    assert written * 3 >= len(CORPUS) * 2, f"{written} of {len(CORPUS)} written"  # at least two thirds
+
+
+def test_cli_imports_the_wild_corpus_in_one_process(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "ftclip", "import-axolotl", *map(str, CORPUS), "--output-dir", str(tmp_path)]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=environment)
+    assert "Traceback" not in done.stdout + done.stderr
+    assert done.returncode == 2  # some are refused, none failed (that would be 1)
+    assert f"of {len(CORPUS)} configs written" in done.stdout
+
+
+# ---------------------------------------------------------------- the features the corpus asked for
+
+
+def wild(tmp_path: Path, text: str):
+    path = tmp_path / "axolotl.yml"
+    path.write_text("base_model: org/model\ndatasets:\n  - path: data.jsonl\n    type: alpaca\n" + text)
+    return import_config(path)
+
+
+def recipe_from(tmp_path: Path, text: str):
+    result = wild(tmp_path, text)
+    assert result.ok, (result.refused, result.problems)
+    return parse_recipe(result.text), result
+
+
+def test_test_datasets_neftune_and_data_seed(tmp_path):
+    recipe, result = recipe_from(tmp_path, "test_datasets:\n  - path: eval.jsonl\n    type: sharegpt\n"
+                                           "    conversation: chatml\n    split: train[:10%]\nneftune_noise_alpha: 5\n"
+                                           "eval_steps: 10\ndata_seed: 3\n")
+    [test] = recipe.test_datasets
+    assert (test.path, test.type, test.split, recipe.chat_template) == ("eval.jsonl", "chat", "train[:10%]", "chatml")
+    assert recipe.neftune_noise_alpha == 5 and recipe.eval_steps == 10
+    assert recipe.data_seed is None and "data_seed" in dict(result.dropped)  # Axolotl has no such key: no effect there
+    assert parse_recipe(wild(tmp_path, "noisy_embedding_alpha: 5\n").text).neftune_noise_alpha == 5
+    assert "neftune_noise_alpha" in dict(wild(tmp_path, "neftune_noise_alpha: 0\n").dropped)
+    invalid = wild(tmp_path, "val_set_size: 0.1\ntest_datasets:\n  - {path: e.jsonl, type: alpaca}\n")
+    assert any("test_datasets: given with val_set_size" in problem for problem in invalid.problems)
+
+
+def test_early_stopping_and_the_best_model_where_axolotl_turns_them_on(tmp_path):
+    recipe, result = recipe_from(tmp_path, "val_set_size: 0.1\neval_steps: 5\nsave_steps: 10\n"
+                                           "early_stopping_patience: 3\nmetric_for_best_model: loss\n")
+    assert (recipe.early_stopping_patience, recipe.load_best_model_at_end, recipe.metric_for_best_model) == (3, True, "loss")
+    assert "load_best_model_at_end" in dict((old, note) for old, _, note in result.mapped)["early_stopping_patience"]
+    # Off in Axolotl without a held-out set or with misaligned steps: dropped, and so are the options it reads.
+    recipe, result = recipe_from(tmp_path, "load_best_model_at_end: true\nmetric_for_best_model: loss\n"
+                                           "greater_is_better: false\n")
+    assert not recipe.load_best_model_at_end and recipe.metric_for_best_model is None
+    assert {"load_best_model_at_end", "metric_for_best_model", "greater_is_better"} <= set(dict(result.dropped))
+
+
+def test_prompt_formats_fields_and_splits(tmp_path):
+    recipe, result = recipe_from(tmp_path, "datasets:\n  - path: q.jsonl\n    type:\n      field_instruction: q\n"
+                                           "      format: 'Q: {instruction}'\n      no_input_format: 'Q: {instruction}'\n"
+                                           "      field: ignored\n")
+    assert recipe.datasets[0].type.field_instruction == "q" and "datasets[0].type.field" in dict(result.dropped)
+    recipe, result = recipe_from(tmp_path, "datasets:\n  - path: qa.jsonl\n    type: alpaca_chat.load_qa\n"
+                                           "  - path: t.jsonl\n    type: completion\n    field: body\n"
+                                           "  - path: s.jsonl\n    type: alpaca\n    train_on_split: validation\n")
+    assert recipe.datasets[0].type.field_output == "answer"
+    assert recipe.datasets[1].field == "body" and recipe.datasets[2].split == "validation"
+    refused = wild(tmp_path, "datasets:\n  - path: qa.jsonl\n    type: alpaca_chat\n    conversation: chatml\n").refused
+    assert "an AlpacaPrompter style ftclip does not write out" in dict(refused)["datasets[0].type"]
+    refused = wild(tmp_path, "datasets:\n  - {path: a.jsonl, type: alpaca, split: train, train_on_split: test}\n").refused
+    assert "datasets[0].train_on_split" in dict(refused)
+
+
+def test_keys_axolotl_derives_or_rejects(tmp_path):
+    _, result = recipe_from(tmp_path, "torch_dtype: float16\nsaves_per_epoch: 0\n")
+    assert "Axolotl sets its own torch_dtype" in dict(result.dropped)["torch_dtype"]
+    assert "reads it as unset" in dict(result.dropped)["saves_per_epoch"]
+    assert "Axolotl itself rejects it" in dict(wild(tmp_path, "resume_from_checkpoint: true\n").refused)["resume_from_checkpoint"]
