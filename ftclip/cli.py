@@ -453,7 +453,7 @@ def preprocess(
     for note in data.notes:
         console.print(f"[yellow]warning:[/] {user(note)}", highlight=False)
     trained = int(examples.trained.sum())
-    console.print(f"{len(examples):,} examples ({len(data.train.members):,} train, {len(data.val):,} held out), "
+    console.print(f"{len(examples):,} examples ({len(data.train.members):,} train, {len(data.val):,} {data.held_out}), "
                   f"{examples.tokens:,} tokens of which {trained:,} trained on; longest {int(examples.lengths.max())} "
                   f"of sequence_len {recipe.sequence_len}", highlight=False)
     if data.packing:

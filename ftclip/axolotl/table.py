@@ -823,7 +823,8 @@ DATASET_KEYS: dict[str, Rule] = {
     "field_thinking": _refuse("Axolotl also splits <think>…</think> out of assistant content into the template's "
                               "thinking key; ftclip passes thinking/reasoning_content through but does not split"),
     "template_thinking_key": _refuse("see field_thinking: Axolotl splits <think>…</think> out of the content"),
-    "field_system": _refuse("a per-record system prompt field"), "system_prompt": _refuse("a fixed system prompt"),
+    **{key: _drop("not a key of Axolotl's SFT dataset schema: Axolotl discards it (it belongs inside a user-defined "
+                  "type mapping, where ftclip's prompt formats read it too)") for key in ("field_system", "system_prompt")},
     "conversation": _to("chat_template", "type: sharegpt's fastchat conversation → the chat template of the same format "
                         "(chatml, llama3, llama-3, mistral, gemma); others, and none (vicuna_v1.1), refused"),
     "field_human": _to("datasets[].roles.user", "type: sharegpt: the role name of the human turns"),
@@ -837,8 +838,8 @@ DATASET_KEYS: dict[str, Rule] = {
     **{key: _drop("not a key of Axolotl's dataset schema: Axolotl discards it, so it has no effect there")
        for key in ("overlap_len", "min_sample_len", "discard_portion", "dset_type")},
     "field_chosen": _refuse("preference pairs"), "field_rejected": _refuse("preference pairs"),
-    "shards": _refuse("trains on a shard"), "shards_idx": _refuse("trains on a shard"),
-    "preprocess_shards": _refuse("trains on a shard"),
+    "shards": _refuse("reads one shard of the dataset"), "shards_idx": _refuse("reads one shard of the dataset"),
+    "preprocess_shards": _refuse("reads one shard of the dataset"),
     "train_on_split": _to("datasets[].split", "Axolotl's older key for the split"),
     "train_on_inputs": _refuse("per-dataset train_on_inputs; ftclip has one for the recipe"),
     "step_separator": _refuse("process-reward-model data"), "train_on_last_step_only": _refuse("process-reward-model data"),
