@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_INSTALL = $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install test bench bench-data bench-step bench-validate lint quickstart validate assets
+.PHONY: install test bench bench-data bench-step bench-validate lint quickstart validate assets docs
 
 install:
 	$(PIP_INSTALL) -e '.[dev]'
@@ -41,3 +41,7 @@ validate: install
 # Rebuild the quickstart's tiny model, tokenizer and data (deterministic; committed to the repo).
 assets: install
 	$(PYTHON) recipes/quickstart/build.py
+
+# Regenerate the generated parts of docs/ (recipes.md's key reference, axolotl.md's key table) from the code.
+docs: install
+	$(PYTHON) -m ftclip.reference

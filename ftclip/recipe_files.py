@@ -98,7 +98,7 @@ def _native(text: str, file: str, folder: Path, overrides: list[Override], lines
 
 def axolotl_keys(data: dict[str, Any]) -> list[str]:
     """The keys (dotted, e.g. datasets.0.type) that make this an Axolotl config; empty for an ftclip recipe."""
-    from ftclip.axolotl.table import AXOLOTL_KEYS, DATASET_KEYS, TRACKER_PREFIXES
+    from ftclip.axolotl.table import AXOLOTL_KEYS, DATASET_KEYS, TRACKER_PREFIXES, is_axolotl_dataset_type
 
     ours = set(allowed_keys(Recipe))
     found = [key for key in data
@@ -108,8 +108,9 @@ def axolotl_keys(data: dict[str, Any]) -> list[str]:
     for group, index, entry in _dataset_entries(data):
         found += [f"{group}.{index}.{key}" for key in entry if key not in dataset_keys and key in DATASET_KEYS]
         kind = entry.get("type")
-        if kind is not None and not isinstance(kind, dict) and (not isinstance(kind, str) or kind not in native_types):
-            found.append(f"{group}.{index}.type")  # an Axolotl-only type (a mapping is ftclip's prompt format too)
+        native = isinstance(kind, dict) or (isinstance(kind, str) and kind in native_types)  # a mapping: a prompt format
+        if not native and is_axolotl_dataset_type(kind):  # else a typo, for the native error
+            found.append(f"{group}.{index}.type")  # an Axolotl-only type
     return found
 
 

@@ -363,9 +363,9 @@ def test_every_table_rule_is_consistent():
             assert rule.why, key
 
 
-def test_readme_axolotl_table_is_current():
-    assert mapping_markdown() in (REPO / "README.md").read_text(), (
-        "README's Coming from Axolotl table is stale: paste the output of ftclip.axolotl.mapping_markdown()"
+def test_docs_axolotl_table_is_current():
+    assert mapping_markdown() in (REPO / "docs" / "axolotl.md").read_text(), (
+        "docs/axolotl.md's key table is stale: run `python -m ftclip.reference` (or `make docs`) and commit the result"
     )
 
 

@@ -89,3 +89,19 @@ def test_a_native_recipe_with_one_axolotl_key_keeps_ftclips_defaults(make_recipe
     assert recipe._imported.dropped[0][0] == "eval_sample_packing"
     assert recipe.lora_dropout == 0.05 and recipe.bf16 is False  # not Axolotl's 0.0 and auto
     assert recipe.gradient_clipping.max_norm == 0.5
+
+
+def test_a_misspelled_dataset_type_is_a_native_error_with_the_others(make_recipe):
+    # Only the dataset types Axolotl has send a file through the importer; a typo gets ftclip's own errors, all of them.
+    result = runner.invoke(app, ["validate", str(make_recipe(datasets=[{"path": "x.jsonl", "type": "alpacca"}],
+                                                            learning_rate=-1))])
+    assert result.exit_code == 2
+    assert "got 'alpacca'" in result.output and "learning_rate: Input should be greater than 0" in result.output
+
+
+@pytest.mark.parametrize("kind", ["sharegpt", "sharegpt:chat", "chatml.intel", "alpaca_chat.load_qa",
+                                  {"field_instruction": "q", "format": "{instruction}"}])
+def test_axolotl_dataset_types_send_the_file_through_the_importer(kind):
+    from ftclip.recipe_files import axolotl_keys
+
+    assert axolotl_keys({"base_model": "m", "datasets": [{"path": "d.jsonl", "type": kind}]}) == ["datasets.0.type"]

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from ftclip.errors import RecipeError
-from ftclip.recipe import Recipe, keys_markdown, load_recipe, parse_recipe
+from ftclip.recipe import Recipe, load_recipe, parse_recipe
+from ftclip.reference import recipe_reference, regenerate
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
@@ -135,6 +136,8 @@ def test_json_schema_describes_every_field():
     json.dumps(schema)
 
 
-def test_readme_key_table_matches_schema():
-    readme = (REPO / "README.md").read_text()
-    assert keys_markdown() in readme, "README key table is stale: paste the output of keys_markdown()"
+def test_docs_key_reference_matches_schema():
+    page = (REPO / "docs" / "recipes.md").read_text()
+    assert regenerate(page, recipe_reference(), "docs/recipes.md") == page, (
+        "docs/recipes.md is stale: run `python -m ftclip.reference` (or `make docs`) and commit the result"
+    )

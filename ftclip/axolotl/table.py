@@ -869,3 +869,29 @@ def mapping_markdown() -> str:
     add(AXOLOTL_KEYS, "")
     add(DATASET_KEYS, "datasets[].")
     return "\n".join(rows)
+
+
+# ---------------------------------------------------------------- Axolotl's dataset type names
+
+
+# The first part of every dataset `type` Axolotl knows (src/axolotl/prompt_strategies: module names, the dpo/,
+# kto/, orpo/ and bradley_terry/ strategies' modules, and the older prompt_tokenizers names; a type is written
+# `module`, `module.function` or `module:variant`). ftclip.recipe_files reads a file whose dataset type is one of
+# these through the importer; any other unknown type is a plain validation error (a typo in a native recipe).
+AXOLOTL_DATASET_TYPE_NAMES = frozenset({
+    "alpaca", "alpaca_chat", "alpaca_instruct", "alpaca_w_system", "aptchat", "aptchat_v2", "base", "bradley_terry",
+    "chat", "chat_template", "chatml", "completion", "concisechoice", "context_qa", "conversational_lm",
+    "creative_acr", "dpo", "ebft", "explainchoice", "gpteacher", "input_output", "instruct", "jeopardy", "kto",
+    "llama2_chat", "llama3", "messages", "metharme", "mistral", "multimodal_pretrain", "oasst", "orcamini", "orpo",
+    "passthrough", "pretrain", "pygmalion", "reflection", "sharegpt", "sharegpt_jokes", "sharegpt_simple",
+    "stepwise", "stepwise_supervised", "summarization", "summarizetldr", "synthetic", "user_defined", "vicuna",
+    "zephyr",
+})
+
+
+def is_axolotl_dataset_type(value) -> bool:
+    """True for a dataset type only Axolotl spells this way: a mapping (a user-defined prompt format) or a name
+    from AXOLOTL_DATASET_TYPE_NAMES (with its `.function` or `:variant`)."""
+    if isinstance(value, dict):
+        return True
+    return isinstance(value, str) and value.split(":")[0].split(".")[0] in AXOLOTL_DATASET_TYPE_NAMES
