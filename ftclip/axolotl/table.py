@@ -890,8 +890,8 @@ AXOLOTL_DATASET_TYPE_NAMES = frozenset({
 
 
 def is_axolotl_dataset_type(value) -> bool:
-    """True for a dataset type only Axolotl spells this way: a mapping (a user-defined prompt format) or a name
-    from AXOLOTL_DATASET_TYPE_NAMES (with its `.function` or `:variant`)."""
+    """True for a dataset type Axolotl spells this way: a mapping (a user-defined prompt format, which ftclip's
+    recipe takes too) or a name from AXOLOTL_DATASET_TYPE_NAMES (with its `.function` or `:variant`)."""
     if isinstance(value, dict):
         return True
     return isinstance(value, str) and value.split(":")[0].split(".")[0] in AXOLOTL_DATASET_TYPE_NAMES

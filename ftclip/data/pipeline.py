@@ -61,10 +61,15 @@ def _source_identity(source: Source, digests: FileDigests) -> str | None:
     return None
 
 
+def _spec_key(spec) -> dict:
+    """A dataset spec as the cache key reads it. `field` joined the spec later: it is left out while unset, so
+    cache entries made before it keep their keys."""
+    return spec.model_dump(mode="json", exclude={"path"} | ({"field"} if spec.field is None else set()))
+
+
 def _key(recipe: Recipe, sources: list[Source], identities: list[str], tokenizer) -> str:
     return entry_key({
-        "datasets": [(identity, source.spec.model_dump(mode="json", exclude={"path"}))
-                     for source, identity in zip(sources, identities)],
+        "datasets": [(identity, _spec_key(source.spec)) for source, identity in zip(sources, identities)],
         "tokenizer": tokenizer_digest(tokenizer),
         "sequence_len": recipe.sequence_len,
         "train_on_inputs": recipe.train_on_inputs,
