@@ -112,8 +112,8 @@ def _dataset_type(value: Any) -> str | PromptFormat:
         return "chat"
     if isinstance(value, str) and value in DATASET_TYPES:
         return value
-    raise ValueError("Input should be 'alpaca', 'completion', 'chat' or 'chat_template', or a prompt format "
-                     "(a mapping with format, no_input_format, field_instruction, ...)")
+    # pydantic's own wording for a Literal (the README shows it); a prompt format is a mapping, see the description.
+    raise ValueError("Input should be 'alpaca', 'completion', 'chat' or 'chat_template'")
 
 
 DatasetType = Annotated[

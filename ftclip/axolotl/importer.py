@@ -20,6 +20,7 @@ from ftclip.axolotl.table import (
     DATASET_KEYS,
     DATASET_TYPES,
     FTCLIP_ONLY_KEYS,
+    NOT_AXOLOTL_SPELLINGS,
     NUMERIC_KEYS,
     TRACKER_PREFIXES,
     TRACKER_WHY,
@@ -249,7 +250,7 @@ def _apply(key: str, value: Any, config: dict, builder: _Builder, source: Path) 
     if not isinstance(key, str):  # YAML reads `on:`, `yes:`, `no:` or `1:` as a boolean or a number, not a name
         result.refused.append((str(key), f"{key!r} ({type(key).__name__}) is not a key name; quote it if it is one"))
         return
-    rule = AXOLOTL_KEYS.get(key)
+    rule = AXOLOTL_KEYS.get(key) or NOT_AXOLOTL_SPELLINGS.get(key)
     if rule is None and key.startswith(TRACKER_PREFIXES) and key not in Recipe.model_fields:
         rule = Rule("drop", why=TRACKER_WHY)
     if rule is None:

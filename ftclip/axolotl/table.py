@@ -787,15 +787,19 @@ AXOLOTL_KEYS: dict[str, Rule] = {
                               "follows seed"),
     "safe_serialization": _not_axolotl("ftclip writes safetensors"), "tokenizer_padding_side": _not_axolotl(),
     "push_adapter_to_hub": _not_axolotl(), "checkpoint_dir": _not_axolotl(), "global_batch_size": _not_axolotl(),
-    **{key: _misspelled(correct) for key, correct in (
-        ("lr", "learning_rate"), ("epochs", "num_epochs"), ("train_batch_size", "micro_batch_size"),
-        ("tokenizer_path", "tokenizer_config"))},
     # cloud launcher settings (axolotl's modal/baseten runners), not training
     **{key: _drop("cloud launcher setting, not training") for key in (
         "gpu", "gpu_count", "provider", "node_count", "volumes", "branch", "dockerfile_commands", "memory", "timeout",
         "memory_preprocess", "timeout_preprocess", "secrets", "project_name")},
 }
 TRACKER_PREFIXES = ("trackio_", "swanlab_", "comet_", "wandb_", "mlflow_", "otel_")
+
+# Keys that are not Axolotl's (its schema discards them) whose names say which setting the author meant: the
+# importer refuses them with the key that makes it. Not in AXOLOTL_KEYS, so they do not make a file an Axolotl
+# config: in an ftclip recipe they stay unknown keys with ftclip's "did you mean".
+NOT_AXOLOTL_SPELLINGS = {key: _misspelled(correct) for key, correct in (
+    ("lr", "learning_rate"), ("epochs", "num_epochs"), ("train_batch_size", "micro_batch_size"),
+    ("tokenizer_path", "tokenizer_config"))}
 
 # ftclip's own keys that Axolotl lacks: their presence marks a config as an ftclip recipe already.
 FTCLIP_ONLY_KEYS = {"gradient_clipping", "distributed", "device", "max_skipped_steps", "dataset_cache_dir",
