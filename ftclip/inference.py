@@ -68,10 +68,17 @@ def _saved_recipe(folder: Path, run_dir: Path) -> dict[str, Any]:
     return {}
 
 
+def prompt_format_of(recipe: dict[str, Any]) -> dict | None:
+    """The run's prompt format (a dataset type given as a mapping), if it used one."""
+    return next((dataset["type"] for dataset in recipe.get("datasets") or [] if isinstance(dataset.get("type"), dict)),
+                None)
+
+
 def prompt_style(recipe: dict[str, Any], tokenizer) -> str:
-    """chat, alpaca or completion: how the run's data was formatted (chat wins in a mix, if the tokenizer has
+    """chat, prompt_format, alpaca or completion: how the run's data was formatted (chat wins in a mix, if the tokenizer has
     a template); a folder without a recipe is chatted with through its template when it has one."""
-    kinds = {dataset.get("type") for dataset in recipe.get("datasets") or []}
+    kinds = {"prompt_format" if isinstance(dataset.get("type"), dict) else dataset.get("type")
+             for dataset in recipe.get("datasets") or []}
     from ftclip.data.mistral_chat import is_mistral_common
 
     # mistral-common's tokenizer has no template text: its chat encoding is its own.
@@ -80,6 +87,8 @@ def prompt_style(recipe: dict[str, Any], tokenizer) -> str:
         return "chat"
     if recipe.get("rl") and has_template:  # preference data: its messages were rendered by the template
         return "chat"
+    if "prompt_format" in kinds:
+        return "prompt_format"
     if "alpaca" in kinds:
         return "alpaca"
     if kinds:
@@ -95,6 +104,7 @@ class Conversation:
     tokenizer: Any
     style: str
     turns: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant)
+    prompt_format: dict | None = None  # style prompt_format: the run's dataset type mapping
     processor: Any = None  # a vision-language run's processor
     image: Any = None  # the image the conversation is about (--image), in its first user turn
 
@@ -134,6 +144,13 @@ class Conversation:
             # Each turn alone: the alpaca format has no earlier turns, and a model trained on single exchanges
             # given earlier ones before the prompt repeats its previous answer (seen with the quickstart).
             return tokenizer(ALPACA_NO_INPUT.format(instruction=message), add_special_tokens=True)["input_ids"]
+        if self.style == "prompt_format":
+            from ftclip.recipe import PromptFormat
+
+            prompt_format = PromptFormat.model_validate(self.prompt_format or {})
+            # Each turn alone, as alpaca's: the message is the instruction, with no input.
+            text = prompt_format.prompt({prompt_format.field_instruction: message})
+            return tokenizer(text, add_special_tokens=True)["input_ids"]
         text = "".join(f"{user}{reply}" for user, reply in self.turns) + message  # completion: one running text
         return tokenizer(text, add_special_tokens=True)["input_ids"]
 

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftclip.checkpoint import write_text_atomically
+from ftclip.terminal import user
 
 
 def _number(value: float, digits: int = 4) -> str:
@@ -279,7 +280,7 @@ class TrainingView:
     def warn(self, message: str, loud: bool = False) -> None:
         label = "[bold red]WARNING:[/]" if loud else "[yellow]warning:[/]"
         # A log keeps each warning on one line (greppable); a terminal wraps it at words.
-        self.console.print(f"{label} {message}", highlight=False, soft_wrap=not self.interactive)
+        self.console.print(f"{label} {user(message)}", highlight=False, soft_wrap=not self.interactive)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -287,5 +288,5 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value")
     for key, value in summary.items():
-        table.add_row(key, _number(value) if isinstance(value, float) else str(value))
+        table.add_row(key, _number(value) if isinstance(value, float) else user(value))
     return table

@@ -8,13 +8,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from string import Formatter
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
     field_serializer,
@@ -63,6 +65,83 @@ FOREIGN_SCHEDULERS = {
 }
 
 
+class PromptFormat(BaseModel):
+    """A prompt format of the recipe's own, Axolotl's user-defined dataset type (a dataset `type` given as a
+    mapping; defaults as in Axolotl's src/axolotl/prompt_strategies/user_defined.py). A record's prompt is
+    system_format (with the record's field_system text, else system_prompt; nothing when both are empty), then
+    format (with {instruction} and {input}), or no_input_format when the record's input is empty or absent. The
+    prompt is masked unless train_on_inputs; the output and EOS are trained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_prompt: str = Field("", description="The system text when the record has none in field_system.")
+    system_format: str = Field("{system}", description="How the system text is written; {system} is replaced.")
+    field_system: str = Field("system", description="The record key of a per-record system text.")
+    field_instruction: str = Field("instruction", description="The record key of the instruction (required).")
+    field_input: str = Field("input", description="The record key of the input (optional).")
+    field_output: str = Field("output", description="The record key of the output: what is trained.")
+    format: str = Field("{instruction} {input} ", description="The prompt when the record has an input; "
+                        "{instruction} and {input} are replaced (literal braces are written {{ and }}).")
+    no_input_format: str = Field("{instruction} ", description="The prompt when the input is empty; {instruction} "
+                                 "is replaced.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_default(cls, data: Any) -> Any:
+        # Axolotl drops keys given as null (its schema dumps with exclude_none), so their defaults apply.
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> PromptFormat:
+        for key, allowed in (("format", {"instruction", "input"}), ("no_input_format", {"instruction"}),
+                             ("system_format", {"system"})):
+            text = getattr(self, key)
+            try:
+                names = {name for _, name, _, _ in Formatter().parse(text) if name is not None}
+            except ValueError as error:
+                raise ValueError(f"{key}: {error} (literal braces are written {{{{ and }}}})") from None
+            unknown = sorted(names - allowed)
+            if unknown:
+                raise ValueError(f"{key}: {{{unknown[0]}}} is not a placeholder it takes ({', '.join(sorted(allowed))}); "
+                                 "literal braces are written {{ and }}")
+        return self
+
+    def prompt(self, record: dict) -> str:
+        """The record's prompt, as Axolotl's user-defined type writes it."""
+        system = record.get(self.field_system) if record.get(self.field_system) is not None else self.system_prompt
+        head = self.system_format.format(system=system) if system and self.system_format else ""
+        given = record.get(self.field_input)
+        if given:
+            return head + self.format.format(instruction=record[self.field_instruction], input=given)
+        return head + self.no_input_format.format(instruction=record[self.field_instruction])
+
+
+def _dataset_type(value: Any) -> str | PromptFormat:
+    """A record format's name (chat_template is Axolotl's name for chat), a preference format's name, or a prompt
+    format given as a mapping."""
+    if isinstance(value, PromptFormat):
+        return value
+    if isinstance(value, dict):
+        return PromptFormat.model_validate(value)
+    if value == "chat_template":
+        return "chat"
+    if isinstance(value, str) and value in DATASET_TYPES + PREFERENCE_TYPES:
+        return value
+    # pydantic's wording for the SFT names (the README shows it; listing all 26 preference names would bury them).
+    raise ValueError("Input should be 'alpaca', 'completion', 'chat' or 'chat_template', or a prompt format of your "
+                     "own (a mapping: format, no_input_format, field_instruction, ...); preference training (rl, "
+                     "reward_model) reads 'preference', 'kto' and Axolotl's preference formats (chatml.*, llama3.*, "
+                     "chat_template.*: docs/preference.md)")
+
+
+DatasetType = Annotated[
+    Literal[DATASET_TYPES + PREFERENCE_TYPES] | PromptFormat,
+    PlainValidator(_dataset_type,
+                   json_schema_input_type=Literal[("alpaca", "completion", "chat", "chat_template") + PREFERENCE_TYPES]
+                   | PromptFormat),
+]
+
+
 class DatasetSpec(BaseModel):
     """One dataset: where it is, which split and subset, and the format of its records."""
 
@@ -73,14 +152,21 @@ class DatasetSpec(BaseModel):
         "a local .jsonl/.json/.parquet/.csv/.arrow file, or a local folder (a `save_to_disk` dataset or a folder of "
         "data files); local paths are relative to the recipe's folder."
     )
-    type: Literal[("alpaca", "completion", "chat", "chat_template") + PREFERENCE_TYPES] = Field(
-        description="alpaca: {instruction, input?, output}; completion: {text}; "
+    type: DatasetType = Field(
+        description="alpaca: {instruction, input?, output}; completion: {text} (or the key named by field); "
         "chat (alias chat_template): {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}; "
+        "or a prompt format of your own as a mapping (Axolotl's user-defined type): {system_prompt, system_format, "
+        "field_system, field_instruction, field_input, field_output, format, no_input_format}; "
         "with rl or reward_model: preference: {prompt?, chosen, rejected} as strings or message lists (TRL's "
         "layouts), kto: {prompt, completion, label}, or one of Axolotl's preference formats (chatml.intel, "
         "llama3.ultra, chat_template.default, ...; see docs/preference.md)."
     )
-    split: str = Field("train", description="Which split to read (a hub dataset or a folder with several splits).")
+    split: str = Field("train", description="Which split to read (a hub dataset or a folder with several splits; a "
+                       "single file is the train split). A slice takes part of it, as `datasets` writes them: "
+                       "train[:10%], train[100:200].")
+    field: str | None = Field(
+        None, description="completion: the record key holding the text (default text; Axolotl's field)."
+    )
     name: str | None = Field(None, description="The dataset configuration (subset) of a hub dataset.")
     data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
         None, description="Which files of a hub dataset or folder to read (as `datasets.load_dataset` takes them)."
@@ -117,16 +203,11 @@ class DatasetSpec(BaseModel):
         "rejected answer (default: rejected)."
     )
 
-    @field_validator("type", mode="before")
-    @classmethod
-    def _chat_template_is_chat(cls, value: Any) -> Any:
-        known = cls.model_fields["type"].annotation.__args__
-        if isinstance(value, str) and value not in known:  # said here: pydantic's list would name all 26 types
-            sft = [f"'{name}'" for name in known if name not in PREFERENCE_TYPES]
-            raise ValueError(f"Input should be {', '.join(sft[:-1])} or {sft[-1]} (got {value!r}); preference training "
-                             "(rl, reward_model) reads 'preference', 'kto' and Axolotl's preference formats (chatml.*, "
-                             "llama3.*, chat_template.*: docs/preference.md)")
-        return "chat" if value == "chat_template" else value  # Axolotl's name for the same record format
+    @property
+    def kind(self) -> str:
+        """alpaca, completion, chat, or prompt_format (a PromptFormat)."""
+        return "prompt_format" if isinstance(self.type, PromptFormat) else self.type
+
 
     # The recipe's rl (set by Recipe after validation): Axolotl's chatml.*/llama3.* names are KTO formats under
     # rl: kto and pair formats otherwise.
@@ -430,6 +511,10 @@ class Recipe(BaseModel):
     val_set_size: float = Field(
         0.0, ge=0, description="Held-out share (0 < x < 1) or number of examples (x >= 1) for eval loss."
     )
+    test_datasets: list[DatasetSpec] | None = Field(
+        None, min_length=1, description="Datasets evaluated on and never trained on (Axolotl's test_datasets), "
+        "instead of holding out val_set_size of the training data; entries as in datasets."
+    )
     sequence_len: int = Field(512, gt=0, description="Longest tokenized example; longer ones are truncated.")
     train_on_inputs: bool = Field(False, description="Also train on prompts / user turns (default: mask them).")
     sample_packing: bool = Field(
@@ -593,8 +678,17 @@ class Recipe(BaseModel):
         False, description="Liger's fused linear cross-entropy (needs liger-kernel and CUDA)."
     )
 
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise on the input embeddings in training forward passes (never in "
+        "evaluation), of magnitude alpha/√(sequence length × hidden size), as transformers computes it."
+    )
+
     # Run
     seed: int = Field(42, description="Seeds data order, the validation split and initialization.")
+    data_seed: int | None = Field(
+        None, description="Seeds the training data's order (the shuffle of each epoch) instead of seed; the held-out "
+        "split and initialization still follow seed (Hugging Face's data_seed)."
+    )
     output_dir: str = Field("./outputs/ftclip-run", description="Where metrics and the adapter go (relative to cwd).")
     logging_steps: int = Field(1, gt=0, description="Log (and read the grad norm back) every N optimizer steps.")
     eval_steps: int | None = Field(
@@ -611,6 +705,22 @@ class Recipe(BaseModel):
     )
     evals_per_epoch: int | None = Field(
         None, ge=0, description="Eval loss N times per epoch (instead of eval_steps); 0 = only at the end."
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop training when the best-model metric (metric_for_best_model, default eval "
+        "loss) has not improved for this many evaluations in a row (Hugging Face's EarlyStoppingCallback)."
+    )
+    metric_for_best_model: str | None = Field(
+        None, description="The evaluation value early stopping and load_best_model_at_end compare: loss (eval_loss, "
+        "the default) or another eval_* value the run logs; an eval_ prefix is implied."
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metric_for_best_model is better; default: false for names ending in "
+        "loss, true otherwise (as Hugging Face)."
+    )
+    load_best_model_at_end: bool = Field(
+        False, description="Save the checkpoint with the best metric_for_best_model as the result, instead of the last "
+        "step's weights (that checkpoint is kept from pruning); needs save_steps a multiple of eval_steps."
     )
     resume_from_checkpoint: str | None = Field(
         None, description="Resume from this checkpoint folder (relative to cwd), as `ftclip train --resume` does."
@@ -767,6 +877,11 @@ class Recipe(BaseModel):
         return "bf16" if self.bf16 else "fp32"
 
     @property
+    def data_order_seed(self) -> int:
+        """What shuffles the training data each epoch: data_seed, else seed."""
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
     def target_modules(self) -> list[str] | str:
         return "all-linear" if self.lora_target_linear else self.lora_target_modules
 
@@ -795,7 +910,7 @@ def schedule_steps(recipe: Recipe, total_steps: int) -> Schedule:
             return fixed
         return max(1, math.ceil(total_steps / (per_epoch * recipe.num_epochs)))
 
-    evals = every(recipe.evals_per_epoch, recipe.eval_steps) if recipe.val_set_size else None
+    evals = every(recipe.evals_per_epoch, recipe.eval_steps) if has_held_out(recipe) else None
     return Schedule(warmup, every(recipe.saves_per_epoch, recipe.save_steps), evals)
 
 
@@ -817,6 +932,53 @@ def resolve_schedule(recipe: Recipe, total_steps: int) -> Recipe:
     steps); the scheduler asks schedule_steps for it."""
     schedule = schedule_steps(recipe, total_steps)
     return recipe.model_copy(update={"save_steps": schedule.save_steps, "eval_steps": schedule.eval_steps})
+
+
+def has_held_out(recipe: Recipe) -> bool:
+    """Whether the run evaluates: on a held-out share of the training data, or on test_datasets."""
+    return bool(recipe.val_set_size or recipe.test_datasets)
+
+
+def best_model_alignment(recipe: Recipe) -> str | None:
+    """load_best_model_at_end picks among checkpoints, so every checkpoint needs an evaluation at its step:
+    save_steps a multiple of eval_steps (Hugging Face's rule). Checked again once per-epoch counts are steps."""
+    if recipe.load_best_model_at_end and recipe.save_steps and recipe.eval_steps and recipe.save_steps % recipe.eval_steps:
+        return (f"save_steps {recipe.save_steps} is not a multiple of eval_steps {recipe.eval_steps}: every checkpoint "
+                "needs an evaluation at its step to be compared (as Hugging Face requires)")
+    return None
+
+
+def _evaluation_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """test_datasets, early stopping and the best model, against the rest of the recipe."""
+    problems = []
+    if recipe.test_datasets and recipe.val_set_size:
+        problems.append(("test_datasets", "given with val_set_size: evaluate on one of them (set val_set_size: 0, or "
+                                          "drop test_datasets; Axolotl refuses both too)"))
+    if recipe.test_datasets and (recipe.rl or recipe.reward_model):
+        problems.append(("test_datasets", "preference runs evaluate on pairs held out of datasets: use val_set_size "
+                                          "(a separate preference test set is not read yet)"))
+    for key in ("early_stopping_patience", "load_best_model_at_end"):
+        if not getattr(recipe, key):
+            continue
+        if not has_held_out(recipe):
+            problems.append((key, "compares evaluations: set val_set_size or test_datasets, and eval_steps"))
+        elif not (recipe.eval_steps or recipe.evals_per_epoch):
+            problems.append((key, "compares evaluations during the run: set eval_steps or evals_per_epoch"))
+    if recipe.load_best_model_at_end and not (recipe.save_steps or recipe.saves_per_epoch):
+        problems.append(("load_best_model_at_end", "picks among the run's checkpoints: set save_steps (a multiple of "
+                                                   "eval_steps)"))
+    aligned = best_model_alignment(recipe)
+    if aligned:
+        problems.append(("load_best_model_at_end", aligned))
+    for key in ("metric_for_best_model", "greater_is_better"):
+        if getattr(recipe, key) is not None and not (recipe.early_stopping_patience or recipe.load_best_model_at_end):
+            problems.append((key, "is read by early_stopping_patience and load_best_model_at_end; set one of them"))
+    for group in ("datasets", "test_datasets"):
+        for index, spec in enumerate(getattr(recipe, group) or []):
+            if spec.field is not None and spec.kind != "completion":
+                problems.append((f"{group}.{index}.field", f"names the text key of completion records; this dataset's "
+                                                           f"type is {spec.kind}"))
+    return problems
 
 
 def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
@@ -843,8 +1005,8 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.optimizer.startswith("paged_") and recipe.device == "cpu":
         problems.append(("optimizer", f"{recipe.optimizer} needs CUDA (it pages state through unified memory), "
                                       "but device is cpu; use adamw_8bit"))
-    if recipe.eval_steps and not recipe.val_set_size:
-        problems.append(("eval_steps", "needs a held-out set: set val_set_size (e.g. 0.05)"))
+    if recipe.eval_steps and not has_held_out(recipe):
+        problems.append(("eval_steps", "needs a held-out set: set val_set_size (e.g. 0.05) or test_datasets"))
     if recipe.warmup_ratio is not None and recipe.warmup_steps:
         problems.append(("warmup_ratio", "warmup_steps and warmup_ratio are both set; keep one"))
     if recipe.saves_per_epoch and recipe.save_steps:
@@ -863,6 +1025,7 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
     problems += _vision_problems(recipe)
     problems += _model_family_problems(recipe)
     problems += _preference_problems(recipe)
+    problems += _evaluation_problems(recipe)
     return problems
 
 
@@ -1120,14 +1283,16 @@ _OTHER_TOOLS_NAMES = {
 }
 
 _NESTED_MODELS: dict[str, type[BaseModel]] = {
-    "datasets": DatasetSpec, "gradient_clipping": GradientClipping, "special_tokens": SpecialTokens,
-    "peft": PeftSettings, "qat": QATSettings,
+    "datasets": DatasetSpec, "test_datasets": DatasetSpec, "gradient_clipping": GradientClipping,
+    "special_tokens": SpecialTokens, "peft": PeftSettings, "qat": QATSettings,
 }
 _ALIASES = {"gradient_clipping": "max_grad_norm", "dataset_cache_dir": "dataset_prepared_path",
             "overrides_of_model_config": "model_config", "revision_of_model": "model_revision", "rl_beta": "beta"}
 
 
 def _model_at(loc: tuple) -> type[BaseModel]:
+    if len(loc) > 3 and loc[0] in ("datasets", "test_datasets") and loc[2] == "type":
+        return PromptFormat  # datasets.N.type.<key>: a key of a prompt format
     return _NESTED_MODELS.get(loc[0], Recipe) if len(loc) > 1 else Recipe
 
 
@@ -1227,7 +1392,8 @@ def parse_recipe(text: str, file: str = "<recipe>", folder: str | Path | None = 
     except ValidationError as error:
         found = problems + problems_from_validation(error, file, lines)
         raise RecipeError(sorted(found, key=lambda p: p.line or 0)) from None
-    problems += [Problem(file, key, message, _line_of(_key_path(key), lines)) for key, message in combination_problems(recipe)]
+    problems += [Problem(file, key, message, _line_of(_key_path(key), lines))
+                 for key, message in combination_problems(recipe)]
     if problems:
         raise RecipeError(problems)
     recipe._folder = Path(folder).resolve() if folder is not None else None

@@ -113,23 +113,25 @@ def split_indices(count: int, val_set_size: float, seed: int) -> tuple[np.ndarra
     return train, val
 
 
-def without_duplicates(examples: TokenizedExamples, train: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def without_duplicates(examples: TokenizedExamples, train: np.ndarray, val: np.ndarray,
+                       held_out_examples: TokenizedExamples | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) without exact repeats: a training example whose input_ids and labels equal an earlier one's
     is dropped, and so is a held-out example that equals a training one or an earlier held-out one. Hashes of
-    the token bytes, one pass over the examples."""
-    def digest(index: int) -> bytes:
-        ids, labels = examples.input_ids(index), examples.labels(index)
+    the token bytes, one pass over the examples. held_out_examples: where `val` indexes (test_datasets' own
+    examples), when not in `examples`."""
+    def digest(source: TokenizedExamples, index: int) -> bytes:
+        ids, labels = source.input_ids(index), source.labels(index)
         return hashlib.blake2b(ids.tobytes() + b"|" + labels.tobytes(), digest_size=16).digest()
 
     seen: set[bytes] = set()
 
-    def first_seen(indices: np.ndarray) -> np.ndarray:
+    def first_seen(source: TokenizedExamples, indices: np.ndarray) -> np.ndarray:
         kept = []
         for index in indices.tolist():
-            key = digest(index)
+            key = digest(source, index)
             if key not in seen:
                 seen.add(key)
                 kept.append(index)
         return np.asarray(kept, dtype=np.int64)
 
-    return first_seen(train), first_seen(val)
+    return first_seen(examples, train), first_seen(held_out_examples if held_out_examples is not None else examples, val)

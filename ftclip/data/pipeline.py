@@ -27,10 +27,15 @@ from ftclip.errors import DataError
 from ftclip.recipe import Recipe
 
 
+def _spec_key(spec) -> dict:
+    """A dataset spec as the cache key reads it. `field` joined the spec later: it is left out while unset, so
+    cache entries made before it keep their keys."""
+    return spec.model_dump(mode="json", exclude={"path"} | ({"field"} if spec.field is None else set()))
+
+
 def _key(recipe: Recipe, sources: list[Source], identities: list[str], tokenizer) -> str:
     parts = {
-        "datasets": [(identity, source.spec.model_dump(mode="json", exclude={"path"}))
-                     for source, identity in zip(sources, identities)],
+        "datasets": [(identity, _spec_key(source.spec)) for source, identity in zip(sources, identities)],
         "tokenizer": tokenizer_digest(tokenizer),
         "sequence_len": recipe.sequence_len,
         "train_on_inputs": recipe.train_on_inputs,
@@ -198,20 +203,28 @@ def _prepare(recipe: Recipe, tokenizer, build: bool, dist=None) -> PreparedData:
     examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, tokenizer, build)
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))
+    test = None
+    if recipe.test_datasets:  # evaluated on, never trained on: tokenized (and cached) as datasets are, on their own
+        test_recipe = recipe.model_copy(update={"datasets": recipe.test_datasets})
+        test, _, test_manifest, test_hit, test_records, test_seconds = tokenized_examples(test_recipe, tokenizer, build)
+        notes += [f"test_datasets: {note}" for note in test_manifest.get("notes", [])]
+        val = np.arange(len(test), dtype=np.int64)
+        hit, records, seconds = hit and test_hit, records + test_records, seconds + test_seconds
     if recipe.dataset_exact_deduplication:
-        unique_train, unique_val = without_duplicates(examples, train, val)
+        unique_train, unique_val = without_duplicates(examples, train, val, held_out_examples=test)
+        held_out = "test_datasets" if test is not None else "held-out"
         notes.append(f"dataset_exact_deduplication: dropped {len(train) - len(unique_train):,} repeated training and "
-                     f"{len(val) - len(unique_val):,} repeated held-out examples")
+                     f"{len(val) - len(unique_val):,} repeated {held_out} examples")
         train, val = unique_train, unique_val
     packing = None
     if recipe.sample_packing:
         train_rows, packing = _packing(recipe, examples, train, entry)
     else:
         train_rows = Rows.single(examples, train)
-    val_rows = Rows.single(examples, val)
+    val_rows = Rows.single(test if test is not None else examples, val)
     if vision.is_vision(recipe):  # rows that load their images per batch, in worker processes
         from ftclip.data.vision_batches import image_rows
 
         train_rows, val_rows = image_rows(recipe, tokenizer, train_rows, val_rows, dist)
         notes += vision.recipe_notes(recipe, tokenizer)
-    return PreparedData(examples, train_rows, val_rows, packing, entry, hit, records, seconds, notes)
+    return PreparedData(examples, train_rows, val_rows, packing, entry, hit, records, seconds, notes, test=test)

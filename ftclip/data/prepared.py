@@ -30,6 +30,12 @@ class PreparedData:
     seconds: float  # time spent tokenizing (0 on a hit)
     notes: list[str]  # e.g. chat records skipped because the template could not mask them
     detail: str = ""  # a word more for the data line (preference data: what truncation did)
+    test: Any = None  # test_datasets' examples (the held-out rows `val` are over them)
+
+    @property
+    def held_out(self) -> str:
+        """What `val` is, in words."""
+        return "from test_datasets" if self.test is not None else "held out"
 
 
 def num_processes(recipe: Recipe, records: int) -> int:
