@@ -237,7 +237,8 @@ def _is_rank_zero() -> bool:
 
 
 def _exec_torchrun(nproc: int) -> None:
-    """Replace this process with torchrun running the same command in N processes (torch's launcher)."""
+    """Replace this process with torchrun running the same command in N processes on this machine (torch's
+    launcher; --standalone picks a free port, so two runs on one machine do not collide)."""
     import sys
 
     arguments = sys.argv[1:]
@@ -248,7 +249,8 @@ def _exec_torchrun(nproc: int) -> None:
         if value.startswith("--nproc="):
             del arguments[index]
             break
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "ftclip", *arguments]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "ftclip", *arguments]
     os.execv(sys.executable, command)
 
 

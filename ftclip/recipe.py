@@ -128,10 +128,8 @@ def _dataset_type(value: Any) -> str | PromptFormat:
     if isinstance(value, str) and value in DATASET_TYPES + PREFERENCE_TYPES:
         return value
     # pydantic's wording for the SFT names (the README shows it; listing all 26 preference names would bury them).
-    raise ValueError("Input should be 'alpaca', 'completion', 'chat' or 'chat_template', or a prompt format of your "
-                     "own (a mapping: format, no_input_format, field_instruction, ...); preference training (rl, "
-                     "reward_model) reads 'preference', 'kto' and Axolotl's preference formats (chatml.*, llama3.*, "
-                     "chat_template.*: docs/preference.md)")
+    raise ValueError("Input should be 'alpaca', 'completion', 'chat' or 'chat_template' (or a prompt format mapping; "
+                     "with rl: a preference type, docs/preference.md)")
 
 
 DatasetType = Annotated[

@@ -22,7 +22,7 @@ import yaml
 
 from ftclip.errors import Problem, RecipeError
 from ftclip.overrides import Override, apply_overrides, blame, parse_override
-from ftclip.recipe import DATASET_TYPES, DatasetSpec, Recipe, _key_lines, _line_of, allowed_keys, parse_recipe
+from ftclip.recipe import DATASET_TYPES, PREFERENCE_TYPES, DatasetSpec, Recipe, _key_lines, _line_of, allowed_keys, parse_recipe
 
 
 def read_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -104,7 +104,7 @@ def axolotl_keys(data: dict[str, Any]) -> list[str]:
     found = [key for key in data
              if key not in ours and (key in AXOLOTL_KEYS or str(key).startswith(TRACKER_PREFIXES))]
     dataset_keys = set(DatasetSpec.model_fields)
-    native_types = {*DATASET_TYPES, "chat_template"}
+    native_types = {*DATASET_TYPES, "chat_template", *PREFERENCE_TYPES}
     for group, index, entry in _dataset_entries(data):
         found += [f"{group}.{index}.{key}" for key in entry if key not in dataset_keys and key in DATASET_KEYS]
         kind = entry.get("type")

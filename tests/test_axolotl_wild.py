@@ -36,8 +36,8 @@ def test_import_mapping_converts_a_parsed_config_in_memory(tmp_path):
 
 def test_import_mapping_reports_refusals_without_a_recipe(tmp_path):
     result = import_mapping({"base_model": "org/model", "datasets": [{"path": "d.jsonl", "type": "alpaca"}],
-                             "rl": "dpo"}, tmp_path / "axolotl.yml")
-    assert not result.ok and result.recipe is None and "rl" in dict(result.refused)
+                             "lr_quadratic_warmup": True}, tmp_path / "axolotl.yml")
+    assert not result.ok and result.recipe is None and "lr_quadratic_warmup" in dict(result.refused)
     assert import_mapping(["not", "a", "mapping"]).problems == ["not a mapping of keys (an Axolotl config is one)"]
 
 

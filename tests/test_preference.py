@@ -369,7 +369,7 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(preference_recipe,
     path = preference_recipe("two.yaml", micro_batch_size=2, output_dir=str(tmp_path / "two"),
                              dataset_cache_dir=str(tmp_path / "cache-ddp"), distributed={"strategy": strategy}, **common)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "ftclip",
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ftclip",
                            "train", str(path)], capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

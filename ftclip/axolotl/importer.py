@@ -319,6 +319,18 @@ def _lora_target_check(values: dict, result: ImportResult) -> None:
                                                       "name them (or set lora_target_linear: true)"))
 
 
+def _sharded_reference(builder: _Builder) -> None:
+    """Full fine-tuning under FSDP with a reference model (rl: dpo, ipo, kto): Axolotl's TRL trainer keeps a frozen
+    copy; ftclip would not shard one, so it computes the same reference log-probabilities once before training."""
+    values = builder.values
+    if (values.get("rl") in ("dpo", "ipo", "kto") and not values.get("adapter") and not values.get("precompute_ref_log_probs")
+            and values.get("distributed", {}).get("strategy") == "fsdp"):
+        builder.put("precompute_ref_log_probs", True, "full fine-tuning under FSDP: the reference computed up front")
+        builder.result.mapped.append(("(rl under FSDP)", "precompute_ref_log_probs: true",
+                                      "the frozen reference copy TRL keeps would not be sharded; the reference "
+                                      "log-probabilities are computed once before training (the same values)"))
+
+
 def _render(builder: _Builder, source: str) -> str:
     lines = [f"# Imported from the Axolotl config {source} by `ftclip import-axolotl`.",
              "# Each key's comment says which Axolotl key it came from.", ""]
@@ -396,6 +408,7 @@ def import_mapping(config: Any, source: str | Path = "<config>", output: str | P
         result.mapped.append(("(absent)", f"{key}: {show_value(value)}", why))
     if axolotl_defaults:  # absent targets mean peft's choice to Axolotl, all-linear to ftclip
         _lora_target_check(builder.values, result)
+    _sharded_reference(builder)
     if result.refused:
         return result
     result.text = _render(builder, str(source))

@@ -262,6 +262,13 @@ def _strategy_from_fsdp(value: Any, config: dict) -> Outcome:
                   "wrap, offload and state-dict settings are ftclip's own")
 
 
+def _liger_loss(value: Any, config: dict) -> Outcome:
+    if config.get("rl") or config.get("reward_model"):  # Liger's patch fuses the loss only when labels are passed
+        return Dropped("TRL's preference and reward trainers call the model without labels, so Liger's fused loss "
+                       "is not used there; ftclip computes their log-probabilities through its chunked path")
+    return Mapped({"liger_fused_linear_cross_entropy": value})
+
+
 def _plugins(value: Any, config: dict) -> Outcome:
     if isinstance(value, str):
         value = [value]
@@ -674,7 +681,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "torch_compile_backend": _drop(KERNEL_ONLY), "torch_compile_mode": _drop(KERNEL_ONLY),
     "chunked_cross_entropy": _same(), "chunked_cross_entropy_num_chunks": _drop(_MEMORY),
     "cut_cross_entropy": _to("chunked_cross_entropy", "the same loss without materializing all logits"),
-    "liger_fused_linear_cross_entropy": _same(),
+    "liger_fused_linear_cross_entropy": _to("liger_fused_linear_cross_entropy", "SFT runs (dropped under rl and "
+                                            "reward_model)", _liger_loss),
     "liger_rope": _drop(KERNEL_ONLY), "liger_rms_norm": _drop(KERNEL_ONLY), "liger_glu_activation": _drop(KERNEL_ONLY),
     "liger_layer_norm": _drop(KERNEL_ONLY), "liger_cross_entropy": _drop(KERNEL_ONLY),
     "liger_rms_norm_gated": _drop(KERNEL_ONLY),
