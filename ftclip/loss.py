@@ -96,6 +96,29 @@ def _linear_into(out: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, 
         torch.addmm(bias, hidden, weight.t(), out=out)
 
 
+def _softmax_chunks(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor, chunk_tokens: int):
+    """For each chunk of rows: (start, rows, chunk, chunk_targets, probs, target_nll), probs the softmax of the
+    chunk's logits (in a buffer reused by the next chunk) and target_nll = −log p(target) per row. Two chunk-sized
+    buffers for every chunk: a fresh 128 MiB tensor per chunk costs its page faults each time on the CPU
+    (allocations that large go back to the OS when freed), which measured more than the softmax itself."""
+    rows_per_chunk = min(chunk_tokens, hidden.shape[0])
+    logits_buffer, probs_buffer = (torch.empty(rows_per_chunk, weight.shape[0], dtype=torch.float32,
+                                               device=hidden.device) for _ in range(2))
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+        rows = torch.arange(len(chunk_targets), device=hidden.device)
+        logits, probs = logits_buffer[:len(rows)], probs_buffer[:len(rows)]
+        _linear_into(logits, chunk, weight, bias)
+        # One fused softmax pass gives d(sum CE)/d logits (softmax - one-hot); logsumexp, sub and exp would be four
+        # passes over the chunk's logits. −log p(target) = log Σ exp − target logit, with log Σ exp read off the most
+        # likely token, whose probability is 1 / Σ exp(logit − max) ≥ 1/vocab, so its log never underflows as a
+        # far-off target's would: log Σ exp = max logit − log max p. (amax, not argmax: five times faster on the CPU.)
+        top_logits = logits.amax(dim=-1)
+        target_logits = logits[rows, chunk_targets]
+        torch.softmax(logits, dim=-1, out=probs)
+        yield start, rows, chunk, chunk_targets, probs, top_logits - torch.log(probs.amax(dim=-1)) - target_logits
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Σ cross-entropy(hidden @ weightᵀ + bias, targets) / denominator, with the gradients computed in the forward, a
     chunk at a time, while each chunk's logits exist: no chunk is recomputed in the backward, which only
@@ -110,26 +133,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
-        # Two chunk-sized buffers for every chunk: a fresh 128 MiB tensor per chunk costs its page faults each
-        # time on the CPU (allocations that large go back to the OS when freed), which measured more than the
-        # softmax itself.
-        rows_per_chunk = min(chunk_tokens, hidden.shape[0])
-        logits_buffer, probs_buffer = (torch.empty(rows_per_chunk, weight.shape[0], dtype=torch.float32,
-                                                   device=hidden.device) for _ in range(2))
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-            rows = torch.arange(len(chunk_targets), device=hidden.device)
-            logits, probs = logits_buffer[:len(rows)], probs_buffer[:len(rows)]
-            _linear_into(logits, chunk, weight, bias)
-            # One fused softmax pass gives d(sum CE)/d logits (softmax - one-hot); logsumexp, sub and exp
-            # would be four passes over the chunk's logits. The loss, log Σ exp - target logit, is read off
-            # the most likely token, whose probability is 1 / Σ exp(logit - max) ≥ 1/vocab, so its log never
-            # underflows as a far-off target's would: log Σ exp = max logit - log max p. (amax, not argmax:
-            # five times faster on the CPU.)
-            top_logits = logits.amax(dim=-1)
-            target_logits = logits[rows, chunk_targets]
-            torch.softmax(logits, dim=-1, out=probs)
-            total += (top_logits - torch.log(probs.amax(dim=-1)) - target_logits).sum()
+        for start, rows, chunk, chunk_targets, probs, target_nll in _softmax_chunks(hidden, weight, bias, targets,
+                                                                                  chunk_tokens):
+            total += target_nll.sum()
             if not (need_hidden or need_weight or need_bias):
                 continue
             probs[rows, chunk_targets] -= 1
@@ -329,20 +335,9 @@ class _LinearTokenLogProbs(torch.autograd.Function):
         need_hidden = with_grads and ctx.needs_input_grad[0]
         logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        rows_per_chunk = min(chunk_tokens, hidden.shape[0])
-        logits_buffer, probs_buffer = (torch.empty(rows_per_chunk, weight.shape[0], dtype=torch.float32,
-                                                   device=hidden.device) for _ in range(2))
-        for start in range(0, hidden.shape[0], chunk_tokens):
-            chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
-            rows = torch.arange(len(chunk_targets), device=hidden.device)
-            logits, probs = logits_buffer[:len(rows)], probs_buffer[:len(rows)]
-            _linear_into(logits, chunk, weight, bias)
-            # log p(target) = target logit − log Σ exp, with log Σ exp read off the most likely token as in
-            # _LinearCrossEntropy (its probability is ≥ 1/vocab, so its log never underflows).
-            top_logits = logits.amax(dim=-1)
-            target_logits = logits[rows, chunk_targets]
-            torch.softmax(logits, dim=-1, out=probs)
-            logps[start:start + len(rows)] = target_logits - top_logits + torch.log(probs.amax(dim=-1))
+        for start, rows, _, chunk_targets, probs, target_nll in _softmax_chunks(hidden, weight, bias, targets,
+                                                                              chunk_tokens):
+            logps[start:start + len(rows)] = -target_nll
             if need_hidden:
                 probs.neg_()
                 probs[rows, chunk_targets] += 1  # one-hot − softmax: d log p(target) / d logits

@@ -275,14 +275,7 @@ class PairObjective:
     # -- before the first step
 
     def prepare(self, model, data, context) -> str | None:
-        if self.reference is None:
-            return None
-        if self.reference.precomputed:
-            return precompute_reference(self, model, data, context)
-        self.reference.keep_a_copy(model)
-        if self.reference.frozen is not None:
-            return "reference: a frozen copy of the weights as loaded (precompute_ref_log_probs: true saves its memory)"
-        return "reference: the same weights with the LoRA adapter disabled (no second copy)"
+        return set_up_reference(self, model, data, context) if self.reference is not None else None
 
     @torch.no_grad()
     def reference_log_probs(self, model, batch: list[PairRow], pad_token_id: int) -> np.ndarray:
@@ -379,12 +372,7 @@ class KTOObjective:
         return MicroBatchLoss(losses.sum() / items, metrics)
 
     def prepare(self, model, data, context) -> str | None:
-        if self.reference.precomputed:
-            return precompute_reference(self, model, data, context)
-        self.reference.keep_a_copy(model)
-        if self.reference.frozen is not None:
-            return "reference: a frozen copy of the weights as loaded (precompute_ref_log_probs: true saves its memory)"
-        return "reference: the same weights with the LoRA adapter disabled (no second copy)"
+        return set_up_reference(self, model, data, context)
 
     @torch.no_grad()
     def reference_log_probs(self, model, batch: list[KTORow], pad_token_id: int) -> np.ndarray:
@@ -439,6 +427,17 @@ class RewardObjective:
 
 
 # ---------------------------------------------------------------- precomputed reference log-probabilities
+
+
+def set_up_reference(objective, model, data, context) -> str:
+    """Before the first step: the reference log-probabilities computed now (precompute_ref_log_probs), or the
+    reference model kept (a frozen copy for full fine-tuning, the adapter disabled under LoRA); says which."""
+    if objective.reference.precomputed:
+        return precompute_reference(objective, model, data, context)
+    objective.reference.keep_a_copy(model)
+    if objective.reference.frozen is not None:
+        return "reference: a frozen copy of the weights as loaded (precompute_ref_log_probs: true saves its memory)"
+    return "reference: the same weights with the LoRA adapter disabled (no second copy)"
 
 
 def precompute_reference(objective, model, data, context) -> str:
