@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped, StorageError
+from ftclip.errors import FtclipError, PeerLost, Problem, RecipeError, RunStopped, StorageError
 from ftclip.recipe import Recipe
 from ftclip.recipe_files import read_recipe
 
@@ -34,6 +34,7 @@ app = typer.Typer(
 console = Console()
 error_console = Console(stderr=True)
 
+EXIT_PEER_LOST = 1  # under torchrun: another process of the run died; this one stops too
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
 EXIT_INTERRUPTED = 130
@@ -304,6 +305,12 @@ def train(
                             f"{error.strerror}. Checkpoints written before are untouched; free space or fix the "
                             "folder's permissions, then run the same command again.", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STORAGE)
+    except PeerLost as error:
+        # Every surviving rank says so (the one that speaks for the run may be the one that died), and leaves
+        # without finalization: its process group lost a member and cannot be torn down in order.
+        error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        _leave_worker(EXIT_PEER_LOST)
+        raise typer.Exit(EXIT_PEER_LOST)
     except FtclipError as error:
         _fail(error)
     except RunStopped as stopped:

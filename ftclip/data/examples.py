@@ -62,6 +62,7 @@ class TokenizedExamples:
 
     def __init__(self, tables: list, kept: list[np.ndarray]):
         self._tables = tables  # keep the memory maps alive
+        self._kept = kept
         self._ids, self._labels = _Column(), _Column()
         trained = []
         for table, rows in zip(tables, kept):
@@ -99,6 +100,22 @@ class TokenizedExamples:
     @property
     def tokens(self) -> int:
         return int(self.lengths.sum())
+
+    def digest(self) -> str:
+        """SHA-256 of every table's input_ids and labels and of which rows are kept: equal on two machines that
+        tokenized the same data the same way, however datasets split the tables into files and chunks (each
+        column's lengths and values are hashed as two streams, so chunk boundaries do not enter)."""
+        whole = hashlib.sha256()
+        for table, rows in zip(self._tables, self._kept):
+            whole.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+            for name in ("input_ids", "labels"):
+                lengths, values = hashlib.sha256(), hashlib.sha256()
+                for chunk in table.column(name).chunks:
+                    offsets = chunk.offsets.to_numpy()
+                    lengths.update(np.diff(offsets).astype(np.int64).tobytes())
+                    values.update(chunk.flatten().to_numpy(zero_copy_only=True).astype(np.int32, copy=False).tobytes())
+                whole.update(lengths.digest() + values.digest())
+        return whole.hexdigest()
 
 
 def split_indices(count: int, val_set_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
