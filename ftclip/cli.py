@@ -236,6 +236,12 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _several_nodes() -> bool:
+    """torchrun reads each of its options from a PET_<OPTION> variable when the command line lacks it, so --nproc
+    joins a run of several nodes when PET_NNODES, PET_NODE_RANK, PET_RDZV_BACKEND and PET_RDZV_ENDPOINT are set."""
+    return os.environ.get("PET_NNODES", "1") not in ("1", "1:1")
+
+
 def _exec_torchrun(nproc: int) -> None:
     """Replace this process with torchrun running the same command in N processes (torch's launcher)."""
     import sys
@@ -261,7 +267,8 @@ def train(
         Path | None, typer.Option(help="Resume from this checkpoint folder (default: output_dir's latest).")
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if output_dir has checkpoints.")] = False,
-    nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun.")] = None,
+    nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun "
+                                                       "(several machines: set torchrun's PET_* variables).")] = None,
     overrides: SetOption = None,
     verify: Annotated[str, typer.Option(
         help="Checkpoint check before resuming: auto (SHA-256 of files up to 64 MiB, size of larger ones) or full "
@@ -271,7 +278,7 @@ def train(
 
     Continues automatically from the newest intact (verified) checkpoint in output_dir when there is one.
     Several processes: torchrun --nproc_per_node N -m ftclip train RECIPE, or --nproc N."""
-    if nproc and nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if nproc and (nproc > 1 or _several_nodes()) and "LOCAL_RANK" not in os.environ:
         _exec_torchrun(nproc)
     if not _is_rank_zero():
         console.quiet = True  # rank 0 speaks for the run; errors still reach stderr from every rank

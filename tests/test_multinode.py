@@ -37,15 +37,26 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_nodes(*commands: list[str]) -> list[subprocess.Popen]:
+def start_nodes(*commands: list[str], via_nproc: bool = False) -> list[subprocess.Popen]:
     """One torchrun per command, each a node of one c10d rendezvous (c10d numbers the nodes in the order they
-    join, so which command becomes node 0 is not fixed: the tests look at ranks and at what each node wrote)."""
+    join, so which command becomes node 0 is not fixed: the tests look at ranks and at what each node wrote).
+    via_nproc: each command is `ftclip train ... --nproc 1`, and torchrun takes the rendezvous from PET_* variables."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-         "--node-rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", *command],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for node, command in enumerate(commands)]
+    rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}"]
+    nodes = []
+    for node, command in enumerate(commands):
+        if via_nproc:
+            launch = [sys.executable, *command, "--nproc", "1"]
+            variables = {"PET_NNODES": "2", "PET_NODE_RANK": str(node), "PET_RDZV_BACKEND": "c10d",
+                         "PET_RDZV_ENDPOINT": f"127.0.0.1:{port}"}
+        else:
+            launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                      "--node-rank", str(node), *rendezvous, *command]
+            variables = {}
+        nodes.append(subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env={**env, **variables}))
+    return nodes
 
 
 def finish(nodes: list[subprocess.Popen], limit: float = RUN_LIMIT_S) -> list[subprocess.CompletedProcess]:
@@ -63,9 +74,10 @@ def finish(nodes: list[subprocess.Popen], limit: float = RUN_LIMIT_S) -> list[su
     return done
 
 
-def two_nodes(recipe: Path, *per_node: list[str]) -> list[subprocess.CompletedProcess]:
+def two_nodes(recipe: Path, *per_node: list[str], via_nproc: bool = False) -> list[subprocess.CompletedProcess]:
     """`ftclip train recipe` on two nodes, each with its own extra arguments (--set ...)."""
-    return finish(start_nodes(*[["-m", "ftclip", "train", str(recipe), *extra] for extra in (per_node or ([], []))]))
+    commands = [["-m", "ftclip", "train", str(recipe), *extra] for extra in (per_node or ([], []))]
+    return finish(start_nodes(*commands, via_nproc=via_nproc))
 
 
 def assert_ok(done: list[subprocess.CompletedProcess]) -> None:
@@ -121,7 +133,9 @@ def test_a_cache_folder_per_node_each_builds_its_own_and_the_run_is_the_same(set
     shared_out, _, _, path = shared_run
     out = folder / "per-node-cache"
     caches = [folder / "cache-a", folder / "cache-b"]
-    done = two_nodes(path, *[["--set", f"output_dir={out}", "--set", f"dataset_cache_dir={cache}"] for cache in caches])
+    # Launched as `ftclip train ... --nproc 1` with torchrun's rendezvous options in PET_* variables.
+    done = two_nodes(path, *[["--set", f"output_dir={out}", "--set", f"dataset_cache_dir={cache}"] for cache in caches],
+                     via_nproc=True)
     assert_ok(done)
     assert [len(builds(cache)) for cache in caches] == [1, 1]
     assert sorted(builds(cache)[0]["node"] for cache in caches) == [0, 1]  # each node built into its own folder
