@@ -49,7 +49,7 @@ from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data.batches import Row, Rows, micro_batches
 from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
-from ftclip.errors import DataError, FtclipError, ModelError, PeerLost, ResumeError, RunStopped, StorageError
+from ftclip.errors import DataError, ModelError, PeerLost, ResumeError, RunStopped, StorageError
 from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
@@ -318,9 +318,9 @@ def _agreed_resume_point(recipe: Recipe, output_dir: Path, resume, console: Cons
     if dist.is_main:
         try:
             checkpoint = _find_resume_point(recipe, output_dir, resume, console, verify=verify)
-        except FtclipError as error:
+        except Exception as error:  # whatever it is, the other ranks must hear of it, not wait
             failure = error
-    checkpoint, message = dist.from_rank0((checkpoint, None if failure is None else str(failure)))
+    checkpoint, message = dist.from_rank0((checkpoint, None if failure is None else str(failure) or repr(failure)))
     if failure is not None:
         raise failure
     if message is not None:
