@@ -345,8 +345,8 @@ def _peer_lost_message(dist: Distributed, error: RuntimeError, output_dir: Path)
     resume = (f"the last checkpoint is {latest}: start the same command on every node to resume from it"
               if latest else "no checkpoint was saved yet: start the same command on every node to begin again")
     return (f"{dist.node}, rank {dist.rank}: lost contact with the other processes of this run ({cause}). A process "
-            f"on another node died or was killed, or the network between the nodes failed; torchrun's log on each "
-            f"node says which. {resume[0].upper()}{resume[1:]}.")
+            f"on another node died, hung or was killed, or the network between the nodes failed; torchrun's log on "
+            f"each node says which. {resume[0].upper()}{resume[1:]}.")
 
 
 def _load_trainable_model(recipe: Recipe, device: torch.device, dist: Distributed, tokenizer=None, note=None):
