@@ -4,7 +4,7 @@ PIP ?= $(PYTHON) -m pip
 CONSTRAINTS ?= constraints-cpu.txt
 PIP_INSTALL = $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 
-.PHONY: install test bench bench-data bench-step bench-validate lint quickstart validate assets docs
+.PHONY: install test bench bench-data bench-step bench-pref bench-validate lint quickstart validate assets docs
 
 install:
 	$(PIP_INSTALL) -e '.[dev]'
@@ -20,6 +20,12 @@ bench: install
 bench-step: install
 	$(PIP_INSTALL) -e '.[bench]'
 	$(PYTHON) bench/step_bench.py $(STEP_BENCH_ARGS)
+
+# ftclip's DPO against TRL's DPOTrainer + peft, and against ftclip's SFT (needs the bench extra: accelerate, trl).
+# Pass options with PREF_BENCH_ARGS, e.g. make bench-pref PREF_BENCH_ARGS="--steps 10 --device cuda".
+bench-pref: install
+	$(PIP_INSTALL) -e '.[bench]'
+	$(PYTHON) bench/pref_bench.py $(PREF_BENCH_ARGS)
 
 # Data stage vs plain `datasets` (200k generated records; --records N to change): see bench/RESULTS.md.
 bench-data: install

@@ -452,10 +452,13 @@ def _write_state(folder: Path, recipe: Recipe, state: TrainingState, **readable_
     (folder / STATE_JSON).write_text(json.dumps(readable, indent=2))
 
 
-def _prune(output_dir: Path, recipe: Recipe) -> None:
+def _prune(output_dir: Path, recipe: Recipe, keep: Path | None = None) -> None:
+    """Remove all but the save_total_limit newest checkpoints, and never `keep` (the best one, for
+    load_best_model_at_end: as Hugging Face does, it is kept besides the newest ones)."""
     if recipe.save_total_limit:
         for old in complete_checkpoints(output_dir)[: -recipe.save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            if keep is None or old.resolve() != Path(keep).resolve():
+                shutil.rmtree(old, ignore_errors=True)
 
 
 # Optimizer state written per trainable value: AdamW keeps two fp32 moments, its 8-bit forms two bytes.
@@ -493,7 +496,7 @@ def low_space_warning(recipe: Recipe, output_dir: Path, trainable: list, total_s
             "with the disk full (exit 3). Free space, lower save_total_limit, or move output_dir.")
 
 
-def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Path) -> Path:
+def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Path, keep: Path | None = None) -> Path:
     """Write checkpoints/step-N atomically, point `latest` at it, then prune beyond save_total_limit.
     A failure (a full disk) removes the partial folder and leaves every earlier checkpoint as it was."""
     root = Path(output_dir) / CHECKPOINTS
@@ -511,7 +514,7 @@ def save_checkpoint(model, recipe: Recipe, state: TrainingState, output_dir: Pat
         raise storage_error(error, f"checkpoint {destination.name}", root,
                             _tensor_bytes(trainable_state_dict(model)) + _tensor_bytes(state.tensors),
                             _kept_message(output_dir)) from None
-    _prune(output_dir, recipe)
+    _prune(output_dir, recipe, keep)
     return destination
 
 
@@ -562,7 +565,7 @@ def load_checkpoint(checkpoint: Path, model, recipe: Recipe) -> TrainingState:
 
 
 def save_sharded_checkpoint(model, optimizer, unwrapped, recipe: Recipe, state: TrainingState, output_dir: Path,
-                            dist) -> Path:
+                            dist, keep: Path | None = None) -> Path:
     """FSDP: every rank writes its own shards of the weights and optimizer state with
     torch.distributed.checkpoint (nothing is gathered for them); rank 0 adds the rest, and a gathered copy
     of the trainable weights in the usual adapter/model format so any checkpoint can be used on its own.
@@ -590,7 +593,7 @@ def save_sharded_checkpoint(model, optimizer, unwrapped, recipe: Recipe, state: 
             os.rename(staging, destination)
             _fsync_dir(root)
             write_text_atomically(root / LATEST, destination.name)
-            _prune(output_dir, recipe)
+            _prune(output_dir, recipe, keep)
     except WRITE_FAILURES as failure:
         error = as_os_error(failure)
         if dist.is_main:

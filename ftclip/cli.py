@@ -1,7 +1,7 @@
 """The command line: the only place that turns ftclip's errors into messages and exit codes
-(0 ok, 1 run stopped because it diverged, 2 bad input, 3 storage failure: a checkpoint or the result could not
-be written (disk full, read-only or permission denied; earlier checkpoints intact), 130/143 stopped by
-SIGINT/SIGTERM).
+(0 ok, 1 run stopped because it diverged, or import-axolotl failed unexpectedly on a config, 2 bad input,
+3 storage failure: a checkpoint or the result could not be written (disk full, read-only or permission denied;
+earlier checkpoints intact), 130/143 stopped by SIGINT/SIGTERM).
 
 Imports: this module's top imports only typer, rich and ftclip's light modules (errors, recipe). torch,
 transformers, datasets, peft and bitsandbytes cost seconds, so they are imported inside the command functions
@@ -20,21 +20,22 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from ftclip.errors import FtclipError, PeerLost, Problem, RecipeError, RunStopped, StorageError
 from ftclip.recipe import Recipe
 from ftclip.recipe_files import read_recipe
+from ftclip.terminal import make_console, user
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Fine-tune LLMs (LoRA, QLoRA, full) from YAML recipes, with a fast and visible gradient clip.",
 )
-console = Console()
-error_console = Console(stderr=True)
+console = make_console()
+error_console = make_console(stderr=True)
 
-EXIT_PEER_LOST = 1  # under torchrun: another process of the run died; this one stops too
+EXIT_FAILED = 1
+EXIT_PEER_LOST = EXIT_FAILED  # under torchrun: another process of the run died; this one stops too
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
 EXIT_INTERRUPTED = 130
@@ -48,7 +49,7 @@ SetOption = Annotated[
 
 
 def _fail(error: FtclipError) -> None:
-    error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+    error_console.print(f"[bold red]error:[/] {user(error)}", highlight=False, soft_wrap=True)
     raise typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -130,7 +131,7 @@ def import_summary(recipe: Recipe) -> list[str]:
 
 def _print_import_summary(recipe: Recipe, to: Console) -> None:
     for index, line in enumerate(import_summary(recipe)):
-        to.print(f"[bold]note:[/] {escape(line)}" if index == 0 else escape(line), highlight=False, soft_wrap=True)
+        to.print(f"[bold]note:[/] {user(line)}" if index == 0 else user(line), highlight=False, soft_wrap=True)
 
 
 def _annotation_property(value: str) -> str:
@@ -199,16 +200,16 @@ def validate(
     else:
         for result in results:
             if result["valid"]:
-                console.print(f"[green]ok[/]      {result['file']}", highlight=False, soft_wrap=True)
+                console.print(f"[green]ok[/]      {user(result['file'])}", highlight=False, soft_wrap=True)
             else:
-                console.print(f"[red]invalid[/] {result['file']}", highlight=False, soft_wrap=True)
+                console.print(f"[red]invalid[/] {user(result['file'])}", highlight=False, soft_wrap=True)
                 for problem in result["problems"]:
-                    console.print(f"  {escape(str(problem))}", highlight=False, soft_wrap=True)
+                    console.print(f"  {user(problem)}", highlight=False, soft_wrap=True)
             for line in result["summary"]:
-                console.print(f"  note: {escape(line.strip())}" if line.startswith("an Axolotl") else f"  {escape(line)}",
+                console.print(f"  note: {user(line.strip())}" if line.startswith("an Axolotl") else f"  {user(line)}",
                               highlight=False, soft_wrap=True)
             for key, message in result["notices"]:
-                console.print(f"  [yellow]warning:[/] {key}: {escape(message)}", highlight=False, soft_wrap=True)
+                console.print(f"  [yellow]warning:[/] {user(key)}: {user(message)}", highlight=False, soft_wrap=True)
     if os.environ.get("GITHUB_ACTIONS") == "true":
         # The runner reads workflow commands from stdout and stderr alike; stderr keeps --json's stdout parseable.
         for result in results:
@@ -243,7 +244,8 @@ def _several_nodes() -> bool:
 
 
 def _exec_torchrun(nproc: int) -> None:
-    """Replace this process with torchrun running the same command in N processes (torch's launcher)."""
+    """Replace this process with torchrun running the same command in N processes on this machine (torch's
+    launcher; --standalone picks a free port, so two runs on one machine do not collide)."""
     import sys
 
     arguments = sys.argv[1:]
@@ -254,7 +256,10 @@ def _exec_torchrun(nproc: int) -> None:
         if value.startswith("--nproc="):
             del arguments[index]
             break
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "-m", "ftclip", *arguments]
+    # Several machines take their rendezvous from torchrun's PET_* variables, which --standalone would override.
+    standalone = [] if _several_nodes() else ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", *standalone, "--nproc_per_node", str(nproc),
+               "-m", "ftclip", *arguments]
     os.execv(sys.executable, command)
 
 
@@ -302,34 +307,34 @@ def train(
         result = run_training(recipe, console, resume=False if no_resume else resume, verify=verify)
     except StorageError as error:
         if _is_rank_zero():
-            error_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            error_console.print(f"[bold red]error:[/] {user(error)}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STORAGE)
     except OSError as error:
         # A write outside the checkpoint code (metrics, TensorBoard) on a full or read-only disk: the same exit.
         if error.errno not in _STORAGE_ERRNOS:
             raise
-        error_console.print(f"[bold red]error:[/] cannot write {error.filename or 'to the output folder'}: "
-                            f"{error.strerror}. Checkpoints written before are untouched; free space or fix the "
+        error_console.print(f"[bold red]error:[/] cannot write {user(error.filename or 'to the output folder')}: "
+                            f"{user(error.strerror)}. Checkpoints written before are untouched; free space or fix the "
                             "folder's permissions, then run the same command again.", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STORAGE)
     except PeerLost as error:
         # Every surviving rank says so (the one that speaks for the run may be the one that died), and leaves
         # without finalization: its process group lost a member and cannot be torn down in order.
-        error_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        error_console.print(f"[bold red]error:[/] {user(error)}", highlight=False, soft_wrap=True)
         _leave_worker(EXIT_PEER_LOST)
         raise typer.Exit(EXIT_PEER_LOST)
     except FtclipError as error:
         _fail(error)
     except RunStopped as stopped:
         if _is_rank_zero():  # the other ranks stopped at the same step; one message
-            error_console.print(f"[yellow]stopped[/]: {stopped}", highlight=False)
+            error_console.print(f"[yellow]stopped[/]: {user(stopped)}", highlight=False)
         _leave_worker(stopped.exit_code)
         raise typer.Exit(stopped.exit_code)
     except KeyboardInterrupt:
         error_console.print("[yellow]interrupted[/]: stopped without saving; the last checkpoint and earlier "
                             "outputs are intact")
         raise typer.Exit(EXIT_INTERRUPTED)
-    console.print(f"[green]done[/]: {result.artifact}")
+    console.print(f"[green]done[/]: {user(result.artifact)}", highlight=False)
     _leave_worker(0)
 
 
@@ -372,7 +377,7 @@ def checkpoints(
                              "size_checked_files": c.size_checked, "unverified": c.legacy} for c in checks],
         }, indent=2, ensure_ascii=False))
         return
-    table = Table(title=f"checkpoints: {run_dir / CHECKPOINTS}")
+    table = Table(title=f"checkpoints: {user(run_dir / CHECKPOINTS)}")
     for column in ("step", "size", "state", "resume"):
         table.add_column(column, justify="right" if column in ("step", "size") else "left")
     for check in checks:
@@ -381,7 +386,7 @@ def checkpoints(
         elif check.intact:
             state = "[green]intact[/]" + (f" ({check.size_checked} large file(s) by size)" if check.size_checked else "")
         else:
-            state = "[red]damaged[/]: " + "; ".join(check.problems)
+            state = "[red]damaged[/]: " + user("; ".join(check.problems))
         table.add_row(str(check.step), human_bytes(check.size), state, "← resume" if check.path == chosen else "")
     console.print(table)
     if chosen is None:
@@ -397,14 +402,14 @@ def report(
     """Summarize what clipping did in a run (norm percentiles, clip rate, spikes, skipped steps) and suggest a threshold."""
     from rich.table import Table
 
-    from ftclip.report import PLOT_FILE, analyze, read_history, sparkline, write_plot
+    from ftclip.report import PLOT_FILE, analyze, preference_rows, read_history, sparkline, write_plot
 
     try:
         history = read_history(run_dir)
         result = analyze(history)
     except FtclipError as error:
         _fail(error)
-    table = Table(title=f"ftclip report: {run_dir}", show_header=False)
+    table = Table(title=f"ftclip report: {user(run_dir)}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
     table.add_row("optimizer steps", str(result.steps))
@@ -418,15 +423,17 @@ def report(
     table.add_row("spikes", ", ".join(
         f"step {s.step} (×{s.norm / s.median_norm:.0f}{', loss jump' if s.loss_jump else ''})" for s in result.spikes
     ) or "none")
+    for label, value in preference_rows(history):  # rl / reward_model runs: rewards and log-probabilities
+        table.add_row(label, value)
     table.add_row("[bold green]suggested max_norm[/]", f"[bold green]{result.suggested:g}[/]")
     console.print(table)
     for line in result.reasoning:
-        console.print(f"  • {line}", highlight=False)
+        console.print(f"  • {user(line)}", highlight=False)
     console.print(f"grad norm (log): {sparkline([s.norm for s in history.steps])}", highlight=False)
     if plot:
         written = write_plot(history, result, Path(run_dir) / PLOT_FILE)
         if written:
-            console.print(f"plot: {written}")
+            console.print(f"plot: {user(written)}", highlight=False)
         else:
             console.print("no plot: matplotlib is not installed (pip install 'ftclip[report]'); the sparkline above "
                           "is the terminal version")
@@ -467,25 +474,29 @@ def preprocess(
 
         shown = range(min(show, len(examples)))
         processor = getattr(tokenizer, "ftclip_processor", None)  # image chats: placeholder runs shown as ×N
-        show_examples(console, tokenizer, ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown),
-                      as_json=as_json, placeholders=frozenset(processor.image_token_ids) if processor else frozenset())
+        if hasattr(examples, "sequences"):  # preference data: each pair's chosen and rejected sequence (or KTO's one)
+            pairs = (sequence for i in shown for sequence in examples.sequences(i))
+        else:
+            pairs = ((examples.input_ids(i).tolist(), examples.labels(i).tolist()) for i in shown)
+        show_examples(console, tokenizer, pairs, as_json=as_json,
+                      placeholders=frozenset(processor.image_token_ids) if processor else frozenset())
         if as_json:
             return
     for note in data.notes:
-        console.print(f"[yellow]warning:[/] {note}", highlight=False)
+        console.print(f"[yellow]warning:[/] {user(note)}", highlight=False)
     trained = int(examples.trained.sum())
-    console.print(f"{len(examples):,} examples ({len(data.train.members):,} train, {len(data.val):,} held out), "
+    console.print(f"{len(examples):,} examples ({len(data.train.members):,} train, {len(data.val):,} {data.held_out}), "
                   f"{examples.tokens:,} tokens of which {trained:,} trained on; longest {int(examples.lengths.max())} "
                   f"of sequence_len {recipe.sequence_len}", highlight=False)
     if data.packing:
         stats = data.packing
         console.print(f"packing: {stats.examples:,} examples in {stats.rows:,} rows, efficiency {stats.efficiency:.1%}")
     if data.hit:
-        console.print(f"cache hit: {data.cache} (opened in {seconds:.2f} s)", highlight=False)
+        console.print(f"cache hit: {user(data.cache)} (opened in {seconds:.2f} s)", highlight=False)
     else:
         console.print(f"tokenized {data.records:,} records in {data.seconds:.1f} s: {data.records / data.seconds:,.0f} "
                       f"records/s, {examples.tokens / data.seconds:,.0f} tokens/s", highlight=False)
-        console.print(f"cached: {data.cache}", highlight=False)
+        console.print(f"cached: {user(data.cache)}", highlight=False)
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     console.print(f"peak memory: {own:,.0f} MB" + (f" (largest child process {workers:,.0f} MB)" if workers else ""),
@@ -505,12 +516,17 @@ def merge(
 
     try:
         saved = merge_adapter(run_dir, output, base_model, dtype,
-                              report=lambda message: console.print(message, highlight=False))
+                              report=lambda message: console.print(user(message), highlight=False))
     except FtclipError as error:
         _fail(error)
-    loads = ("AutoModelForImageTextToText and AutoProcessor" if (saved / "processor_config.json").is_file()
-             else "AutoModelForCausalLM")
-    console.print(f"[green]merged[/]: {saved}  ({loads}.from_pretrained({str(saved)!r}))", highlight=False)
+    architectures = json.loads((saved / "config.json").read_text()).get("architectures") or []
+    if (saved / "processor_config.json").is_file():
+        loads = "AutoModelForImageTextToText and AutoProcessor"
+    elif any(name.endswith("ForSequenceClassification") for name in architectures):
+        loads = "AutoModelForSequenceClassification"  # a reward model keeps its score head
+    else:
+        loads = "AutoModelForCausalLM"
+    console.print(f"[green]merged[/]: {user(saved)}  ({user(f'{loads}.from_pretrained({str(saved)!r})')})", highlight=False)
 
 
 @app.command()
@@ -528,16 +544,27 @@ def chat(
     import sys
 
     _quiet_libraries()
-    from ftclip.inference import Conversation, chat_image, find_chat_source, load_for_chat, prompt_style, reply
+    from ftclip.inference import (
+        Conversation,
+        chat_image,
+        find_chat_source,
+        load_for_chat,
+        prompt_format_of,
+        prompt_style,
+        refuse_reward_model,
+        reply,
+    )
 
     try:
         source = find_chat_source(run_dir, base_model)
+        refuse_reward_model(source)
         model, tokenizer = load_for_chat(source, trust_remote_code=bool(source.recipe.get("trust_remote_code")))
         processor = getattr(tokenizer, "ftclip_processor", None)
         picture = chat_image(image, source.recipe, processor) if image is not None else None
     except FtclipError as error:
         _fail(error)
-    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer), processor=processor, image=picture)
+    conversation = Conversation(tokenizer, prompt_style(source.recipe, tokenizer), processor=processor, image=picture,
+                                prompt_format=prompt_format_of(source.recipe))
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -548,7 +575,7 @@ def chat(
         write("\n")
         return
     loaded = f"{source.base_model} + adapter {source.folder}" if source.base_model else str(source.folder)
-    console.print(f"[bold]ftclip chat[/]: {loaded}, {conversation.style} prompts. /reset forgets the conversation; "
+    console.print(f"[bold]ftclip chat[/]: {user(loaded)}, {conversation.style} prompts. /reset forgets the conversation; "
                   "/quit or Ctrl-D ends it.", highlight=False)
     while True:
         try:
@@ -585,47 +612,77 @@ def import_axolotl(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Convert Axolotl configs to ftclip recipes, with a per-key report: mapped, dropped (no effect on what is
-    trained), refused (changes training; nothing is written for that config). Exit 2 if any was not written."""
-    from ftclip.axolotl import import_config, output_paths, write_atomically
+    trained), refused (changes training; nothing is written for that config). Each config is reported even when
+    another fails. Exit 2 if any was not written; 1 if the importer failed unexpectedly on any (that config is
+    reported with the error; the others are still converted)."""
+    from ftclip.axolotl import output_paths
 
     if output is not None and (len(configs) > 1 or output_dir is not None):
         _fail(FtclipError("-o names one output file: pass one config, or use --output-dir for several"))
     results = []
     for source, target in zip(configs, output_paths(configs, output, output_dir)):
+        result = _import_one(source, target)
+        results.append(result)
+        if not as_json:
+            _report_import(result)
+    if as_json:
+        print(json.dumps([result.as_json() for result in results], indent=2))
+    written = sum(result.ok for result in results)
+    if not as_json and len(results) > 1:
+        failed = sum(result.failure is not None for result in results)
+        console.print(f"{written} of {len(results)} configs written" + (f", {failed} failed" if failed else ""),
+                      highlight=False)
+    if any(result.failure is not None for result in results):
+        raise typer.Exit(EXIT_FAILED)
+    if written < len(results):
+        raise typer.Exit(EXIT_BAD_INPUT)
+
+
+def _import_one(source: Path, target: Path):
+    """One config's import and write. Never raises: an unexpected error (an importer bug, or a file no parser
+    expects) becomes that config's failure, so the configs after it are still converted and reported."""
+    from ftclip.axolotl import ImportResult, import_config, write_atomically
+
+    try:
         result = import_config(source, target)
         if result.ok:
             try:
                 write_atomically(target, result.text)
             except OSError as error:
                 result.problems.append(f"cannot write {target}: {error}")
-        results.append(result)
-    if as_json:
-        print(json.dumps([result.as_json() for result in results], indent=2))
-    else:
-        for result in results:
-            _print_import(result)
-    written = sum(result.ok for result in results)
-    if not as_json and len(results) > 1:
-        console.print(f"{written} of {len(results)} configs written", highlight=False)
-    if written < len(results):
-        raise typer.Exit(EXIT_BAD_INPUT)
+    except Exception as error:  # reported for this config; the next one runs
+        result = ImportResult(str(source), str(target), failure=f"{type(error).__name__}: {error}")
+    return result
+
+
+def _report_import(result) -> None:
+    try:
+        _print_import(result)
+    except Exception as error:  # printing one report must not stop the others
+        result.failure = f"{type(error).__name__} while printing its report: {error}"
+        error_console.print(f"failed {result.source}: {result.failure}", markup=False, highlight=False)
 
 
 def _print_import(result) -> None:
     if result.ok:
         kind = " (already an ftclip recipe: copied unchanged)" if result.native else ""
-        console.print(f"[green]written[/] {result.output}  ← {result.source}{kind}", highlight=False)
+        console.print(f"[green]written[/] {user(result.output)}  ← {user(result.source)}{kind}", highlight=False)
     elif result.refused:
-        console.print(f"[red]refused[/] {result.source}: nothing written", highlight=False)
+        console.print(f"[red]refused[/] {user(result.source)}: nothing written", highlight=False)
+    elif result.failure is not None:
+        console.print(f"[bold red]failed[/] {user(result.source)}: the importer failed unexpectedly, nothing written: "
+                      f"{user(result.failure)}", highlight=False, soft_wrap=True)
+        return
     else:
-        console.print(f"[red]invalid[/] {result.source}: nothing written", highlight=False)
+        console.print(f"[red]invalid[/] {user(result.source)}: nothing written", highlight=False)
     if result.native:
         return
     for old, new, note in result.mapped:
-        console.print(f"  mapped   {old} → {new}" + (f"  ({note})" if note else ""), highlight=False, soft_wrap=True)
+        console.print(f"  mapped   {user(old)} → {user(new)}" + (f"  ({user(note)})" if note else ""), highlight=False,
+                      soft_wrap=True)
     for key, why in result.dropped:
-        console.print(f"  dropped  {key}: {why}", highlight=False, soft_wrap=True)
+        console.print(f"  dropped  {user(key)}: {user(why)}", highlight=False, soft_wrap=True)
     for key, why in result.refused:
-        console.print(f"  [red]refused[/]  {key}: {why}", highlight=False, soft_wrap=True)
+        console.print(f"  [red]refused[/]  {user(key)}: {user(why)}", highlight=False, soft_wrap=True)
     for problem in result.problems:
-        console.print(f"  [red]problem[/]  {problem}", highlight=False, soft_wrap=True)
+        console.print(f"  [red]problem[/]  {user(problem)}", highlight=False, soft_wrap=True)

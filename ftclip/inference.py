@@ -46,6 +46,19 @@ def find_chat_source(path: Path, base_model: str | None = None) -> ChatSource:
                      "or merged/")
 
 
+def refuse_reward_model(source: ChatSource) -> None:
+    """A reward model (reward_model: true, a sequence-classification head) scores text; it has nothing to say."""
+    config_file = source.folder / "config.json"
+    architectures = json.loads(config_file.read_text()).get("architectures") or [] if config_file.is_file() else []
+    adapter = source.folder / ADAPTER_CONFIG
+    task = json.loads(adapter.read_text()).get("task_type") if adapter.is_file() else None
+    if source.recipe.get("reward_model") or task == "SEQ_CLS" or (
+            architectures and all(name.endswith("ForSequenceClassification") for name in architectures)):
+        raise ModelError(f"{source.folder} is a reward model (a sequence-classification head that gives each text one "
+                         "score): it does not generate, so there is nothing to chat with. Score texts with "
+                         "transformers' AutoModelForSequenceClassification (see docs/preference.md)")
+
+
 def _saved_recipe(folder: Path, run_dir: Path) -> dict[str, Any]:
     from ftclip.merge import saved_recipe
 
@@ -55,16 +68,27 @@ def _saved_recipe(folder: Path, run_dir: Path) -> dict[str, Any]:
     return {}
 
 
+def prompt_format_of(recipe: dict[str, Any]) -> dict | None:
+    """The run's prompt format (a dataset type given as a mapping), if it used one."""
+    return next((dataset["type"] for dataset in recipe.get("datasets") or [] if isinstance(dataset.get("type"), dict)),
+                None)
+
+
 def prompt_style(recipe: dict[str, Any], tokenizer) -> str:
-    """chat, alpaca or completion: how the run's data was formatted (chat wins in a mix, if the tokenizer has
+    """chat, prompt_format, alpaca or completion: how the run's data was formatted (chat wins in a mix, if the tokenizer has
     a template); a folder without a recipe is chatted with through its template when it has one."""
-    kinds = {dataset.get("type") for dataset in recipe.get("datasets") or []}
+    kinds = {"prompt_format" if isinstance(dataset.get("type"), dict) else dataset.get("type")
+             for dataset in recipe.get("datasets") or []}
     from ftclip.data.mistral_chat import is_mistral_common
 
     # mistral-common's tokenizer has no template text: its chat encoding is its own.
     has_template = bool(getattr(tokenizer, "chat_template", None)) or is_mistral_common(tokenizer)
     if kinds & {"chat", "chat_template"} and has_template:
         return "chat"
+    if recipe.get("rl") and has_template:  # preference data: its messages were rendered by the template
+        return "chat"
+    if "prompt_format" in kinds:
+        return "prompt_format"
     if "alpaca" in kinds:
         return "alpaca"
     if kinds:
@@ -80,6 +104,7 @@ class Conversation:
     tokenizer: Any
     style: str
     turns: list[tuple[str, str]] = field(default_factory=list)  # (user, assistant)
+    prompt_format: dict | None = None  # style prompt_format: the run's dataset type mapping
     processor: Any = None  # a vision-language run's processor
     image: Any = None  # the image the conversation is about (--image), in its first user turn
 
@@ -119,6 +144,13 @@ class Conversation:
             # Each turn alone: the alpaca format has no earlier turns, and a model trained on single exchanges
             # given earlier ones before the prompt repeats its previous answer (seen with the quickstart).
             return tokenizer(ALPACA_NO_INPUT.format(instruction=message), add_special_tokens=True)["input_ids"]
+        if self.style == "prompt_format":
+            from ftclip.recipe import PromptFormat
+
+            prompt_format = PromptFormat.model_validate(self.prompt_format or {})
+            # Each turn alone, as alpaca's: the message is the instruction, with no input.
+            text = prompt_format.prompt({prompt_format.field_instruction: message})
+            return tokenizer(text, add_special_tokens=True)["input_ids"]
         text = "".join(f"{user}{reply}" for user, reply in self.turns) + message  # completion: one running text
         return tokenizer(text, add_special_tokens=True)["input_ids"]
 

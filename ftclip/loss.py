@@ -239,6 +239,23 @@ def loss_function(recipe):
     return compute
 
 
+def decoder_hidden(model: torch.nn.Module, inputs: dict) -> tuple[torch.Tensor, torch.nn.Module, object]:
+    """The decoder body's last hidden states for `inputs` (after the final norm: what lm_head reads), with no
+    position projected onto the vocabulary, the module that owns lm_head, and the model's output (an MoE's aux_loss).
+    The call goes through the top-level model so that peft, DDP and FSDP2 see an ordinary forward."""
+    forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS + IMAGE_MODEL_INPUTS if name in inputs}
+    core = _core(model)
+    captured = []
+    hook = core.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    # An empty index list: the causal-LM forward projects no position onto the vocabulary.
+    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
+    try:
+        output = model(**forward_inputs, use_cache=False, logits_to_keep=no_logits)
+    finally:
+        hook.remove()
+    return captured[-1], core, output
+
+
 def causal_lm_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch: float | torch.Tensor | None = None,
                    chunked: bool = True, liger: bool = False, chunk_tokens: int | None = None) -> torch.Tensor:
     """The loss of one micro-batch (`inputs` as collated: input_ids, labels and attention inputs), the router's
@@ -283,19 +300,8 @@ def language_model_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch
         if coefficient is not None and getattr(output, "aux_loss", None) is not None:
             loss = loss - coefficient * output.aux_loss.to(loss.device)  # transformers added it unweighted
         return _with_router_aux(loss, output, coefficient, targets, num_items_in_batch)
-    forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS + IMAGE_MODEL_INPUTS if name in inputs}
+    hidden, core, output = decoder_hidden(model, inputs)
     lm_head = core.get_output_embeddings()
-    # The decoder body's output (after the final norm) is what lm_head reads; the call goes through the
-    # top-level model so that peft, DDP and FSDP2 see an ordinary forward.
-    captured = []
-    hook = core.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output[0]))
-    # An empty index list: the causal-LM forward projects no position onto the vocabulary.
-    no_logits = torch.empty(0, dtype=torch.long, device=inputs["input_ids"].device)
-    try:
-        output = model(**forward_inputs, use_cache=False, logits_to_keep=no_logits)
-    finally:
-        hook.remove()
-    hidden = captured[-1]
     if liger:
         if getattr(core.config, "logit_scale", None) is not None:
             raise ModelError("liger_fused_linear_cross_entropy: this model scales its logits (logit_scale), which Liger's "
@@ -307,3 +313,97 @@ def language_model_loss(model: torch.nn.Module, inputs: dict, num_items_in_batch
                                      _logit_transform(core.config))
     return _with_router_aux(loss, output, coefficient, targets, num_items_in_batch)
 
+
+# ---------------------------------------------------------------- per-token log-probabilities (preference training)
+
+
+class _LinearTokenLogProbs(torch.autograd.Function):
+    """log p(target) under softmax(hidden @ weightᵀ + bias), a chunk at a time, for a lm_head that does not train
+    (LoRA leaves it frozen): the gradient with respect to each hidden state, (one-hot − softmax) @ weight, is
+    computed in the forward while the chunk's logits exist, and the backward only scales it by each token's incoming
+    gradient. (A training lm_head would need one weight gradient per token's weighting, unknown until the loss is:
+    that case goes through per-chunk checkpoints instead.)"""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_tokens: int, with_grads: bool):
+        need_hidden = with_grads and ctx.needs_input_grad[0]
+        logps = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        rows_per_chunk = min(chunk_tokens, hidden.shape[0])
+        logits_buffer, probs_buffer = (torch.empty(rows_per_chunk, weight.shape[0], dtype=torch.float32,
+                                                   device=hidden.device) for _ in range(2))
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            chunk, chunk_targets = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
+            rows = torch.arange(len(chunk_targets), device=hidden.device)
+            logits, probs = logits_buffer[:len(rows)], probs_buffer[:len(rows)]
+            _linear_into(logits, chunk, weight, bias)
+            # log p(target) = target logit − log Σ exp, with log Σ exp read off the most likely token as in
+            # _LinearCrossEntropy (its probability is ≥ 1/vocab, so its log never underflows).
+            top_logits = logits.amax(dim=-1)
+            target_logits = logits[rows, chunk_targets]
+            torch.softmax(logits, dim=-1, out=probs)
+            logps[start:start + len(rows)] = target_logits - top_logits + torch.log(probs.amax(dim=-1))
+            if need_hidden:
+                probs.neg_()
+                probs[rows, chunk_targets] += 1  # one-hot − softmax: d log p(target) / d logits
+                grad_hidden[start:start + len(rows)] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        (grad_hidden,) = ctx.saved_tensors
+        if grad_hidden is None:
+            return None, None, None, None, None, None
+        return grad_hidden * grad_logps.to(grad_hidden.dtype).unsqueeze(-1), None, None, None, None, None
+
+
+def chunked_token_log_probs(hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module,
+                            chunk_tokens: int | None = None, transform=None) -> torch.Tensor:
+    """log p(target) for each row of `hidden` [N, H] (targets [N], none ignored), never holding more than one
+    chunk of logits. A frozen bare Linear lm_head computes the hidden gradients in the forward
+    (_LinearTokenLogProbs); a training one, a LoRA layer on lm_head or a logit transform goes through per-chunk
+    checkpoints (the chunk's logits are recomputed in the backward)."""
+    targets = targets.to(hidden.device)
+    if chunk_tokens is None:
+        vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]
+        chunk_tokens = max(1, CHUNK_LOGITS // vocab)
+    linear = _plain_linear(lm_head) if transform is None else None
+    frozen = linear is not None and not linear.weight.requires_grad and (linear.bias is None or not linear.bias.requires_grad)
+    if frozen or not torch.is_grad_enabled():
+        if linear is not None:
+            return _LinearTokenLogProbs.apply(hidden, linear.weight, linear.bias, targets, chunk_tokens,
+                                              torch.is_grad_enabled())
+    transform = transform or (lambda logits: logits)
+
+    def chunk_log_probs(chunk_hidden: torch.Tensor, chunk_targets: torch.Tensor) -> torch.Tensor:
+        logits = transform(lm_head(chunk_hidden).float())
+        return logits.gather(-1, chunk_targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+    if not torch.is_grad_enabled():
+        return torch.cat([chunk_log_probs(hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens])
+                          for start in range(0, hidden.shape[0], chunk_tokens)] or [hidden.new_zeros(0).float()])
+    parts = [checkpoint(chunk_log_probs, hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens],
+                        use_reentrant=False) for start in range(0, hidden.shape[0], chunk_tokens)]
+    return torch.cat(parts) if parts else hidden.sum(-1)[:0].float()
+
+
+def token_log_probs(model: torch.nn.Module, inputs: dict, chunked: bool = True, chunk_tokens: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each scored token, its row in the batch): the tokens whose label (shifted: position t predicts
+    t+1) is not -100, in row-major order. chunked=False is the plain path (the whole batch's logits), kept as the
+    reference."""
+    targets = shifted_targets(inputs["labels"])
+    keep = targets != IGNORE_INDEX
+    rows = keep.nonzero()[:, 0]
+    if not chunked:
+        forward_inputs = {name: inputs[name] for name in _MODEL_INPUTS if name in inputs}
+        logits = model(**forward_inputs, use_cache=False).logits.float()
+        selected = logits[keep]
+        return selected.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1) - selected.logsumexp(-1), rows
+    hidden, core, _ = decoder_hidden(model, inputs)
+    flat = keep.reshape(-1).nonzero().squeeze(-1).to(hidden.device)
+    hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat)
+    logps = chunked_token_log_probs(hidden, targets.reshape(-1).to(hidden.device).index_select(0, flat),
+                                    core.get_output_embeddings(), chunk_tokens, _logit_transform(core.config))
+    return logps, rows.to(logps.device)

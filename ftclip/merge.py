@@ -95,7 +95,7 @@ def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | N
     """Merge and save; `report(message)` hears which precision was chosen and why."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     adapter = find_adapter(Path(run_dir))
     config = json.loads((adapter / ADAPTER_CONFIG).read_text())
@@ -119,6 +119,9 @@ def merge_adapter(run_dir: Path, output: Path | None = None, base_model: str | N
         else:
             tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
         options = base_model_options(base, adapter, recipe, base_given=base_model is not None)
+        if config.get("task_type") == "SEQ_CLS":  # a reward model: the base with its one-output score head
+            auto_class = AutoModelForSequenceClassification
+            options.update(num_labels=1, pad_token_id=tokenizer.pad_token_id)
         model = auto_class.from_pretrained(base, dtype=getattr(torch, dtype_name), **options)
         grow_embeddings(model, tokenizer)  # an adapter trained with added tokens saved the larger embeddings
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()

@@ -347,7 +347,7 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     the meta device and reads no weights; "host" reads them but leaves them in host memory (rank 0's copy,
     broadcast shard by shard; the device never holds all of it)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto_class = AutoModelForCausalLM
     if recipe.processor_type:  # a vision-language model: its image-text-to-text class
@@ -362,6 +362,11 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
     revision = {"revision": recipe.revision_of_model} if recipe.revision_of_model else {}
     options = {"dtype": dtype, "trust_remote_code": recipe.trust_remote_code,
                "attn_implementation": _attention_for(recipe, source, revision, note)}
+    if recipe.reward_model:  # a sequence-classification head with one output: the reward (its score head is new)
+        auto_class = AutoModelForSequenceClassification
+        options["num_labels"] = 1
+        if tokenizer is not None:  # the head reads the last token that is not padding
+            options["pad_token_id"] = tokenizer.pad_token_id
     if quantization is not None:
         options.update(quantization_config=quantization, device_map={"": device})
     checkpoint_format = stored_format_config(recipe.model_quantization_config, recipe.model_quantization_config_kwargs)
@@ -438,7 +443,7 @@ def load_model(recipe: Recipe, device: torch.device, tokenizer=None, note=None,
                 lora_dropout=0.0 if parameter_lora else recipe.lora_dropout,
                 target_modules=targets.modules,
                 target_parameters=targets.parameters or None,
-                task_type="CAUSAL_LM",
+                task_type="SEQ_CLS" if recipe.reward_model else "CAUSAL_LM",  # SEQ_CLS trains and saves the score head
                 modules_to_save=saved_in_full,
                 # Tied input/output embeddings stay tied when both are trained in full (only then: peft warns
                 # otherwise).
@@ -661,3 +666,37 @@ def _continue_adapter(model, recipe: Recipe):
         return PeftModel.from_pretrained(model, folder, is_trainable=True)
     except (OSError, ValueError, KeyError) as error:
         raise ModelError(f"lora_model_dir: cannot load the adapter from {folder}: {error}") from None
+
+
+def model_identity(recipe: Recipe) -> str:
+    """What decides a model's outputs before training, for caches of them (precomputed reference
+    log-probabilities): the weights' files (SHA-256 of a local folder's files, remembered by size and mtime; a
+    hub id with its revision and the cached snapshot it resolves to), a continued adapter's files, and the
+    settings that change the numbers (precision, quantization, config overrides, attention kernel)."""
+    import hashlib
+
+    from ftclip.data.cache import FileDigests, cache_dir
+
+    digests = FileDigests(cache_dir(recipe))
+
+    def identity(value: str, revision: str | None) -> str:
+        source = model_source(value, recipe)
+        if isinstance(source, Path):
+            return digests.of_folder(source) if source.is_dir() else str(source)
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(source, "config.json", revision=revision)
+            snapshot = Path(found).parent.name if isinstance(found, str) else None
+        except Exception:  # noqa: BLE001 - any failure only makes the key less specific
+            snapshot = None
+        return f"{source}@{revision or 'main'}:{snapshot}"
+
+    parts = [identity(recipe.base_model, recipe.revision_of_model),
+             identity(recipe.lora_model_dir, None) if recipe.lora_model_dir else "",
+             recipe.precision, recipe._trained_dtype or "", str(recipe.quantized), str(recipe.load_in_8bit),
+             recipe.bnb_4bit_quant_type, str(recipe.bnb_4bit_use_double_quant),
+             json.dumps(recipe.overrides_of_model_config or {}, sort_keys=True, default=str), recipe.attn_implementation,
+             json.dumps(sorted(recipe.tokens or [])), str(recipe.special_tokens)]
+    digests.save()
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ftclip.checkpoint import write_text_atomically
+from ftclip.terminal import user
 
 
 def _number(value: float, digits: int = 4) -> str:
@@ -115,6 +116,29 @@ def _clip_state(record: dict[str, Any] | None, with_post_clip: bool) -> Text:
     if not record["clipped"]:
         return norm.append("not clipped")
     return norm.append(f"clipped to {_number(record['post_clip_norm'])}" if with_post_clip else "clipped", "yellow")
+
+
+def _preference_fields(record: dict[str, Any], wide: bool = False) -> list[tuple[int, Text]]:
+    """A preference run's rewards (rl, reward_model): the reward accuracy (how often the chosen answer out-scores
+    the rejected one), the margin, then the rewards and log-probabilities of each side, and the eval accuracy;
+    none for SFT. Priorities as in TrainingView.step_line: accuracy right after the loss and the clip state."""
+    if "rewards/margins" not in record:
+        return []
+    fields = []
+    if "rewards/accuracy" in record:
+        fields.append((88, Text(f"acc {record['rewards/accuracy']:.0%}")))
+    fields.append((70, Text(f"margin {_number(record['rewards/margins'])}")))
+    if "eval_rewards/accuracy" in record:
+        fields.append((86, Text(f"eval-acc {record['eval_rewards/accuracy']:.0%}")))
+    fields.append((45, Text(f"rewards {_number(record['rewards/chosen'])}/{_number(record['rewards/rejected'])}")))
+    if "logps/chosen" in record:
+        fields.append((35, Text(f"logps {_number(record['logps/chosen'])}/{_number(record['logps/rejected'])}")))
+    if "kl" in record:
+        fields.append((50, Text(f"kl {_number(record['kl'])}")))
+    if wide:  # every name spelled out: the wide line has the room
+        return [(0, Text(text.plain.replace("rewards ", "rewards chosen/rejected ").replace(
+            "logps ", "logps chosen/rejected "))) for _, text in fields]
+    return fields
 
 
 class _LiveLine:
@@ -232,6 +256,8 @@ class TrainingView:
             fields.insert(2, (85, Text(f"eval-loss {_number(record['eval_loss'])}")))
         if not self.interactive:  # no redrawn line shows it: worth more than the window's clip rate
             fields.append((80, Text(f"eta {_clock(self.eta())}")))
+        after_clip_state = next(index for index, (keep, _) in enumerate(fields) if keep == 95) + 1
+        fields[after_clip_state:after_clip_state] = _preference_fields(record)
         return Text("  ").join(_fit_fields(fields, width))
 
     def _wide_step_line(self, record: dict[str, Any]) -> Text:
@@ -248,12 +274,13 @@ class TrainingView:
             + f"lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
             + (f"  eval-loss {_number(record['eval_loss'])}" if "eval_loss" in record else "")
             + ("" if self.interactive else f"  eta {_clock(self.eta())}")
+            + "".join(f"  {text}" for _, text in _preference_fields(record, wide=True))
         )
 
     def warn(self, message: str, loud: bool = False) -> None:
         label = "[bold red]WARNING:[/]" if loud else "[yellow]warning:[/]"
         # A log keeps each warning on one line (greppable); a terminal wraps it at words.
-        self.console.print(f"{label} {message}", highlight=False, soft_wrap=not self.interactive)
+        self.console.print(f"{label} {user(message)}", highlight=False, soft_wrap=not self.interactive)
 
 
 def summary_table(summary: dict[str, Any]) -> Table:
@@ -261,5 +288,5 @@ def summary_table(summary: dict[str, Any]) -> Table:
     table.add_column("what", style="bold")
     table.add_column("value")
     for key, value in summary.items():
-        table.add_row(key, _number(value) if isinstance(value, float) else str(value))
+        table.add_row(key, _number(value) if isinstance(value, float) else user(value))
     return table

@@ -8,13 +8,15 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from string import Formatter
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
     field_serializer,
@@ -30,6 +32,20 @@ SCHEDULERS = ("constant", "linear", "cosine")
 OPTIMIZER_ALIASES = {"adamw_bnb_8bit": "adamw_8bit", "adamw_hf": "adamw_torch"}
 SCHEDULER_ALIASES = {"constant_with_warmup": "constant", "cosine_with_min_lr": "cosine"}
 DATASET_TYPES = ("alpaca", "completion", "chat")
+# TRL's DPO loss types that are a function of each pair alone (aot sorts across the batch and discopop needs its
+# own τ: not offered).
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "apo_zero",
+                  "apo_down", "sigmoid_norm", "sft")
+# Preference data (rl / reward_model): ftclip's own layouts (TRL's), and Axolotl's preference prompt formats read
+# natively (ftclip/data/preference.py). Axolotl's chatml.* and llama3.* names are pairs under rl: dpo/ipo/orpo/simpo
+# and single completions with a label under rl: kto, as in Axolotl (its dpo/ and kto/ strategy modules).
+AXOLOTL_PREFERENCE_FORMATS = ("argilla", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")
+PREFERENCE_TYPES = (
+    "preference", "kto",
+    "chat_template.default", "chat_template.argilla", "chat_template.argilla_chat", "bradley_terry.chat_template",
+    "chatml", "llama3",
+    *(f"{family}.{name}" for family in ("chatml", "llama3") for name in ("default", *AXOLOTL_PREFERENCE_FORMATS)),
+)
 # Hugging Face names ftclip has no equivalent for, refused by name (the rest get pydantic's list of choices).
 FOREIGN_OPTIMIZERS = {
     "adamw_torch_8bit": "torchao's 8-bit AdamW; ftclip's 8-bit AdamW is bitsandbytes' adamw_8bit (the same algorithm)",
@@ -49,6 +65,81 @@ FOREIGN_SCHEDULERS = {
 }
 
 
+class PromptFormat(BaseModel):
+    """A prompt format of the recipe's own, Axolotl's user-defined dataset type (a dataset `type` given as a
+    mapping; defaults as in Axolotl's src/axolotl/prompt_strategies/user_defined.py). A record's prompt is
+    system_format (with the record's field_system text, else system_prompt; nothing when both are empty), then
+    format (with {instruction} and {input}), or no_input_format when the record's input is empty or absent. The
+    prompt is masked unless train_on_inputs; the output and EOS are trained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    system_prompt: str = Field("", description="The system text when the record has none in field_system.")
+    system_format: str = Field("{system}", description="How the system text is written; {system} is replaced.")
+    field_system: str = Field("system", description="The record key of a per-record system text.")
+    field_instruction: str = Field("instruction", description="The record key of the instruction (required).")
+    field_input: str = Field("input", description="The record key of the input (optional).")
+    field_output: str = Field("output", description="The record key of the output: what is trained.")
+    format: str = Field("{instruction} {input} ", description="The prompt when the record has an input; "
+                        "{instruction} and {input} are replaced (literal braces are written {{ and }}).")
+    no_input_format: str = Field("{instruction} ", description="The prompt when the input is empty; {instruction} "
+                                 "is replaced.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_default(cls, data: Any) -> Any:
+        # Axolotl drops keys given as null (its schema dumps with exclude_none), so their defaults apply.
+        return {key: value for key, value in data.items() if value is not None} if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _placeholders(self) -> PromptFormat:
+        for key, allowed in (("format", {"instruction", "input"}), ("no_input_format", {"instruction"}),
+                             ("system_format", {"system"})):
+            text = getattr(self, key)
+            try:
+                names = {name for _, name, _, _ in Formatter().parse(text) if name is not None}
+            except ValueError as error:
+                raise ValueError(f"{key}: {error} (literal braces are written {{{{ and }}}})") from None
+            unknown = sorted(names - allowed)
+            if unknown:
+                raise ValueError(f"{key}: {{{unknown[0]}}} is not a placeholder it takes ({', '.join(sorted(allowed))}); "
+                                 "literal braces are written {{ and }}")
+        return self
+
+    def prompt(self, record: dict) -> str:
+        """The record's prompt, as Axolotl's user-defined type writes it."""
+        system = record.get(self.field_system) if record.get(self.field_system) is not None else self.system_prompt
+        head = self.system_format.format(system=system) if system and self.system_format else ""
+        given = record.get(self.field_input)
+        if given:
+            return head + self.format.format(instruction=record[self.field_instruction], input=given)
+        return head + self.no_input_format.format(instruction=record[self.field_instruction])
+
+
+def _dataset_type(value: Any) -> str | PromptFormat:
+    """A record format's name (chat_template is Axolotl's name for chat), a preference format's name, or a prompt
+    format given as a mapping."""
+    if isinstance(value, PromptFormat):
+        return value
+    if isinstance(value, dict):
+        return PromptFormat.model_validate(value)
+    if value == "chat_template":
+        return "chat"
+    if isinstance(value, str) and value in DATASET_TYPES + PREFERENCE_TYPES:
+        return value
+    # pydantic's wording for the SFT names (the README shows it; listing all 26 preference names would bury them).
+    raise ValueError("Input should be 'alpaca', 'completion', 'chat' or 'chat_template' (or a prompt format mapping; "
+                     "with rl: a preference type, docs/preference.md)")
+
+
+DatasetType = Annotated[
+    Literal[DATASET_TYPES + PREFERENCE_TYPES] | PromptFormat,
+    PlainValidator(_dataset_type,
+                   json_schema_input_type=Literal[("alpaca", "completion", "chat", "chat_template") + PREFERENCE_TYPES]
+                   | PromptFormat),
+]
+
+
 class DatasetSpec(BaseModel):
     """One dataset: where it is, which split and subset, and the format of its records."""
 
@@ -59,11 +150,21 @@ class DatasetSpec(BaseModel):
         "a local .jsonl/.json/.parquet/.csv/.arrow file, or a local folder (a `save_to_disk` dataset or a folder of "
         "data files); local paths are relative to the recipe's folder."
     )
-    type: Literal["alpaca", "completion", "chat", "chat_template"] = Field(
-        description="alpaca: {instruction, input?, output}; completion: {text}; "
-        "chat (alias chat_template): {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}."
+    type: DatasetType = Field(
+        description="alpaca: {instruction, input?, output}; completion: {text} (or the key named by field); "
+        "chat (alias chat_template): {messages: [{role, content}]} or ShareGPT {conversations: [{from, value}]}; "
+        "or a prompt format of your own as a mapping (Axolotl's user-defined type): {system_prompt, system_format, "
+        "field_system, field_instruction, field_input, field_output, format, no_input_format}; "
+        "with rl or reward_model: preference: {prompt?, chosen, rejected} as strings or message lists (TRL's "
+        "layouts), kto: {prompt, completion, label}, or one of Axolotl's preference formats (chatml.intel, "
+        "llama3.ultra, chat_template.default, ...; see docs/preference.md)."
     )
-    split: str = Field("train", description="Which split to read (a hub dataset or a folder with several splits).")
+    split: str = Field("train", description="Which split to read (a hub dataset or a folder with several splits; a "
+                       "single file is the train split). A slice takes part of it, as `datasets` writes them: "
+                       "train[:10%], train[100:200].")
+    field: str | None = Field(
+        None, description="completion: the record key holding the text (default text; Axolotl's field)."
+    )
     name: str | None = Field(None, description="The dataset configuration (subset) of a hub dataset.")
     data_files: str | list[str] | dict[str, str | list[str]] | None = Field(
         None, description="Which files of a hub dataset or folder to read (as `datasets.load_dataset` takes them)."
@@ -90,11 +191,30 @@ class DatasetSpec(BaseModel):
     drop_system_message: bool = Field(
         False, description="chat: leave the records' system turns out (a template's own default system prompt stays)."
     )
+    # Preference data options, spelled as Axolotl's chat_template preference format spells them.
+    field_chosen: str | None = Field(
+        None, description="preference (chat_template.default, chat_template.argilla_chat): the record key of the "
+        "chosen answer (default: chosen)."
+    )
+    field_rejected: str | None = Field(
+        None, description="preference (chat_template.default, chat_template.argilla_chat): the record key of the "
+        "rejected answer (default: rejected)."
+    )
 
-    @field_validator("type", mode="before")
-    @classmethod
-    def _chat_template_is_chat(cls, value: Any) -> Any:
-        return "chat" if value == "chat_template" else value  # Axolotl's name for the same record format
+    @property
+    def kind(self) -> str:
+        """alpaca, completion, chat, or prompt_format (a PromptFormat)."""
+        return "prompt_format" if isinstance(self.type, PromptFormat) else self.type
+
+
+    # The recipe's rl (set by Recipe after validation): Axolotl's chatml.*/llama3.* names are KTO formats under
+    # rl: kto and pair formats otherwise.
+    _rl: str | None = PrivateAttr(default=None)
+
+    @property
+    def preference_kind(self) -> str | None:
+        """"pairs", "kto", or None for SFT data (see preference_kind)."""
+        return preference_kind(self.type, self._rl)
 
 
 class LoftQSettings(BaseModel):
@@ -395,6 +515,10 @@ class Recipe(BaseModel):
     val_set_size: float = Field(
         0.0, ge=0, description="Held-out share (0 < x < 1) or number of examples (x >= 1) for eval loss."
     )
+    test_datasets: list[DatasetSpec] | None = Field(
+        None, min_length=1, description="Datasets evaluated on and never trained on (Axolotl's test_datasets), "
+        "instead of holding out val_set_size of the training data; entries as in datasets."
+    )
     sequence_len: int = Field(512, gt=0, description="Longest tokenized example; longer ones are truncated.")
     train_on_inputs: bool = Field(False, description="Also train on prompts / user turns (default: mask them).")
     sample_packing: bool = Field(
@@ -420,6 +544,60 @@ class Recipe(BaseModel):
     chat_template_jinja: str | None = Field(None, description="chat: a literal Jinja chat template.")
     special_tokens: SpecialTokens | None = Field(None, description="{pad_token, eos_token, bos_token, unk_token} to set.")
     tokens: list[str] | None = Field(None, description="Tokens to add to the vocabulary (the embeddings are resized).")
+
+    # Preference training
+    rl: Literal["dpo", "ipo", "orpo", "simpo", "kto"] | None = Field(
+        None, description="Preference training instead of SFT: dpo, ipo (dpo with dpo_loss_type [ipo]), orpo, simpo "
+        "(TRL's CPO loss_type simpo) or kto, on preference data (datasets[].type: preference, kto or an Axolotl "
+        "preference format). The loop, clip, checkpoints and telemetry are SFT's; see docs/preference.md."
+    )
+    rl_beta: float | None = Field(
+        None, gt=0, description="β: how far the policy may move from the reference (dpo, ipo: IPO's τ, kto) or the "
+        "reward scale (simpo); default 0.1 as in TRL. Alias: beta (and Axolotl's trl.beta)."
+    )
+    dpo_loss_type: list[Literal[DPO_LOSS_TYPES]] | None = Field(
+        None, description="rl: dpo: TRL's loss types, combined by dpo_loss_weights: sigmoid (default), hinge, ipo, "
+        "robust, exo_pair, nca_pair, bco_pair, sppo_hard, apo_zero, apo_down, sigmoid_norm, sft (NLL on chosen)."
+    )
+    dpo_loss_weights: list[float] | None = Field(
+        None, description="rl: dpo: one weight per dpo_loss_type entry (default 1.0 each)."
+    )
+    dpo_label_smoothing: float = Field(
+        0.0, ge=0, lt=0.5, description="rl: dpo: ε, the probability that a label is flipped (robust) or EXO's ε "
+        "(exo_pair); TRL's sigmoid loss does not read it."
+    )
+    rpo_alpha: float | None = Field(
+        None, ge=0, description="rl: dpo: weight of the NLL of the chosen answer added to the loss (RPO; TRL's loss "
+        "type sft with this weight)."
+    )
+    orpo_alpha: float | None = Field(
+        None, gt=0, description="rl: orpo: λ, the weight of the odds-ratio term (TRL's ORPO beta); default 0.1."
+    )
+    simpo_gamma: float | None = Field(
+        None, ge=0, description="rl: simpo: the target reward margin γ; default 0.5 as in TRL."
+    )
+    cpo_alpha: float | None = Field(
+        None, ge=0, description="rl: simpo: weight of the NLL of the chosen answer (CPO's BC term); default 0 (pure "
+        "SimPO; Axolotl leaves TRL's 1.0, which import-axolotl writes out)."
+    )
+    kto_desirable_weight: float = Field(1.0, gt=0, description="rl: kto: weight of the desirable examples' loss.")
+    kto_undesirable_weight: float = Field(1.0, gt=0, description="rl: kto: weight of the undesirable examples' loss.")
+    precompute_ref_log_probs: bool = Field(
+        False, description="dpo/ipo/kto: compute the reference log-probabilities once before training (cached beside "
+        "the tokens, keyed by model and data) instead of a reference forward every step."
+    )
+    max_prompt_len: int | None = Field(
+        None, gt=0, description="Preference data: prompts longer than this keep their last max_prompt_len tokens "
+        "(counted and reported); prompt + answer are then cut to sequence_len."
+    )
+    reward_model: bool = Field(
+        False, description="Train a reward model: a sequence-classification head (AutoModelForSequenceClassification, "
+        "one output) on preference pairs with the Bradley–Terry loss."
+    )
+    center_rewards_coefficient: float | None = Field(
+        None, ge=0, description="reward_model: weight of mean((r_chosen + r_rejected)²), which pulls rewards toward "
+        "zero mean (TRL's; 0.01 recommended)."
+    )
 
     # Schedule
     micro_batch_size: int = Field(1, gt=0, description="Examples per forward/backward pass.")
@@ -504,8 +682,17 @@ class Recipe(BaseModel):
         False, description="Liger's fused linear cross-entropy (needs liger-kernel and CUDA)."
     )
 
+    neftune_noise_alpha: float | None = Field(
+        None, gt=0, description="NEFTune: uniform noise on the input embeddings in training forward passes (never in "
+        "evaluation), of magnitude alpha/√(sequence length × hidden size), as transformers computes it."
+    )
+
     # Run
     seed: int = Field(42, description="Seeds data order, the validation split and initialization.")
+    data_seed: int | None = Field(
+        None, description="Seeds the training data's order (the shuffle of each epoch) instead of seed; the held-out "
+        "split and initialization still follow seed (Hugging Face's data_seed)."
+    )
     output_dir: str = Field("./outputs/ftclip-run", description="Where metrics and the adapter go (relative to cwd).")
     logging_steps: int = Field(1, gt=0, description="Log (and read the grad norm back) every N optimizer steps.")
     eval_steps: int | None = Field(
@@ -522,6 +709,22 @@ class Recipe(BaseModel):
     )
     evals_per_epoch: int | None = Field(
         None, ge=0, description="Eval loss N times per epoch (instead of eval_steps); 0 = only at the end."
+    )
+    early_stopping_patience: int | None = Field(
+        None, gt=0, description="Stop training when the best-model metric (metric_for_best_model, default eval "
+        "loss) has not improved for this many evaluations in a row (Hugging Face's EarlyStoppingCallback)."
+    )
+    metric_for_best_model: str | None = Field(
+        None, description="The evaluation value early stopping and load_best_model_at_end compare: loss (eval_loss, "
+        "the default) or another eval_* value the run logs; an eval_ prefix is implied."
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metric_for_best_model is better; default: false for names ending in "
+        "loss, true otherwise (as Hugging Face)."
+    )
+    load_best_model_at_end: bool = Field(
+        False, description="Save the checkpoint with the best metric_for_best_model as the result, instead of the last "
+        "step's weights (that checkpoint is kept from pruning); needs save_steps a multiple of eval_steps."
     )
     resume_from_checkpoint: str | None = Field(
         None, description="Resume from this checkpoint folder (relative to cwd), as `ftclip train --resume` does."
@@ -634,6 +837,41 @@ class Recipe(BaseModel):
             data["gradient_clipping"] = _clipping_from_shorthand(data["gradient_clipping"])
         return data
 
+    @model_validator(mode="after")
+    def _datasets_know_the_method(self) -> Recipe:
+        for spec in self.datasets:
+            spec._rl = self.rl
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preference_spellings(cls, data: Any) -> Any:
+        """beta (alias of rl_beta), a single dpo_loss_type string, and Axolotl's `chat_template` dataset type,
+        which names its DPO format under rl (chat_template.default) and its SFT format otherwise (chat)."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        beta = data.pop("beta", None)
+        if beta is not None:
+            if data.get("rl_beta") is not None:
+                raise ValueError("rl_beta and beta (its alias) are both given; keep one")
+            data["rl_beta"] = beta
+        if isinstance(data.get("dpo_loss_type"), str):
+            data["dpo_loss_type"] = [data["dpo_loss_type"]]
+        if data.get("rl"):
+            renamed = {"chat_template": "chat_template.default"}
+        elif data.get("reward_model") is True:
+            renamed = {}
+        else:
+            renamed = {"chat_template.default": "chat"}
+        if isinstance(data.get("datasets"), list):
+            data["datasets"] = [
+                {**entry, "type": renamed.get(entry.get("type"), entry.get("type"))}
+                if isinstance(entry, dict) and isinstance(entry.get("type"), str) and entry["type"] in renamed else entry
+                for entry in data["datasets"]
+            ]
+        return data
+
     @property
     def precision(self) -> Literal["bf16", "fp16", "fp32", "auto"]:
         if self.fp16:
@@ -641,6 +879,11 @@ class Recipe(BaseModel):
         if self.bf16 == "auto":
             return "auto"
         return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def data_order_seed(self) -> int:
+        """What shuffles the training data each epoch: data_seed, else seed."""
+        return self.seed if self.data_seed is None else self.data_seed
 
     @property
     def target_modules(self) -> list[str] | str:
@@ -671,7 +914,7 @@ def schedule_steps(recipe: Recipe, total_steps: int) -> Schedule:
             return fixed
         return max(1, math.ceil(total_steps / (per_epoch * recipe.num_epochs)))
 
-    evals = every(recipe.evals_per_epoch, recipe.eval_steps) if recipe.val_set_size else None
+    evals = every(recipe.evals_per_epoch, recipe.eval_steps) if has_held_out(recipe) else None
     return Schedule(warmup, every(recipe.saves_per_epoch, recipe.save_steps), evals)
 
 
@@ -693,6 +936,53 @@ def resolve_schedule(recipe: Recipe, total_steps: int) -> Recipe:
     steps); the scheduler asks schedule_steps for it."""
     schedule = schedule_steps(recipe, total_steps)
     return recipe.model_copy(update={"save_steps": schedule.save_steps, "eval_steps": schedule.eval_steps})
+
+
+def has_held_out(recipe: Recipe) -> bool:
+    """Whether the run evaluates: on a held-out share of the training data, or on test_datasets."""
+    return bool(recipe.val_set_size or recipe.test_datasets)
+
+
+def best_model_alignment(recipe: Recipe) -> str | None:
+    """load_best_model_at_end picks among checkpoints, so every checkpoint needs an evaluation at its step:
+    save_steps a multiple of eval_steps (Hugging Face's rule). Checked again once per-epoch counts are steps."""
+    if recipe.load_best_model_at_end and recipe.save_steps and recipe.eval_steps and recipe.save_steps % recipe.eval_steps:
+        return (f"save_steps {recipe.save_steps} is not a multiple of eval_steps {recipe.eval_steps}: every checkpoint "
+                "needs an evaluation at its step to be compared (as Hugging Face requires)")
+    return None
+
+
+def _evaluation_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """test_datasets, early stopping and the best model, against the rest of the recipe."""
+    problems = []
+    if recipe.test_datasets and recipe.val_set_size:
+        problems.append(("test_datasets", "given with val_set_size: evaluate on one of them (set val_set_size: 0, or "
+                                          "drop test_datasets; Axolotl refuses both too)"))
+    if recipe.test_datasets and (recipe.rl or recipe.reward_model):
+        problems.append(("test_datasets", "preference runs evaluate on pairs held out of datasets: use val_set_size "
+                                          "(a separate preference test set is not read yet)"))
+    for key in ("early_stopping_patience", "load_best_model_at_end"):
+        if not getattr(recipe, key):
+            continue
+        if not has_held_out(recipe):
+            problems.append((key, "compares evaluations: set val_set_size or test_datasets, and eval_steps"))
+        elif not (recipe.eval_steps or recipe.evals_per_epoch):
+            problems.append((key, "compares evaluations during the run: set eval_steps or evals_per_epoch"))
+    if recipe.load_best_model_at_end and not (recipe.save_steps or recipe.saves_per_epoch):
+        problems.append(("load_best_model_at_end", "picks among the run's checkpoints: set save_steps (a multiple of "
+                                                   "eval_steps)"))
+    aligned = best_model_alignment(recipe)
+    if aligned:
+        problems.append(("load_best_model_at_end", aligned))
+    for key in ("metric_for_best_model", "greater_is_better"):
+        if getattr(recipe, key) is not None and not (recipe.early_stopping_patience or recipe.load_best_model_at_end):
+            problems.append((key, "is read by early_stopping_patience and load_best_model_at_end; set one of them"))
+    for group in ("datasets", "test_datasets"):
+        for index, spec in enumerate(getattr(recipe, group) or []):
+            if spec.field is not None and spec.kind != "completion":
+                problems.append((f"{group}.{index}.field", f"names the text key of completion records; this dataset's "
+                                                           f"type is {spec.kind}"))
+    return problems
 
 
 def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
@@ -719,8 +1009,8 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
     if recipe.optimizer.startswith("paged_") and recipe.device == "cpu":
         problems.append(("optimizer", f"{recipe.optimizer} needs CUDA (it pages state through unified memory), "
                                       "but device is cpu; use adamw_8bit"))
-    if recipe.eval_steps and not recipe.val_set_size:
-        problems.append(("eval_steps", "needs a held-out set: set val_set_size (e.g. 0.05)"))
+    if recipe.eval_steps and not has_held_out(recipe):
+        problems.append(("eval_steps", "needs a held-out set: set val_set_size (e.g. 0.05) or test_datasets"))
     if recipe.warmup_ratio is not None and recipe.warmup_steps:
         problems.append(("warmup_ratio", "warmup_steps and warmup_ratio are both set; keep one"))
     if recipe.saves_per_epoch and recipe.save_steps:
@@ -738,6 +1028,8 @@ def combination_problems(recipe: Recipe) -> list[tuple[str, str]]:
     problems += _peft_option_problems(recipe)
     problems += _vision_problems(recipe)
     problems += _model_family_problems(recipe)
+    problems += _preference_problems(recipe)
+    problems += _evaluation_problems(recipe)
     return problems
 
 
@@ -862,6 +1154,107 @@ def _vision_problems(recipe: Recipe) -> list[tuple[str, str]]:
     return problems
 
 
+def preference_kind(dataset_type: str, rl: str | None) -> str | None:
+    """What a dataset's records hold: "pairs" (prompt, chosen, rejected), "kto" (prompt, completion, label), or
+    None (SFT data). Axolotl's chatml.*/llama3.* names are KTO formats under rl: kto, pair formats otherwise."""
+    if dataset_type not in PREFERENCE_TYPES:
+        return None
+    if dataset_type == "kto":
+        return "kto"
+    if dataset_type.startswith(("chatml", "llama3")) and rl == "kto":
+        return "kto"
+    return "pairs"
+
+
+# Keys that mean something for one preference method only, with the methods that read them.
+_METHOD_KEYS = {
+    "dpo_loss_type": ("dpo",), "dpo_loss_weights": ("dpo",), "rpo_alpha": ("dpo",), "dpo_label_smoothing": ("dpo",),
+    "orpo_alpha": ("orpo",), "simpo_gamma": ("simpo",), "cpo_alpha": ("simpo",),
+    "kto_desirable_weight": ("kto",), "kto_undesirable_weight": ("kto",),
+    "center_rewards_coefficient": ("reward_model",), "precompute_ref_log_probs": ("dpo", "ipo", "kto"),
+    "rl_beta": ("dpo", "ipo", "simpo", "kto"), "max_prompt_len": ("dpo", "ipo", "orpo", "simpo", "kto", "reward_model"),
+}
+
+
+def _preference_problems(recipe: Recipe) -> list[tuple[str, str]]:
+    """rl, reward_model and their settings, against each other, the data and the rest of the recipe."""
+    problems = []
+    method = recipe.rl or ("reward_model" if recipe.reward_model else None)
+    if recipe.rl and recipe.reward_model:
+        problems.append(("reward_model", f"a reward model is trained with the Bradley–Terry loss, not with rl: "
+                                         f"{recipe.rl}; drop one of them"))
+    for index, spec in enumerate(recipe.datasets):
+        kind = preference_kind(spec.type, recipe.rl)
+        key = f"datasets.{index}.type"
+        if method is None and kind is not None:
+            problems.append((key, f"{spec.type} is preference data: set rl (dpo, ipo, orpo, simpo, kto) or "
+                                  "reward_model: true, or use alpaca, completion or chat for SFT"))
+        elif method is not None and kind is None:
+            problems.append((key, f"{spec.type} is SFT data, and {method} trains on preferences: use type preference "
+                                  "({prompt?, chosen, rejected}), kto for rl: kto, or an Axolotl preference format"))
+        elif recipe.rl == "kto" and kind == "pairs":
+            problems.append((key, f"rl: kto reads single completions with a label, not pairs ({spec.type}): use type "
+                                  "kto ({prompt, completion, label}) or Axolotl's chatml.*/llama3.* KTO formats"))
+        elif kind == "kto" and recipe.rl != "kto":
+            problems.append((key, f"type kto holds single labelled completions, which only rl: kto trains on; {method} "
+                                  "needs pairs (type preference)"))
+        if (spec.field_chosen or spec.field_rejected) and spec.type not in (
+                "preference", "chat_template.default", "chat_template.argilla_chat"):
+            problems.append((f"datasets.{index}.field_chosen", f"names the chosen/rejected columns of preference, "
+                                                               f"chat_template.default or chat_template.argilla_chat "
+                                                               f"data, not of {spec.type}"))
+    defaults = {"dpo_label_smoothing": 0.0, "kto_desirable_weight": 1.0, "kto_undesirable_weight": 1.0,
+                "precompute_ref_log_probs": False}
+    for key, methods in _METHOD_KEYS.items():
+        value = getattr(recipe, key)
+        if value is None or value == defaults.get(key, None) or method in methods:
+            continue
+        if method is None:
+            problems.append((key, "a preference-training setting: set rl (or reward_model: true), or remove it"))
+        elif recipe.rl == "orpo" and key == "rl_beta":
+            problems.append((key, "ORPO has no β: its odds-ratio weight is orpo_alpha (Axolotl passes rl_beta to TRL's "
+                                  "ORPO as that weight; write it as orpo_alpha)"))
+        elif key == "precompute_ref_log_probs":
+            problems.append((key, f"{method} has no reference model, so there are no reference log-probabilities"))
+        else:
+            hint = " (rl: ipo is rl: dpo with dpo_loss_type: [ipo])" if recipe.rl == "ipo" and key.startswith("dpo") else ""
+            problems.append((key, f"applies to {' or '.join(methods)}, not {method}{hint}"))
+    if method is None:
+        return problems
+    if recipe.sample_packing:
+        problems.append(("sample_packing", "preference pairs are not packed: chosen and rejected share one padded "
+                                           "forward; set sample_packing: false"))
+    if recipe.train_on_inputs:
+        problems.append(("train_on_inputs", "prompt tokens never count in a completion's log-probability (or a reward); "
+                                            "set train_on_inputs: false"))
+    if recipe.liger_fused_linear_cross_entropy:
+        problems.append(("liger_fused_linear_cross_entropy", "Liger's kernel computes SFT's loss; preference "
+                                                             "log-probabilities go through the chunked path"))
+    if recipe.max_prompt_len and recipe.max_prompt_len >= recipe.sequence_len:
+        problems.append(("max_prompt_len", f"{recipe.max_prompt_len} leaves no room for the answer within sequence_len "
+                                           f"{recipe.sequence_len}"))
+    losses = recipe.dpo_loss_type or ["sigmoid"]
+    if recipe.dpo_loss_weights is not None and len(recipe.dpo_loss_weights) != len(losses):
+        problems.append(("dpo_loss_weights", f"{len(recipe.dpo_loss_weights)} weight(s) for {len(losses)} loss "
+                                             f"type(s) ({', '.join(losses)}); give one per dpo_loss_type entry"))
+    if recipe.rl == "dpo" and recipe.dpo_label_smoothing and not {"robust", "exo_pair"} & set(losses):
+        problems.append(("dpo_label_smoothing", f"read by the robust and exo_pair losses only; {', '.join(losses)} "
+                                                "ignores it (TRL's sigmoid no longer smooths labels)"))
+    if recipe.rl == "dpo" and "exo_pair" in losses and not recipe.dpo_label_smoothing:
+        problems.append(("dpo_label_smoothing", "exo_pair needs EXO's ε > 0 (the paper suggests 1e-3)"))
+    if recipe.rl in ("dpo", "ipo", "kto") and not recipe.precompute_ref_log_probs:
+        if recipe.adapter is None and recipe.distributed.strategy == "fsdp":
+            problems.append(("precompute_ref_log_probs", f"{recipe.rl} under FSDP with full fine-tuning: the frozen "
+                                                         "reference copy would not be sharded; set "
+                                                         "precompute_ref_log_probs: true"))
+        if recipe.lora_model_dir:
+            problems.append(("precompute_ref_log_probs", f"{recipe.rl} continuing an adapter (lora_model_dir): the "
+                                                         "reference is the model as loaded, adapter included, which "
+                                                         "disabling the adapter would not give; set "
+                                                         "precompute_ref_log_probs: true"))
+    return problems
+
+
 # ---------------------------------------------------------------- loading from YAML
 
 
@@ -894,21 +1287,24 @@ _OTHER_TOOLS_NAMES = {
 }
 
 _NESTED_MODELS: dict[str, type[BaseModel]] = {
-    "datasets": DatasetSpec, "gradient_clipping": GradientClipping, "special_tokens": SpecialTokens,
-    "peft": PeftSettings, "qat": QATSettings,
+    "datasets": DatasetSpec, "test_datasets": DatasetSpec, "gradient_clipping": GradientClipping,
+    "special_tokens": SpecialTokens, "peft": PeftSettings, "qat": QATSettings,
 }
 _ALIASES = {"gradient_clipping": "max_grad_norm", "dataset_cache_dir": "dataset_prepared_path",
-            "overrides_of_model_config": "model_config", "revision_of_model": "model_revision"}
+            "overrides_of_model_config": "model_config", "revision_of_model": "model_revision", "rl_beta": "beta"}
 
 
 def _model_at(loc: tuple) -> type[BaseModel]:
+    if len(loc) > 3 and loc[0] in ("datasets", "test_datasets") and loc[2] == "type":
+        return PromptFormat  # datasets.N.type.<key>: a key of a prompt format
     return _NESTED_MODELS.get(loc[0], Recipe) if len(loc) > 1 else Recipe
 
 
 def allowed_keys(model: type[BaseModel]) -> list[str]:
     """The keys a recipe (or one of its nested blocks) takes, aliases included."""
     keys = list(model.model_fields)
-    return keys + ["max_grad_norm", "dataset_prepared_path", "model_config", "model_revision"] if model is Recipe else keys
+    aliases = ["max_grad_norm", "dataset_prepared_path", "model_config", "model_revision", "beta"]
+    return keys + aliases if model is Recipe else keys
 
 
 _UNION_TAGS = {"bool", "int", "float", "str", "list", "dict", "none"}
@@ -923,6 +1319,11 @@ def _clean_loc(loc: tuple, lines: dict) -> tuple:
         if in_yaml or is_key:
             cleaned.append(part)
     return tuple(cleaned)
+
+
+def _key_path(key: str) -> tuple:
+    """A dotted key ('datasets.0.type') as the path _key_lines records (list positions as ints)."""
+    return tuple(int(part) if part.isdigit() else part for part in key.split("."))
 
 
 def _line_of(loc: tuple, lines: dict) -> int | None:
@@ -995,7 +1396,8 @@ def parse_recipe(text: str, file: str = "<recipe>", folder: str | Path | None = 
     except ValidationError as error:
         found = problems + problems_from_validation(error, file, lines)
         raise RecipeError(sorted(found, key=lambda p: p.line or 0)) from None
-    problems += [Problem(file, key, message, _line_of((key,), lines)) for key, message in combination_problems(recipe)]
+    problems += [Problem(file, key, message, _line_of(_key_path(key), lines))
+                 for key, message in combination_problems(recipe)]
     if problems:
         raise RecipeError(problems)
     recipe._folder = Path(folder).resolve() if folder is not None else None

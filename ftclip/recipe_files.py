@@ -22,7 +22,7 @@ import yaml
 
 from ftclip.errors import Problem, RecipeError
 from ftclip.overrides import Override, apply_overrides, blame, parse_override
-from ftclip.recipe import DatasetSpec, Recipe, _key_lines, _line_of, allowed_keys, parse_recipe
+from ftclip.recipe import DATASET_TYPES, PREFERENCE_TYPES, DatasetSpec, Recipe, _key_lines, _line_of, allowed_keys, parse_recipe
 
 
 def read_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -103,18 +103,24 @@ def axolotl_keys(data: dict[str, Any]) -> list[str]:
     ours = set(allowed_keys(Recipe))
     found = [key for key in data
              if key not in ours and (key in AXOLOTL_KEYS or str(key).startswith(TRACKER_PREFIXES))]
-    datasets = data.get("datasets")
-    entries = [datasets] if isinstance(datasets, dict) else datasets if isinstance(datasets, list) else []
     dataset_keys = set(DatasetSpec.model_fields)
-    native_types = set(DatasetSpec.model_fields["type"].annotation.__args__)
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict):
-            continue
-        found += [f"datasets.{index}.{key}" for key in entry if key not in dataset_keys and key in DATASET_KEYS]
+    native_types = {*DATASET_TYPES, "chat_template", *PREFERENCE_TYPES}
+    for group, index, entry in _dataset_entries(data):
+        found += [f"{group}.{index}.{key}" for key in entry if key not in dataset_keys and key in DATASET_KEYS]
         kind = entry.get("type")
-        native = isinstance(kind, str) and kind in native_types
+        native = isinstance(kind, dict) or (isinstance(kind, str) and kind in native_types)  # a mapping: a prompt format
         if not native and is_axolotl_dataset_type(kind):  # else a typo, for the native error
-            found.append(f"datasets.{index}.type")  # a mapping (user-defined format) or an Axolotl-only type
+            found.append(f"{group}.{index}.type")  # an Axolotl-only type
+    return found
+
+
+def _dataset_entries(data: dict[str, Any]) -> list[tuple[str, int, dict]]:
+    """(datasets or test_datasets, index, entry) for each dataset entry that is a mapping."""
+    found = []
+    for group in ("datasets", "test_datasets"):
+        value = data.get(group)
+        entries = [value] if isinstance(value, dict) else value if isinstance(value, list) else []
+        found += [(group, index, entry) for index, entry in enumerate(entries) if isinstance(entry, dict)]
     return found
 
 
@@ -127,12 +133,9 @@ def unknown_keys(data: dict[str, Any]) -> list[tuple[str, str]]:
     for key in data:
         if key not in ours and key not in AXOLOTL_KEYS and not str(key).startswith(TRACKER_PREFIXES):
             unknown.append((str(key), _unknown(str(key), ours + list(AXOLOTL_KEYS))))
-    datasets = data.get("datasets")
-    entries = [datasets] if isinstance(datasets, dict) else datasets if isinstance(datasets, list) else []
-    for index, entry in enumerate(entries):
-        if isinstance(entry, dict):
-            known = list(DatasetSpec.model_fields) + list(DATASET_KEYS)
-            unknown += [(f"datasets.{index}.{key}", _unknown(str(key), known)) for key in entry if key not in known]
+    known = list(DatasetSpec.model_fields) + list(DATASET_KEYS)
+    for group, index, entry in _dataset_entries(data):
+        unknown += [(f"{group}.{index}.{key}", _unknown(str(key), known)) for key in entry if key not in known]
     return unknown
 
 

@@ -20,10 +20,17 @@ SUGGESTION_PERCENTILE = 90
 SPARK = "▁▂▃▄▅▆▇█"
 
 
+# A preference run's metrics (rl, reward_model), train and eval, reported first → last logged.
+PREFERENCE_METRICS = ("rewards/accuracy", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen",
+                      "logps/rejected", "kl")
+
+
 @dataclass
 class RunHistory:
     steps: list[StepStats]
     eval_points: list[tuple[int, float]] = field(default_factory=list)
+    # name (e.g. rewards/accuracy, eval_rewards/accuracy) → [(step, value)] at each logged line that has it
+    preference: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
 
 
 def _number(value) -> float:
@@ -34,7 +41,7 @@ def read_history(run_dir: Path) -> RunHistory:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FtclipError(f"{run_dir}: no {METRICS_FILE} (is this an ftclip output_dir?)")
-    steps, evals = [], []
+    steps, evals, preference = [], [], {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -51,11 +58,29 @@ def read_history(run_dir: Path) -> RunHistory:
                                        not math.isfinite(norm)))
             if "eval_loss" in record:
                 evals.append((record["step"], _number(record["eval_loss"])))
+            for name in PREFERENCE_METRICS:
+                for key in (name, f"eval_{name}"):
+                    if key in record:
+                        preference.setdefault(key, []).append((record["step"], _number(record[key])))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise FtclipError(f"{path}:{number}: not an ftclip metrics line ({error})") from None
     if not steps:
         raise FtclipError(f"{path}: no logged steps yet")
-    return RunHistory(steps, evals)
+    return RunHistory(steps, evals, preference)
+
+
+def preference_rows(history: RunHistory) -> list[tuple[str, str]]:
+    """The report's lines for a preference run: each metric first → last logged (accuracy as a share)."""
+    rows = []
+    for name in PREFERENCE_METRICS:
+        for key, label in ((name, name), (f"eval_{name}", f"eval {name}")):
+            points = history.preference.get(key)
+            if not points:
+                continue
+            show = (lambda v: f"{v:.0%}") if name == "rewards/accuracy" else (lambda v: f"{v:.4g}")
+            (first_step, first), (last_step, last) = points[0], points[-1]
+            rows.append((f"{label} (step {first_step} → {last_step})", f"{show(first)} → {show(last)}"))
+    return rows
 
 
 def percentile(values: list[float], p: float) -> float:

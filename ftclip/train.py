@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.markup import escape
 from safetensors import SafetensorError
 
+from ftclip.best_model import BestModel
 from ftclip.checkpoint import (
     TrainingState,
     choose_checkpoint,
@@ -49,16 +49,17 @@ from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data.batches import Row, Rows, micro_batches
 from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
-from ftclip.errors import DataError, ModelError, PeerLost, ResumeError, RunStopped, StorageError
+from ftclip.errors import DataError, FtclipError, ModelError, PeerLost, ResumeError, RunStopped, StorageError
 from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
 from ftclip.nodes import check_shared_output_dir
-from ftclip.objectives import MicroBatchLoss, Objective, objective_for
+from ftclip.objectives import MicroBatchLoss, Objective, SetupContext, objective_for
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
 from ftclip.qat import FakeQuantSchedule
-from ftclip.recipe import Recipe, resolve_schedule, warmup_warning
+from ftclip.recipe import Recipe, best_model_alignment, resolve_schedule, warmup_warning
+from ftclip.terminal import make_console, user
 from ftclip.trackers import open_trackers
 
 METRICS_FILE = "metrics.jsonl"
@@ -76,6 +77,8 @@ class TrainResult:
     skipped_steps: int
     records: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: Path | None = None
+    stopped_early: bool = False  # early_stopping_patience ended the run at `steps`
+    chosen: str | None = None  # load_best_model_at_end: which weights were saved, and why
 
 
 @dataclass
@@ -124,7 +127,8 @@ def micro_batch_stream(rows: Rows, recipe: Recipe, world_size: int = 1, epoch: i
     epoch, starting `skip` micro-batches into `epoch` (a resumed run). A global micro-batch holds
     micro_batch_size examples per rank; the loop stops the stream by counting optimizer steps."""
     while True:
-        batches = micro_batches(rows, recipe.micro_batch_size * world_size, recipe.seed, epoch, world_size, skip)
+        batches = micro_batches(rows, recipe.micro_batch_size * world_size, recipe.data_order_seed, epoch, world_size,
+                                skip)
         for index, batch in enumerate(batches, start=skip):
             yield epoch, index + 1, batch
         epoch, skip = epoch + 1, 0
@@ -142,7 +146,10 @@ def describe_data(data) -> str:
     """One line on where the tokens came from and, with packing, how full the rows are."""
     source = "cache hit" if data.hit else f"tokenized {data.records:,} records in {data.seconds:.1f} s"
     line = "".join(f"warning: {note}\n" for note in data.notes)
-    line += f"data: {len(data.examples):,} examples, {data.examples.tokens:,} tokens ({source}: {data.cache})"
+    unit = getattr(data.examples, "unit", "examples")  # preference data counts pairs (or KTO examples)
+    line += f"data: {len(data.examples):,} {unit}, {data.examples.tokens:,} tokens ({source}: {data.cache})"
+    if data.detail:
+        line += f"; {data.detail}"
     if data.packing:
         packing = data.packing
         line += (f"\npacking: {packing.examples} examples in {packing.rows} rows of {packing.capacity} tokens, "
@@ -273,11 +280,11 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
         chosen, damaged = choose_checkpoint(output_dir, verify)
         checkpoint = chosen.path if chosen else None
         if chosen and chosen.legacy:
-            console.print(f"[yellow]warning:[/] {checkpoint} was written without checksums (an older ftclip): "
+            console.print(f"[yellow]warning:[/] {user(checkpoint)} was written without checksums (an older ftclip): "
                           "resuming from it unverified", highlight=False)
         for check in damaged:
-            console.print(f"[yellow]warning:[/] checkpoint {check.path} is damaged, not used: "
-                          + "; ".join(check.problems), highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning:[/] checkpoint {user(check.path)} is damaged, not used: "
+                          + user("; ".join(check.problems)), highlight=False, soft_wrap=True)
         if checkpoint is None and damaged:
             raise ResumeError(
                 f"no intact checkpoint in {output_dir / 'checkpoints'} to resume from (each one above is damaged). "
@@ -285,7 +292,7 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
                 "or pruned as the new run saves its own)."
             )
         if checkpoint is not None and damaged:
-            console.print(f"[yellow]warning:[/] resuming from {checkpoint}, the newest intact checkpoint",
+            console.print(f"[yellow]warning:[/] resuming from {user(checkpoint)}, the newest intact checkpoint",
                           highlight=False)
     else:
         checkpoint = Path(resume)
@@ -411,7 +418,7 @@ def train(recipe: Recipe, console: Console | None = None,
     dist = Distributed.from_environment(recipe.distributed.strategy, recipe.distributed.timeout)
     every_rank_here = False
     try:
-        result = _train(recipe, console or Console(), resume, dist, verify)
+        result = _train(recipe, console or make_console(), resume, dist, verify)
         every_rank_here = True
         return result
     except RunStopped:
@@ -443,23 +450,38 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
 
     tokenizer = load_tokenizer(recipe)
     data = prepare(recipe, tokenizer, dist)
-    console.print(describe_data(data), highlight=False)
+    console.print(user(describe_data(data)), highlight=False)
     train_rows, held_out = data.train, data.val
-    example_count = len(data.examples) - len(held_out)
+    example_count = len(train_rows.members)
     total_steps = count_steps(recipe, len(train_rows), dist.world_size)
     recipe = resolve_schedule(recipe, total_steps)  # saves/evals per epoch become step counts
+    misaligned = best_model_alignment(recipe)
+    if misaligned:
+        raise FtclipError(f"load_best_model_at_end: {misaligned} (saves_per_epoch and evals_per_epoch resolve to "
+                          "those steps in this run)")
     short_warmup = warmup_warning(recipe, total_steps)
     if short_warmup:
-        console.print(f"[yellow]warning:[/] {escape(short_warmup)}", highlight=False)
+        console.print(f"[yellow]warning:[/] {user(short_warmup)}", highlight=False)
     ranks = f" × {dist.world_size} ranks ({dist.strategy})" if dist.enabled else ""
+    unit = getattr(data.examples, "unit", "examples")  # preference data: pairs (or KTO examples)
     console.print(
-        f"[bold]ftclip[/] {example_count} training examples, {len(held_out)} held out; "
+        f"[bold]ftclip[/] {example_count} training {unit}, {len(held_out)} {data.held_out}; "
         f"{total_steps} optimizer steps of {recipe.micro_batch_size}×{recipe.gradient_accumulation_steps}{ranks} "
-        f"{'packed rows' if recipe.sample_packing else 'examples'} on {device}"
+        f"{'packed rows' if recipe.sample_packing else unit} on {device}"
     )
 
-    model, trainable = _load_trainable_model(recipe, device, dist, tokenizer, console.print)
+    model, trainable = _load_trainable_model(recipe, device, dist, tokenizer,
+                                             lambda text: console.print(user(text), highlight=False))
+    neftune = None
+    if recipe.neftune_noise_alpha:  # transformers' own hook: noise on the embeddings in training forwards only
+        from transformers.integrations.neftune import activate_neftune
+
+        neftune = activate_neftune(dist.unwrap(model), recipe.neftune_noise_alpha)
     objective = objective_for(recipe)  # what a micro-batch's loss is: SFT's, or a preference method's
+    # Before the optimizer and any resume: a preference method's reference comes from the weights as loaded.
+    setup_note = objective.prepare(model, data, SetupContext(recipe, device, dist, tokenizer.pad_token_id))
+    if setup_note:
+        console.print(user(setup_note), highlight=False)
     optimizer = build_optimizer(recipe, trainable)
     scheduler = build_scheduler(recipe, optimizer, total_steps)
     sharded = dist.strategy == "fsdp" and dist.enabled
@@ -467,12 +489,15 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     console.print(_describe_clip(recipe, trainable, clipper))
     space_warning = low_space_warning(recipe, output_dir, trainable, total_steps) if dist.is_main else None
     if space_warning:
-        console.print(f"[yellow]warning:[/] {space_warning}", highlight=False)
+        console.print(f"[yellow]warning:[/] {user(space_warning)}", highlight=False)
 
     state = TrainingState(step=0, epoch=0, batch_in_epoch=0, counters={"clipped_steps": 0, "skipped_steps": 0}, tensors={})
+    best = BestModel.for_recipe(recipe)  # early stopping and load_best_model_at_end
     if checkpoint is not None:
         state = _restore(checkpoint, model, optimizer, scheduler, clipper, recipe, dist)
-        console.print(f"[bold]resumed[/] from {checkpoint} (step {state.step} of {total_steps}); "
+        if best is not None and "best_model" in state.tensors:
+            best.load_state_dict(state.tensors["best_model"])
+        console.print(f"[bold]resumed[/] from {user(checkpoint)} (step {state.step} of {total_steps}); "
                       "pass --no-resume to start over")
 
     fake_quant = FakeQuantSchedule(dist.unwrap(model), recipe.qat) if recipe.qat else None  # qat: from its step
@@ -487,22 +512,27 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     eval_loss = None
     epoch, batch_in_epoch = state.epoch, state.batch_in_epoch
     window = _Window(first_step=state.step + 1)
+    stop_early = False
+    last_step = state.step
 
     def checkpoint_now(step: int) -> Path:
         # Every rank's RNG: their dropout streams diverge once their batches differ in shape.
         rng = gather_objects(rng_states()) if dist.enabled else rng_states()
+        extra = {"best_model": best.state_dict()} if best is not None else {}
+        keep = best.best_checkpoint(output_dir) if best is not None and recipe.load_best_model_at_end else None
         if sharded:  # every rank writes its shards
-            tensors = {"scheduler": scheduler.state_dict(), "clipper": clipper.state_dict(), "rng": rng}
+            tensors = {"scheduler": scheduler.state_dict(), "clipper": clipper.state_dict(), "rng": rng, **extra}
             state = TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors, dist.world_size)
-            return save_sharded_checkpoint(model, optimizer, dist.unwrap(model), recipe, state, output_dir, dist)
+            return save_sharded_checkpoint(model, optimizer, dist.unwrap(model), recipe, state, output_dir, dist,
+                                           keep=keep)
         saved, failure = None, None
         if dist.is_main:
             tensors = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                       "clipper": clipper.state_dict(), "rng": rng}
+                       "clipper": clipper.state_dict(), "rng": rng, **extra}
             try:
                 saved = save_checkpoint(dist.unwrap(model), recipe,
                                         TrainingState(step, epoch, batch_in_epoch, dict(counters), tensors,
-                                                      dist.world_size), output_dir)
+                                                      dist.world_size), output_dir, keep=keep)
             except StorageError as error:
                 failure = error
         # No rank moves on (or exits) before the checkpoint is complete, and all stop if it failed.
@@ -510,8 +540,10 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
             raise failure or StorageError(f"rank 0 could not write checkpoint step-{step}; see its message")
         return saved or output_dir / "checkpoints" / f"step-{step}"
 
-    def log_window(step: int, view: TrainingView) -> dict[str, Any]:
-        """Read the window back (the one host sync), warn, evaluate if due, write one metrics line."""
+    def log_window(step: int, view: TrainingView, checkpointed: bool) -> dict[str, Any]:
+        """Read the window back (the one host sync), warn, evaluate if due, write one metrics line; an
+        evaluation also goes to early stopping and the best-model choice (`checkpointed`: this step saves)."""
+        nonlocal stop_early
         steps, step_metrics = window.read_back(dist)
         counters["clipped_steps"] += sum(s.clipped for s in steps)
         counters["skipped_steps"] += sum(s.nonfinite for s in steps)
@@ -523,6 +555,12 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
         record["spike_steps"] = [spike.step for spike in monitor.spike_log[spikes_before:]]
         if held_out and (step == total_steps or (recipe.eval_steps and step % recipe.eval_steps == 0)):
             record.update(evaluate(model, held_out, objective, recipe.micro_batch_size, pad_id, device))
+            if best is not None:  # every rank evaluated all of the held-out set: the same answer everywhere
+                stop_early = best.observe(step, record, checkpointed) and step < total_steps
+                if stop_early:
+                    view.warn(f"early stopping: {best.metric} has not improved for {best.bad_evaluations} "
+                              f"evaluations (early_stopping_patience {recipe.early_stopping_patience}; best "
+                              f"{best.best:.4g}); stopping after step {step}")
         metrics.write(record)
         tensorboard.write(record)
         trackers.write(record)
@@ -549,6 +587,7 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
                 clipper.optimizer_step(outcome)
                 scheduler.step()
                 clipper.zero_grad()
+                last_step = step
 
                 window.losses.append(step_result.loss)
                 window.metrics.append(step_result.metrics)
@@ -559,8 +598,9 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
                 stop_signal = dist.agree_max(int(stop.received or 0))
                 stopping = stop_signal > 0
                 saving = bool(recipe.save_steps and step % recipe.save_steps == 0)
-                if step % recipe.logging_steps == 0 or step == total_steps or saving or stopping:
-                    eval_loss = log_window(step, view).get("eval_loss", eval_loss)
+                due_eval = bool(held_out and recipe.eval_steps and step % recipe.eval_steps == 0)
+                if step % recipe.logging_steps == 0 or step == total_steps or saving or stopping or due_eval:
+                    eval_loss = log_window(step, view, saving).get("eval_loss", eval_loss)
                     window = _Window(first_step=step + 1)
                     # The norm is global, so every rank counts the same skips and aborts together.
                     if monitor.consecutive_skips >= recipe.max_skipped_steps:
@@ -572,6 +612,8 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
                             "data, or use bf16 instead of fp16, then resume.", exit_code=1, checkpoint=saved)
                 if saving:
                     saved = checkpoint_now(step)
+                if stop_early:
+                    break
                 if stopping:
                     saved = saved if saving else checkpoint_now(step)
                     received = signal.Signals(stop_signal)
@@ -586,6 +628,13 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
 
     if held_out and eval_loss is None:  # resumed from a checkpoint taken at the very last step
         eval_loss = evaluate(model, held_out, objective, recipe.micro_batch_size, pad_id, device)["eval_loss"]
+    chosen = None
+    if recipe.load_best_model_at_end and best is not None:
+        chosen = _best_weights(best, records, last_step, model, optimizer, recipe, output_dir, dist, sharded)
+    if recipe.neftune_noise_alpha:
+        from transformers.integrations.neftune import deactivate_neftune
+
+        deactivate_neftune(dist.unwrap(model), neftune)
     destination = output_dir / ("adapter" if recipe.adapter else "model")
     artifact = save_final(model, tokenizer, recipe, destination, dist)
     if recipe.qat and dist.is_main:
@@ -593,7 +642,7 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     result = TrainResult(
         output_dir=output_dir,
         artifact=artifact,
-        steps=total_steps,
+        steps=last_step,
         first_loss=records[0]["loss"] if records else math.nan,
         last_loss=records[-1]["loss"] if records else math.nan,
         eval_loss=eval_loss,
@@ -601,9 +650,32 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
         skipped_steps=counters["skipped_steps"],
         records=records,
         resumed_from=checkpoint,
+        stopped_early=stop_early,
+        chosen=chosen,
     )
     console.print(summary_table(_summary(result, recipe, monitor)))
     return result
+
+
+def _best_weights(best: BestModel, records: list[dict[str, Any]], last_step: int, model, optimizer, recipe: Recipe,
+                  output_dir: Path, dist: Distributed, sharded: bool) -> str:
+    """load_best_model_at_end: put the best checkpoint's weights in the model unless the final weights' own
+    evaluation is at least as good; say which weights are saved."""
+    final = next((record[best.metric] for record in reversed(records) if best.metric in record), None)
+    path = best.best_checkpoint(output_dir)
+    if path is None or best.best_checkpoint_step == last_step or final is None or not best.better(
+            best.best_checkpoint_value, final):
+        shown = f", {best.metric} {final:.4g}" if final is not None else ""
+        return f"the final weights (step {last_step}{shown}): no checkpoint evaluated better"
+    try:
+        if sharded:
+            load_sharded_checkpoint(path, model, optimizer)
+        else:
+            load_checkpoint(path, dist.unwrap(model), recipe)
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError, SafetensorError) as error:
+        raise load_error(path, error) from None
+    return (f"the best checkpoint, {path.name} ({best.metric} {best.best_checkpoint_value:.4g}; the final step's "
+            f"was {final:.4g})")
 
 
 def save_final(model, tokenizer, recipe: Recipe, destination: Path, dist: Distributed) -> Path:
@@ -628,8 +700,8 @@ def _save_quantized(recipe: Recipe, model_dir: Path, output_dir: Path, console: 
     try:
         saved = save_quantized(model_dir, recipe.qat, output_dir / QUANTIZED_DIR)
     except (ImportError, AssertionError, RuntimeError, NotImplementedError, ValueError) as error:
-        console.print(f"[yellow]warning:[/] qat: {model_dir} holds the trained weights; quantizing them to "
-                      f"{recipe.qat.weight_dtype} here failed ({escape(str(error))}); quantize them where torchao's "
+        console.print(f"[yellow]warning:[/] qat: {user(model_dir)} holds the trained weights; quantizing them to "
+                      f"{recipe.qat.weight_dtype} here failed ({user(str(error))}); quantize them where torchao's "
                       "kernels for it run", highlight=False)
         return
     console.print(f"qat: quantized model ({recipe.qat.weight_dtype} weights, torchao) saved to {saved}", highlight=False)
@@ -652,6 +724,11 @@ def _summary(result: TrainResult, recipe: Recipe, monitor: ClipMonitor) -> dict[
         "metrics": str(result.output_dir / METRICS_FILE),
         "saved": str(result.artifact),
     }
+    if result.stopped_early:
+        summary["stopped early"] = (f"after step {result.steps}: early_stopping_patience {recipe.early_stopping_patience} "
+                                    "evaluations without improvement")
+    if result.chosen:
+        summary["saved weights"] = result.chosen
     if result.resumed_from:
         summary["resumed from"] = str(result.resumed_from)
     return summary

@@ -62,7 +62,7 @@ def test_corpus_outcomes():
     assert len(written) >= 21
     refused = {path.name: {key for key, _ in import_config(path).refused} for path in CORPUS}
     assert refused["qwen3.5__27b-qlora.yaml"] == set()  # adamw_torch_4bit: torchao's AdamW4bit
-    assert "rl" in refused["llama-3__instruct-dpo-lora-8b.yml"]
+    assert refused["llama-3__instruct-dpo-lora-8b.yml"] == set()  # rl: dpo, trained natively (docs/preference.md)
     assert refused["llava__lora-7b.yaml"] == set()  # a vision-language run (processor_type, docs/vision.md)
     assert refused["archived__pythia__lora.yml"] == set()  # lora_fan_in_fan_out: peft's fan_in_fan_out
     assert "relora_steps" in refused["llama-2__relora.yml"]
@@ -333,11 +333,12 @@ def test_a_file_with_axolotl_keys_is_read_through_the_importer(tmp_path, key, va
 
 def test_what_the_importer_refuses_is_an_error_naming_the_key(tmp_path):
     path = tmp_path / "recipe.yaml"
-    path.write_text(BASE + "rl: dpo\n")
+    path.write_text(BASE + "process_reward_model: true\n")
     with pytest.raises(RecipeError) as caught:
         read_recipe(path)
     [problem] = caught.value.problems
-    assert (problem.key, problem.line) == ("rl", 5) and problem.message.startswith("Axolotl key `rl`: not supported")
+    assert (problem.key, problem.line) == ("process_reward_model", 5)
+    assert problem.message.startswith("Axolotl key `process_reward_model`: not supported")
 
 
 def test_a_typo_stays_a_typo_in_an_axolotl_config_too(tmp_path):

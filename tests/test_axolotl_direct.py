@@ -99,9 +99,24 @@ def test_a_misspelled_dataset_type_is_a_native_error_with_the_others(make_recipe
     assert "got 'alpacca'" in result.output and "learning_rate: Input should be greater than 0" in result.output
 
 
-@pytest.mark.parametrize("kind", ["sharegpt", "sharegpt:chat", "chatml.intel", "alpaca_chat.load_qa",
-                                  {"field_instruction": "q", "format": "{instruction}"}])
+@pytest.mark.parametrize("kind", ["sharegpt", "sharegpt:chat", "zephyr.nectar", "alpaca_chat.load_qa"])
 def test_axolotl_dataset_types_send_the_file_through_the_importer(kind):
     from ftclip.recipe_files import axolotl_keys
 
     assert axolotl_keys({"base_model": "m", "datasets": [{"path": "d.jsonl", "type": kind}]}) == ["datasets.0.type"]
+
+
+def test_axolotl_preference_formats_ftclip_reads_natively_stay_native():
+    from ftclip.recipe_files import axolotl_keys
+
+    for kind in ("chatml.intel", "llama3.ultra", "chat_template.default", "bradley_terry.chat_template"):
+        assert axolotl_keys({"base_model": "m", "rl": "dpo", "datasets": [{"path": "d.jsonl", "type": kind}]}) == []
+
+
+def test_a_prompt_format_mapping_is_ftclips_own_type_too():
+    # A dataset type given as a mapping (Axolotl's user-defined type) is a native prompt format now: by itself it
+    # does not make a file an Axolotl config (whose Axolotl defaults would then apply).
+    from ftclip.recipe_files import axolotl_keys
+
+    form = {"field_instruction": "q", "format": "{instruction}"}
+    assert axolotl_keys({"base_model": "m", "datasets": [{"path": "d.jsonl", "type": form}]}) == []

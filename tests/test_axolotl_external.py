@@ -64,11 +64,11 @@ def test_every_external_config_is_written_valid_or_refused_with_reasons(path):
 def test_external_corpus_outcomes():
     results = {path.name: import_config(path) for path in CORPUS}
     written = {name for name, result in results.items() if result.ok}
-    assert len(written) >= 21
+    assert len(written) >= 32  # 21 before ShareGPT, prompt formats, test_datasets, early stopping... were read
     refused = {name: {key for key, _ in result.refused} for name, result in results.items()}
-    assert "datasets[0].type" in refused["DEITA__qlora.yml"]  # a user-defined prompt format (type: {...})
-    assert "datasets[0].type" in refused["Medilora__train_medilora_medqa.yml"]  # sharegpt
-    assert "rl" in refused["util-llm-script__qlora_dpo.yml"]
+    assert "DEITA__qlora.yml" in written  # a user-defined prompt format (type: {...}): a prompt format now
+    assert "datasets[0].type" not in refused["Medilora__train_medilora_medqa.yml"]  # sharegpt: read as chat now
+    assert "datasets[0].type" in refused["util-llm-script__qlora_dpo.yml"]  # alpaca under rl: dpo (no such DPO format)
     # The two that are neither: an inference config without datasets, and a template with empty values.
     invalid = {name for name, result in results.items() if not result.ok and not result.refused}
     assert invalid == {"ADL_HW3__test.yml", "CML_AMP_LLM_Fine_Tuning_Studio__ft_config_axolotl_training_config_template.yaml"}
@@ -130,10 +130,15 @@ def test_any_value_of_any_dataset_key_is_an_outcome_not_a_traceback(tmp_path):
 # ---------------------------------------------------------------- one test per bug the external corpus showed
 
 
-def test_dataset_type_as_a_mapping_is_refused_by_name():
-    result = import_config(CORPUS_DIR / "DEITA__qlora.yml")  # was: TypeError: unhashable type: 'dict'
-    [why] = [why for key, why in result.refused if key == "datasets[0].type"]
-    assert "user-defined prompt format" in why
+def test_dataset_type_as_a_mapping_is_a_prompt_format():
+    result = import_config(CORPUS_DIR / "DEITA__qlora.yml")  # was: TypeError: unhashable type: 'dict'; then refused
+    assert result.ok, (result.refused, result.problems)
+    config = yaml.safe_load((CORPUS_DIR / "DEITA__qlora.yml").read_text())
+    written = parse_recipe(result.text).datasets[0].type
+    assert all(getattr(written, key) == value for key, value in config["datasets"][0]["type"].items())
+    # A format with a placeholder Axolotl's str.format has no value for fails in Axolotl: refused with that reason.
+    result = import_config(CORPUS_DIR / "simon-benigeri-sharding_cot_private__axolotl_config.yml")
+    assert "{output} is not a placeholder" in dict(result.refused)["datasets[0].type"]
 
 
 def test_flash_attention_false_is_off(tmp_path):
@@ -202,10 +207,12 @@ def test_dataset_field_and_column_keys(tmp_path):
     assert "datasets[0].field_prompt" in dict(import_config(path).refused)
 
 
-def test_sharegpt_refusal_says_how_to_rewrite_it():
-    result = import_config(CORPUS_DIR / "Medilora__train_medilora_medqa.yml")
-    why = dict(result.refused)["datasets[0].type"]
-    assert "type: chat_template" in why and "message_property_mappings" in why
+def test_sharegpt_is_read_as_chat_in_the_conversations_template():
+    result = import_config(CORPUS_DIR / "Medilora__train_medilora_medqa.yml")  # was: refused (type: sharegpt)
+    assert result.ok, (result.refused, result.problems)
+    recipe = parse_recipe(result.text)
+    assert recipe.chat_template == "chatml" and recipe.datasets[0].field_messages == "conversations"
+    assert recipe.datasets[0].roles == {"user": ["user"], "assistant": ["assistant"]}  # field_human/field_model
 
 
 def test_base_model_config(tmp_path):
@@ -220,7 +227,11 @@ def test_trainer_arguments_outside_axolotl(tmp_path):
                                           "bos_token": "<s>"})
     assert {"report_to", "dataloader_num_workers", "push_to_hub", "logging_dir", "load_best_model_at_end",
             "bos_token"} <= set(dict(result.dropped))
-    assert "load_best_model_at_end" in dict(convert(tmp_path, {"load_best_model_at_end": True}).refused)
+    # Axolotl turns it on only with a held-out set and aligned save/eval steps; without them it is off there too.
+    assert "load_best_model_at_end" in dict(convert(tmp_path, {"load_best_model_at_end": True}).dropped)
+    recipe, _ = recipe_of(tmp_path, {"load_best_model_at_end": True, "val_set_size": 0.1, "eval_steps": 5,
+                                     "save_steps": 10, "metric_for_best_model": "loss"})
+    assert recipe.load_best_model_at_end and recipe.metric_for_best_model == "loss"
 
 
 def test_device_map_on_one_device_and_on_several(tmp_path):

@@ -252,8 +252,10 @@ def test_keys_axolotl_itself_rejects_are_refused_with_that_reason(tmp_path):
     config = tmp_path / "stop.yml"
     config.write_text(BASE + "val_set_size: 0.05\nevals_per_epoch: 4\nsaves_per_epoch: 1\nearly_stopping_patience: 3\n")
     assert "Axolotl itself rejects" in dict(import_config(config).refused)["early_stopping_patience"]
-    config.write_text(BASE + "val_set_size: 0.05\neval_steps: 10\nsave_steps: 20\nearly_stopping_patience: 3\n")
-    assert "load_best_model_at_end" in dict(import_config(config).refused)["early_stopping_patience"]
+    config.write_text(BASE + "val_set_size: 0.05\neval_steps: 10\nsave_steps: 25\nearly_stopping_patience: 3\n")
+    assert "eval_steps dividing save_steps" in dict(import_config(config).refused)["early_stopping_patience"]
+    config.write_text(BASE + "eval_steps: 10\nsave_steps: 20\nearly_stopping_patience: 3\n")  # nothing held out
+    assert "held-out set" in dict(import_config(config).refused)["early_stopping_patience"]
 
 
 @pytest.mark.slow

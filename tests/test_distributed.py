@@ -42,7 +42,7 @@ UPDATE_RTOL = reordering_rtol(tiny_step_sums(GLOBAL_BATCH)) + NORM_RTOL + 4 * UN
 
 def torchrun(*args, nproc=2, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *args],
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

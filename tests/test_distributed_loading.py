@@ -52,7 +52,7 @@ def test_meta_device_loading_on_two_ranks_gives_the_weights_of_a_plain_load(make
     script = tmp_path / "load_from_rank0.py"
     script.write_text(LOAD_FROM_RANK0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
                            str(path), str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank-{rank}.pt", weights_only=False) for rank in (0, 1))

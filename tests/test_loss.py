@@ -231,3 +231,78 @@ def test_liger_matches_the_plain_path_on_cuda():
     plain = causal_lm_loss(model, inputs, 50, chunked=False)
     fused = causal_lm_loss(model, inputs, 50, chunked=False, liger=True)
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- per-token log-probabilities (preference training)
+
+
+@pytest.mark.parametrize("path", ["frozen-linear", "training-linear", "module", "transform"])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 1000])
+def test_chunked_token_log_probs_equal_log_softmax_and_its_gradients(chunk_tokens, path):
+    from ftclip.loss import chunked_token_log_probs
+
+    torch.manual_seed(3)
+    hidden = torch.randn(13, 16, requires_grad=True)
+    linear = torch.nn.Linear(16, VOCAB, bias=True)
+    if path == "frozen-linear":  # LoRA's case: gradients for the hidden states only, computed in the forward
+        linear.requires_grad_(False)
+    head = torch.nn.Sequential(linear) if path == "module" else linear
+    transform = (lambda logits: torch.tanh(logits / 3) * 3) if path == "transform" else None
+    targets = torch.randint(0, VOCAB, (13,))
+    logits = head(hidden).float()
+    logits = transform(logits) if transform else logits
+    reference = logits.log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    # A different weight per token, as the DPO loss gives each answer's tokens its own.
+    weights = torch.randn(13)
+    trained = [hidden] + [p for p in linear.parameters() if p.requires_grad]
+    reference_grads = torch.autograd.grad((reference * weights).sum(), trained)
+    ours = chunked_token_log_probs(hidden, targets, head, chunk_tokens=chunk_tokens, transform=transform)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(torch.autograd.grad((ours * weights).sum(), trained), reference_grads):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        evaluated = chunked_token_log_probs(hidden, targets, head, chunk_tokens=chunk_tokens, transform=transform)
+    torch.testing.assert_close(evaluated, reference.detach(), rtol=1e-5, atol=1e-6)
+    assert evaluated.grad_fn is None
+
+
+def test_token_log_probs_through_the_model_match_the_plain_path():
+    from peft import LoraConfig, get_peft_model
+
+    from ftclip.loss import token_log_probs
+
+    for model in (tiny_llama(tie_word_embeddings=True),
+                  get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"))):
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.02)
+        inputs = batch(8)
+        weights = torch.randn(trained(inputs))
+        results = []
+        for chunked in (False, True):
+            model.zero_grad()
+            logps, rows = token_log_probs(model, inputs, chunked=chunked, chunk_tokens=5)
+            (logps * weights).sum().backward()
+            results.append((logps.detach(), rows, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        (plain, plain_rows, plain_grads), (chunked, chunked_rows, chunked_grads) = results
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+        assert torch.equal(chunked_rows, plain_rows) and chunked_rows.tolist() == sorted(chunked_rows.tolist())
+        for name in plain_grads:
+            torch.testing.assert_close(chunked_grads[name], plain_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_token_log_probs_never_save_the_whole_sequence_logits():
+    from ftclip.loss import token_log_probs
+
+    vocab = 4096
+    model = tiny_llama(vocab_size=vocab)
+    inputs = batch(9, rows=2, length=64)
+    sizes = []
+
+    def pack(tensor):
+        sizes.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        token_log_probs(model, inputs, chunked=True, chunk_tokens=8)
+    assert max(sizes) < inputs["input_ids"].numel() * vocab / 2

@@ -402,7 +402,7 @@ KILL_ONE_RANK = textwrap.dedent("""
 
 def torchrun(*args, timeout=300):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args],
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -3,6 +3,7 @@ came from) atomically, validate it, and report mapped / dropped / refused keys."
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -10,12 +11,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
+from ftclip.axolotl.formats import BUILTIN_FORMATS, user_defined_format
+from ftclip.axolotl.sharegpt import conversation_template, sharegpt_fields, sharegpt_loader
 from ftclip.axolotl.table import (
     AXOLOTL_KEYS,
     DATASET_KEYS,
     DATASET_TYPES,
     FTCLIP_ONLY_KEYS,
+    NOT_AXOLOTL_SPELLINGS,
     NUMERIC_KEYS,
     TRACKER_PREFIXES,
     TRACKER_WHY,
@@ -25,11 +30,12 @@ from ftclip.axolotl.table import (
     Rule,
     as_number,
     is_off,
+    preference_dataset_type,
     show_value,
     strategy_from_deepspeed,
 )
 from ftclip.errors import RecipeError
-from ftclip.recipe import Recipe, parse_recipe
+from ftclip.recipe import PromptFormat, Recipe, parse_recipe
 
 # ---------------------------------------------------------------- importing one config
 
@@ -45,10 +51,11 @@ class ImportResult:
     native: bool = False
     text: str | None = None  # the recipe as written: YAML with a comment per key saying where it came from
     recipe: dict[str, Any] | None = None  # the same recipe's keys and values, when it was made and is valid
+    failure: str | None = None  # an unexpected error while importing it (the command reports it and goes on)
 
     @property
     def ok(self) -> bool:
-        return not self.refused and not self.problems and self.text is not None
+        return not self.refused and not self.problems and self.failure is None and self.text is not None
 
     def as_json(self) -> dict:
         return {
@@ -57,7 +64,7 @@ class ImportResult:
             "mapped": [{"from": old, "to": new, "note": note} for old, new, note in self.mapped],
             "dropped": [{"key": key, "why": why} for key, why in self.dropped],
             "refused": [{"key": key, "why": why} for key, why in self.refused],
-            "problems": self.problems,
+            "problems": self.problems, "failure": self.failure,
         }
 
 
@@ -91,26 +98,75 @@ ALPACA_COLUMNS = {"field_instruction": "instruction", "field_input": "input", "f
 
 
 def _dataset_type_refusal(value: Any) -> str:
-    if isinstance(value, dict):
-        return ("a user-defined prompt format (type as a mapping of format strings and field_* columns); ftclip reads "
-                "alpaca, completion and chat_template records: write the data in one of them")
-    if isinstance(value, str) and value.split(".")[0].split(":")[0] == "sharegpt":
-        return (f"{value}: Axolotl's older ShareGPT format with fastchat conversation templates (Axolotl itself now "
-                "rejects it); as type: chat_template with field_messages: conversations, message_property_mappings "
-                "{role: from, content: value} and roles {user: [human], assistant: [gpt]} ftclip reads the same "
-                "records with the model's chat template")
     if value in ("json", "jsonl", "csv", "parquet", "text", "arrow"):
         return f"{value!r} is a file format (Axolotl's ds_type), not a prompt format; ftclip's are alpaca, completion, chat"
-    return f"prompt format {show_value(value)}: ftclip reads alpaca, completion and chat_template records"
+    return (f"prompt format {show_value(value)}: ftclip reads alpaca, completion and chat_template records, "
+            f"Axolotl's user-defined formats and {', '.join(sorted(BUILTIN_FORMATS))}")
 
 
-def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, output_dir: Path) -> dict | None:
+def _convert_sharegpt(where: str, entry: dict, loader: str, config: dict, builder: _Builder, converted: dict) -> None:
+    """type: sharegpt → chat with the turns' field and spellings, and the conversation's chat template."""
     result = builder.result
-    where = f"datasets[{index}]"
+    fields = sharegpt_fields(entry, loader)
+    if isinstance(fields, str):
+        result.refused.append((f"{where}.type", fields))
+        return
+    converted.update(fields)
+    written = ", ".join(f"{key}: {json.dumps(value) if isinstance(value, dict) else value}" for key, value in fields.items())
+    result.mapped.append((f"{where}.type", f"{where}: {written}",
+                          "Axolotl's ShareGPT records read as chat (its migration: type chat_template, field_messages, "
+                          "message_property_mappings)" + (", roles from field_human/field_model"
+                                                          if {"field_human", "field_model"} & set(entry) else "")))
+    conversation = entry.get("conversation")
+    template, note = conversation_template(conversation)
+    name = f"{where}.conversation"
+    if template is None:
+        result.refused.append((name, note))
+        return
+    chosen = builder.values.get("chat_template", config.get("chat_template"))
+    if chosen not in (None, template):
+        result.refused.append((name, f"{conversation}: its turns are written in {template}, but the recipe's chat template "
+                                     f"is {chosen}; ftclip has one chat template, for training and chat alike"))
+        return
+    builder.put("chat_template", template, f"from {name}: {conversation}")
+    result.mapped.append((name, f"chat_template: {template}", note))
+
+
+def _convert_prompt_format(where: str, value: Any, entry: dict, result: ImportResult, converted: dict) -> None:
+    """A user-defined type (a mapping) carries over; a built-in strategy with fixed strings is written out."""
+    name = f"{where}.type"
+    if isinstance(value, dict):
+        known, ignored = user_defined_format(value)
+        try:
+            PromptFormat.model_validate(known)
+        except ValidationError as error:  # Axolotl's str.format raises on these at its first record
+            problem = error.errors()[0]
+            result.refused.append((name, f"{problem['msg'].removeprefix('Value error, ')}: Axolotl itself fails on it "
+                                         "(str.format has no value for it)"))
+            return
+        converted["type"] = known
+        result.mapped.append((name, f"{where}.type: a prompt format", "Axolotl's user-defined type, key for key"))
+        result.dropped += [(f"{name}.{key}", "not a key of Axolotl's user-defined type: Axolotl discards it")
+                           for key in ignored]
+        return
+    if value == "alpaca_chat" and entry.get("conversation") not in (None, "chat"):
+        result.refused.append((name, f"alpaca_chat with conversation {show_value(entry['conversation'])}: an AlpacaPrompter "
+                                     "style ftclip does not write out (it writes alpaca_chat's default, chat)"))
+        return
+    converted["type"] = dict(BUILTIN_FORMATS[value])
+    result.mapped.append((name, f"{where}.type: a prompt format", f"Axolotl's {value} strategy written out as the "
+                                                                  "prompt format that writes the same prompts"))
+
+
+def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, output_dir: Path,
+                     group: str = "datasets") -> dict | None:
+    result = builder.result
+    where = f"{group}[{index}]"
     if not isinstance(entry, dict):
         result.refused.append((where, "a dataset entry must be a mapping with path and type"))
         return None
     converted: dict[str, Any] = {}
+    loader = sharegpt_loader(entry.get("type"))
     for key, value in entry.items():
         name = f"{where}.{key}"
         if value is None:
@@ -121,6 +177,22 @@ def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, ou
             result.refused.append((name, "not a dataset key ftclip's importer knows; it may change the data"))
         elif key == "path":
             converted["path"] = _rebase(str(value), output_dir)
+        elif key == "type" and preference_dataset_type(value, config) is not None:  # rl / reward_model configs
+            outcome = preference_dataset_type(value, config)
+            if isinstance(outcome, Refused):
+                result.refused.append((name, outcome.why))
+            else:
+                converted["type"] = outcome.updates["type"]
+        elif loader is not None and key in ("type", "conversation", "field_human", "field_model"):
+            if key == "type":
+                _convert_sharegpt(where, entry, loader, config, builder, converted)
+        elif key == "conversation" and entry.get("type") == "alpaca_chat":
+            continue  # alpaca_chat's prompt style: read with the type
+        elif key in ("conversation", "field_human", "field_model"):
+            result.dropped.append((name, f"read by Axolotl's sharegpt type only; with type {show_value(entry.get('type'))} "
+                                         "it has no effect"))
+        elif key == "type" and (isinstance(value, dict) or (isinstance(value, str) and value in BUILTIN_FORMATS)):
+            _convert_prompt_format(where, value, entry, result, converted)
         elif key == "type":
             if not isinstance(value, str) or value not in DATASET_TYPES:
                 result.refused.append((name, _dataset_type_refusal(value)))
@@ -136,11 +208,18 @@ def _convert_dataset(index: int, entry: Any, config: dict, builder: _Builder, ou
             if entry.get("type") != "completion":
                 result.dropped.append((name, f"Axolotl's completion format alone reads it (the text column); with "
                                              f"type {show_value(entry.get('type'))} it has no effect"))
-            elif value == "text":
-                result.dropped.append((name, "text: ftclip's completion field"))
             else:
-                result.refused.append((name, f"completion text read from column {value!r}; ftclip's completion reads "
-                                             "the text column"))
+                converted["field"] = value
+                result.mapped.append((name, f"{where}.field: {show_value(value)}", "the text key of completion records"))
+        elif key == "train_on_split":
+            split = entry.get("split")
+            if split not in (None, value):
+                result.refused.append((name, f"{show_value(value)} besides split {show_value(split)}: Axolotl read one "
+                                             "of them depending on its version; keep split"))
+            else:
+                converted["split"] = value
+                result.mapped.append((name, f"{where}.split: {show_value(value)}", "Axolotl's older key for the split "
+                                      "trained on (it now ignores it and says to use split)"))
         elif key in ALPACA_COLUMNS:
             if entry.get("type") == "alpaca" and value == ALPACA_COLUMNS[key]:
                 result.dropped.append((name, f"{value}: alpaca's own column, read by ftclip's alpaca too (Axolotl "
@@ -175,7 +254,10 @@ def _apply(key: str, value: Any, config: dict, builder: _Builder, source: Path) 
     if value is None or value == "":  # `key:` or `key: ""`, as configs written from a template leave them
         result.dropped.append((key, "empty: not set, the default applies"))
         return
-    rule = AXOLOTL_KEYS.get(key)
+    if not isinstance(key, str):  # YAML reads `on:`, `yes:`, `no:` or `1:` as a boolean or a number, not a name
+        result.refused.append((str(key), f"{key!r} ({type(key).__name__}) is not a key name; quote it if it is one"))
+        return
+    rule = AXOLOTL_KEYS.get(key) or NOT_AXOLOTL_SPELLINGS.get(key)
     if rule is None and key.startswith(TRACKER_PREFIXES) and key not in Recipe.model_fields:
         rule = Rule("drop", why=TRACKER_WHY)
     if rule is None:
@@ -237,6 +319,18 @@ def _lora_target_check(values: dict, result: ImportResult) -> None:
                                                       "name them (or set lora_target_linear: true)"))
 
 
+def _sharded_reference(builder: _Builder) -> None:
+    """Full fine-tuning under FSDP with a reference model (rl: dpo, ipo, kto): Axolotl's TRL trainer keeps a frozen
+    copy; ftclip would not shard one, so it computes the same reference log-probabilities once before training."""
+    values = builder.values
+    if (values.get("rl") in ("dpo", "ipo", "kto") and not values.get("adapter") and not values.get("precompute_ref_log_probs")
+            and values.get("distributed", {}).get("strategy") == "fsdp"):
+        builder.put("precompute_ref_log_probs", True, "full fine-tuning under FSDP: the reference computed up front")
+        builder.result.mapped.append(("(rl under FSDP)", "precompute_ref_log_probs: true",
+                                      "the frozen reference copy TRL keeps would not be sharded; the reference "
+                                      "log-probabilities are computed once before training (the same values)"))
+
+
 def _render(builder: _Builder, source: str) -> str:
     lines = [f"# Imported from the Axolotl config {source} by `ftclip import-axolotl`.",
              "# Each key's comment says which Axolotl key it came from.", ""]
@@ -294,16 +388,17 @@ def import_mapping(config: Any, source: str | Path = "<config>", output: str | P
     config = {key: as_number(value) if key in NUMERIC_KEYS else value for key, value in config.items()}
     builder = _Builder(result)
     for key, value in config.items():
-        if key == "datasets" and value is not None:
+        if key in ("datasets", "test_datasets") and value is not None:
             if isinstance(value, dict):  # one dataset written without the list's "- "
-                result.mapped.append(("datasets", "datasets", "a single mapping: read as a list of one entry"))
+                result.mapped.append((key, key, "a single mapping: read as a list of one entry"))
                 value = [value]
             if not isinstance(value, list):
-                result.refused.append(("datasets", f"{show_value(value)}: datasets is a list of entries with path and type"))
+                result.refused.append((key, f"{show_value(value)}: {key} is a list of entries with path and type"))
                 continue
-            entries = [_convert_dataset(i, entry, config, builder, output_dir) for i, entry in enumerate(value)]
-            builder.put("datasets", [entry for entry in entries if entry is not None], "from datasets")
-            result.mapped.append(("datasets", "datasets", DATASET_KEYS["type"].why))
+            entries = [_convert_dataset(i, entry, config, builder, output_dir, key) for i, entry in enumerate(value)]
+            builder.put(key, [entry for entry in entries if entry is not None], f"from {key}")
+            result.mapped.append((key, key, DATASET_KEYS["type"].why if key == "datasets" else
+                                  "evaluated on, never trained on; each entry converted as datasets' are"))
             continue
         if key in ("base_model", "tokenizer", "lora_model_dir") and isinstance(value, str):
             value = _rebase(value, output_dir)
@@ -313,6 +408,7 @@ def import_mapping(config: Any, source: str | Path = "<config>", output: str | P
         result.mapped.append(("(absent)", f"{key}: {show_value(value)}", why))
     if axolotl_defaults:  # absent targets mean peft's choice to Axolotl, all-linear to ftclip
         _lora_target_check(builder.values, result)
+    _sharded_reference(builder)
     if result.refused:
         return result
     result.text = _render(builder, str(source))

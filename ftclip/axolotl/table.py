@@ -206,6 +206,8 @@ def _target_modules(value: Any, config: dict) -> Outcome:
 
 
 def _model_type(value: Any, config: dict) -> Outcome:
+    if value == "AutoModelForSequenceClassification" and config.get("reward_model"):
+        return Dropped("reward_model: ftclip loads AutoModelForSequenceClassification with one output")
     if isinstance(value, str) and (value == "AutoModelForCausalLM" or value.endswith("ForCausalLM")):
         return Dropped("ftclip loads AutoModelForCausalLM, which picks this class from the checkpoint")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -260,6 +262,13 @@ def _strategy_from_fsdp(value: Any, config: dict) -> Outcome:
                   "wrap, offload and state-dict settings are ftclip's own")
 
 
+def _liger_loss(value: Any, config: dict) -> Outcome:
+    if config.get("rl") or config.get("reward_model"):  # Liger's patch fuses the loss only when labels are passed
+        return Dropped("TRL's preference and reward trainers call the model without labels, so Liger's fused loss "
+                       "is not used there; ftclip computes their log-probabilities through its chunked path")
+    return Mapped({"liger_fused_linear_cross_entropy": value})
+
+
 def _plugins(value: Any, config: dict) -> Outcome:
     if isinstance(value, str):
         value = [value]
@@ -297,12 +306,77 @@ def _tokens(value: Any, config: dict) -> Outcome:
                    "this mapping); special tokens go in special_tokens")
 
 
+def _neftune(value: Any, config: dict) -> Outcome:
+    if value in (0, 0.0):
+        return Dropped("0: noise of magnitude 0, none")
+    return Mapped({"neftune_noise_alpha": value})
+
+
+def _zero_is_unset(key: str) -> Converter:
+    def convert(value: Any, config: dict) -> Outcome:
+        if value == 0:
+            return Dropped(f"0: Axolotl reads it as unset (its check is `if cfg.{key}`)")
+        return Mapped({key: value})
+    return convert
+
+
+def _resume_from(value: Any, config: dict) -> Outcome:
+    if isinstance(value, bool):
+        return Refused(f"{show_value(value)}: Axolotl itself rejects it (its schema takes a checkpoint folder); ftclip "
+                       "resumes from output_dir's newest checkpoint by itself: remove the key, or name the folder")
+    return Mapped({"resume_from_checkpoint": value})
+
+
+def _axolotl_evaluates(config: dict) -> bool:
+    """Axolotl's condition for a held-out set it can pick a best checkpoint on: val_set_size or test_datasets,
+    not both (src/axolotl/core/builders/causal.py)."""
+    held_out, tests = bool(as_number(config.get("val_set_size"))), bool(config.get("test_datasets"))
+    return held_out != tests
+
+
+def _save_eval_steps(config: dict) -> tuple[Any, Any]:
+    return as_number(config.get("save_steps")), as_number(config.get("eval_steps"))
+
+
+def _best_model_on(config: dict) -> bool:
+    """Whether Axolotl turns load_best_model_at_end on: asked for (or early stopping), with a held-out set and
+    save_steps a multiple of eval_steps; otherwise it is silently off."""
+    save, evals = _save_eval_steps(config)
+    asked = config.get("load_best_model_at_end") not in (None, False) or bool(config.get("early_stopping_patience"))
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in (save, evals))
+    return bool(asked and _axolotl_evaluates(config) and numbers and save % evals == 0)
+
+
 def _early_stopping(value: Any, config: dict) -> Outcome:
-    if not config.get("save_steps") or not config.get("eval_steps"):
+    if not _is_count(value):
+        return Refused(f"{show_value(value)}: a number of evaluations")
+    save, evals = _save_eval_steps(config)
+    if not save or not evals:
         return Refused("Axolotl itself rejects this config: early_stopping_patience needs save_steps and eval_steps "
                        "set (saves_per_epoch/evals_per_epoch do not count in its check)")
-    return Refused("stops training when eval loss stops improving, and Axolotl then loads the best checkpoint as "
-                   "the final model (load_best_model_at_end); ftclip has neither")
+    if not _best_model_on(config):
+        return Refused("Axolotl itself rejects or cannot run this config: early stopping needs a held-out set "
+                       "(val_set_size or test_datasets, not both) and eval_steps dividing save_steps")
+    return Mapped({"early_stopping_patience": value, "load_best_model_at_end": True},
+                  "Hugging Face's early stopping on the eval loss (or metric_for_best_model); Axolotl then also saves "
+                  "the best checkpoint as the result (load_best_model_at_end)")
+
+
+def _load_best_model(value: Any, config: dict) -> Outcome:
+    if is_off(value):
+        return Dropped(f"{show_value(value)}: off")
+    if not _best_model_on(config):
+        return Dropped("Axolotl turns it on only with a held-out set (val_set_size or test_datasets, not both) and "
+                       "save_steps a multiple of eval_steps; without them its result is the last step's weights, as here")
+    return Mapped({"load_best_model_at_end": True}, "the best checkpoint (by metric_for_best_model) is saved as the result")
+
+
+def _best_model_option(key: str) -> Converter:
+    def convert(value: Any, config: dict) -> Outcome:
+        if not _best_model_on(config):
+            return Dropped("read by early stopping and load_best_model_at_end, neither of which this config turns on")
+        return Mapped({key: value})
+    return convert
 
 
 def _unfrozen_parameters(value: Any, config: dict) -> Outcome:
@@ -444,6 +518,13 @@ def _base_model_config(value: Any, config: dict) -> Outcome:
                    "model_config / overrides_of_model_config)")
 
 
+def _misspelled(correct: str) -> Rule:
+    """A key Axolotl's schema lacks whose name says what the author meant: Axolotl discarded it, so the setting the
+    author wanted was never made; refused so the author notices, with the key that makes it."""
+    return _refuse(f"not a key of Axolotl's config schema: Axolotl discards it, so it set nothing there; Axolotl's "
+                   f"key for this is {correct}")
+
+
 def _not_axolotl(note: str = "") -> Rule:
     """A key Axolotl's schema (at 067b021c) lacks: its validation discards it, so it had no effect there."""
     return _drop("not a key of Axolotl's config schema: Axolotl discards it, so it has no effect there"
@@ -513,7 +594,7 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "llmcompressor": _refuse("sparsity or compression during training"),
     # data
     "datasets": _to("datasets", "each entry converted: path, type, split, name, data_files, revision, chat options"),
-    "test_datasets": _refuse("a separate eval dataset: ftclip holds out val_set_size of the training data"),
+    "test_datasets": _to("test_datasets", "each entry converted as datasets' are; evaluated on, never trained on"),
     "pretraining_dataset": _refuse("streamed pretraining data (Axolotl streams it in file order and packs it); "
                                    "ftclip reads datasets whole: list the files under datasets with type: completion"),
     "streaming": _refuse("streamed datasets"),
@@ -564,9 +645,11 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "loraplus_lr_ratio": _refuse("LoRA+ (a higher LR for LoRA B)"),
     "loraplus_lr_embedding": _refuse("LoRA+ (a higher LR for LoRA B)"),
     "max_grad_norm": _to("gradient_clipping", "a number clips by norm; empty means Hugging Face's default 1.0"),
-    "neftune_noise_alpha": _refuse("NEFTune embedding noise"), "noisy_embedding_alpha": _refuse("NEFTune noise"),
-    "early_stopping_patience": _to("—", "refused: Axolotl stops when eval loss stops improving and loads the best "
-                                   "checkpoint as the final model; ftclip has neither", _early_stopping),
+    "neftune_noise_alpha": _to("neftune_noise_alpha", "noise on the input embeddings in training forwards, "
+                               "transformers' formula; 0 is no noise", _neftune),
+    "noisy_embedding_alpha": _to("neftune_noise_alpha", "Axolotl's older name", _neftune),
+    "early_stopping_patience": _to("early_stopping_patience", "with load_best_model_at_end, as Axolotl turns it on; "
+                                   "refused where Axolotl rejects the config", _early_stopping),
     "loss_watchdog_threshold": _drop("a safety stop on a high loss; ftclip stops on non-finite steps "
                                      "(max_skipped_steps)"),
     "loss_watchdog_patience": _drop("a safety stop on a high loss (see loss_watchdog_threshold)"),
@@ -574,17 +657,13 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "jagged_restart_anneal_steps": _refuse("jagged LR restarts"),
     "lisa_n_layers": _refuse("LISA layer sampling"), "lisa_step_interval": _refuse("LISA layer sampling"),
     "lisa_layers_attribute": _refuse("LISA layer sampling"),
-    "rl": _refuse("preference or RL training (DPO, ORPO, KTO, GRPO, ...): ftclip does supervised fine-tuning only"),
-    "rl_beta": _refuse("preference training"), "orpo_alpha": _refuse("preference training"),
-    "kto_desirable_weight": _refuse("preference training"), "trl": _refuse("TRL trainer settings"),
-    "reward_model": _refuse("reward-model training"), "process_reward_model": _refuse("reward-model training"),
-    "center_rewards_coefficient": _refuse("reward-model training"), "num_labels": _refuse("classification heads"),
+    "process_reward_model": _refuse("process reward models (a score per reasoning step)"),
     "cls_model_config": _refuse("classification heads"),
     # precision and memory
     "bf16": _to("bf16", "auto, as in Axolotl, when absent", _precision_flag("bf16")),
     "fp16": _same(), "tf32": _same("Axolotl's default auto is written out (ftclip's is false)"),
     "bfloat16": _to("bf16", convert=_legacy_dtype("bf16")), "float16": _to("fp16", convert=_legacy_dtype("fp16")),
-    "torch_dtype": _refuse("a load dtype separate from the training precision"),
+    "torch_dtype": _not_axolotl("Axolotl sets its own torch_dtype from bf16/fp16/load_in_8bit, as ftclip does"),
     "gradient_checkpointing": _to("gradient_checkpointing", "offload → true", _gradient_checkpointing),
     "gradient_checkpointing_kwargs": _same(), "activation_offloading": _drop(_MEMORY), "tiled_mlp": _drop(_MEMORY),
     "attn_implementation": _to("attn_implementation", "xformers and hub kernels → sdpa", _attention),
@@ -602,7 +681,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "torch_compile_backend": _drop(KERNEL_ONLY), "torch_compile_mode": _drop(KERNEL_ONLY),
     "chunked_cross_entropy": _same(), "chunked_cross_entropy_num_chunks": _drop(_MEMORY),
     "cut_cross_entropy": _to("chunked_cross_entropy", "the same loss without materializing all logits"),
-    "liger_fused_linear_cross_entropy": _same(),
+    "liger_fused_linear_cross_entropy": _to("liger_fused_linear_cross_entropy", "SFT runs (dropped under rl and "
+                                            "reward_model)", _liger_loss),
     "liger_rope": _drop(KERNEL_ONLY), "liger_rms_norm": _drop(KERNEL_ONLY), "liger_glu_activation": _drop(KERNEL_ONLY),
     "liger_layer_norm": _drop(KERNEL_ONLY), "liger_cross_entropy": _drop(KERNEL_ONLY),
     "liger_rms_norm_gated": _drop(KERNEL_ONLY),
@@ -632,13 +712,15 @@ AXOLOTL_KEYS: dict[str, Rule] = {
                       _steps("save_steps", "saves_per_epoch")),
     "eval_steps": _to("eval_steps", "a fraction below 1 of the run's steps → evals_per_epoch (× max_steps when set)",
                       _steps("eval_steps", "evals_per_epoch")),
-    "saves_per_epoch": _same(), "evals_per_epoch": _same(),
+    "saves_per_epoch": _to("saves_per_epoch", "0 is unset, as Axolotl reads it", _zero_is_unset("saves_per_epoch")),
+    "evals_per_epoch": _same(),
     "save_total_limit": _to("save_total_limit", "absent = keep all (written as 0; ftclip's default keeps 3)",
                             _save_total_limit),
     "save_strategy": _drop("when checkpoints are written: save_steps/saves_per_epoch carry it"),
     "eval_strategy": _drop(_EVAL_ONLY), "evaluation_strategy": _drop(_EVAL_ONLY),
     "save_safetensors": _drop("ftclip always writes safetensors"), "save_only_model": _drop("checkpoint contents"),
-    "save_first_step": _drop("an extra checkpoint"), "resume_from_checkpoint": _same(),
+    "save_first_step": _drop("an extra checkpoint"),
+    "resume_from_checkpoint": _to("resume_from_checkpoint", "a checkpoint folder", _resume_from),
     "auto_resume_from_checkpoints": _drop("ftclip resumes from output_dir's latest checkpoint by default"),
     "eval_table_size": _drop(_EVAL_ONLY), "eval_max_new_tokens": _drop(_EVAL_ONLY),
     "eval_table_max_new_tokens": _drop(_EVAL_ONLY),
@@ -674,23 +756,39 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "dataloader_pin_memory": _drop(_MEMORY), "dataloader_num_workers": _drop(_MEMORY),
     "dataloader_prefetch_factor": _drop(_MEMORY), "max_memory": _drop("per-device memory caps for device_map"),
     "eval_accumulation_steps": _drop(_EVAL_ONLY), "torch_distributed_port": _drop("a launcher port"),
-    "load_best_model_at_end": _refuse("the final model is the checkpoint with the best eval loss, not the last "
-                                      "step's; ftclip's final model is the last step's"),
-    "metric_for_best_model": _drop("picks the best checkpoint for load_best_model_at_end / early stopping"),
-    "greater_is_better": _drop("picks the best checkpoint for load_best_model_at_end / early stopping"),
+    "load_best_model_at_end": _to("load_best_model_at_end", "on where Axolotl turns it on (a held-out set, save_steps a "
+                                  "multiple of eval_steps); dropped where Axolotl leaves it off", _load_best_model),
+    "metric_for_best_model": _to("metric_for_best_model", "dropped where neither early stopping nor the best model "
+                                 "is on", _best_model_option("metric_for_best_model")),
+    "greater_is_better": _to("greater_is_better", "dropped where neither early stopping nor the best model is on",
+                             _best_model_option("greater_is_better")),
     "max_packed_no_ctx_sequence_len": _refuse("an old packing setting Axolotl no longer has; packing uses "
                                               "sequence_len"),
     "sequence_parallel_degree": _to("—", "Axolotl's older name for context_parallel_size: refused above 1",
                                     _parallel_size),
     "heads_k_stride": _drop("a setting of sequence parallelism (refused above 1 there)"),
     "ring_attn_func": _drop("a setting of sequence parallelism (refused above 1 there)"),
-    "dpo_beta": _refuse("preference training"), "rl_adapter_ref_model": _refuse("preference training"),
     "save_embedding_layers": _not_axolotl("peft's switch to save embeddings with the adapter"),
     "sample_packing_size": _not_axolotl(), "datasets_path": _not_axolotl(), "output_file": _not_axolotl(),
     "deepspeed_config": _not_axolotl("the deepspeed key decides"),
     "eval_dataset": _not_axolotl("Axolotl's is test_datasets"),
     **{key: _not_axolotl("Axolotl's is special_tokens." + key)
        for key in ("bos_token", "eos_token", "pad_token", "unk_token")},
+    # seen in configs committed in other repositories (tests/fixtures/axolotl_wild), checked against Axolotl's schema
+    "auto_find_batch_size": _drop("Hugging Face halves the micro-batch and retries after running out of memory; ftclip "
+                                  "trains with micro_batch_size as given (where that search starts) or stops"),
+    "dataset_keep_in_memory": _drop(_MEMORY),
+    "sample_packing_group_size": _drop("how many examples Axolotl's multipack packs at a time: the packing layout, "
+                                       "which ftclip's own packer decides"),
+    "sample_packing_bin_size": _drop("the most examples Axolotl's multipack puts in one row: the packing layout, "
+                                     "which ftclip's own packer decides"),
+    "batch_flattening": _drop(_MEMORY), "profiler_steps": _drop("a profiler: no effect on what is trained"),
+    "chat_template_kwargs": _refuse("arguments given to the chat template when it renders (such as enable_thinking), "
+                                    "which change the rendered text; ftclip renders the template without them"),
+    "data_seed": _not_axolotl("Hugging Face's seed for the data order; Axolotl never passes it on, its data order "
+                              "follows seed"),
+    "safe_serialization": _not_axolotl("ftclip writes safetensors"), "tokenizer_padding_side": _not_axolotl(),
+    "push_adapter_to_hub": _not_axolotl(), "checkpoint_dir": _not_axolotl(), "global_batch_size": _not_axolotl(),
     # cloud launcher settings (axolotl's modal/baseten runners), not training
     **{key: _drop("cloud launcher setting, not training") for key in (
         "gpu", "gpu_count", "provider", "node_count", "volumes", "branch", "dockerfile_commands", "memory", "timeout",
@@ -763,6 +861,13 @@ AXOLOTL_KEYS.update({
     "freeze_mm_modules": _same(),
 })
 
+# Keys that are not Axolotl's (its schema discards them) whose names say which setting the author meant: the
+# importer refuses them with the key that makes it. Not in AXOLOTL_KEYS, so they do not make a file an Axolotl
+# config: in an ftclip recipe they stay unknown keys with ftclip's "did you mean".
+NOT_AXOLOTL_SPELLINGS = {key: _misspelled(correct) for key, correct in (
+    ("lr", "learning_rate"), ("epochs", "num_epochs"), ("train_batch_size", "micro_batch_size"),
+    ("tokenizer_path", "tokenizer_config"))}
+
 # ftclip's own keys that Axolotl lacks: their presence marks a config as an ftclip recipe already.
 FTCLIP_ONLY_KEYS = {"gradient_clipping", "distributed", "device", "max_skipped_steps", "dataset_cache_dir",
                     "min_lr_ratio", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "fp32", "tokenizer"}
@@ -772,7 +877,10 @@ DATASET_TYPES = {"alpaca": "alpaca", "completion": "completion", "chat_template"
                  "chat_template.default": "chat", "chat": "chat"}
 DATASET_KEYS: dict[str, Rule] = {
     "path": _same("a local path is rewritten relative to the written recipe"),
-    "type": _to("datasets[].type", "alpaca, completion, chat_template → chat"),
+    "type": _to("datasets[].type", "alpaca, completion, chat_template → chat; sharegpt → chat with field_messages and "
+                "message_property_mappings, as Axolotl's migration says; a user-defined mapping → a prompt format; "
+                "alpaca_chat (.load_qa, .load_camel_ai, .load_no_prompt), alpaca_instruct.load_no_prompt → the prompt "
+                "format they write"),
     "split": _same(), "name": _same(), "data_files": _same(), "revision": _same(),
     "field_messages": _same(), "message_property_mappings": _same(), "roles": _same(), "roles_to_train": _same(),
     "train_on_eos": _same(),
@@ -780,29 +888,185 @@ DATASET_KEYS: dict[str, Rule] = {
     "message_field_content": _to("datasets[].message_property_mappings.content"),
     "ds_type": _drop("ftclip reads the format from the file extension"),
     "trust_remote_code": _drop("dataset loading scripts are not run"),
-    "field": _to("—", "completion: text only"),
+    "field": _to("datasets[].field", "completion: the text key; other types: dropped (Axolotl does not read it)"),
     "chat_template": _to("chat_template", "per dataset: must match the recipe's one chat_template"),
     "drop_system_message": _same("the records' system turns are left out; a template's default system prompt stays"),
     "field_thinking": _refuse("Axolotl also splits <think>…</think> out of assistant content into the template's "
                               "thinking key; ftclip passes thinking/reasoning_content through but does not split"),
     "template_thinking_key": _refuse("see field_thinking: Axolotl splits <think>…</think> out of the content"),
-    "field_system": _refuse("a per-record system prompt field"), "system_prompt": _refuse("a fixed system prompt"),
-    "conversation": _refuse("a fastchat conversation template, used by the ShareGPT format (see type: sharegpt)"),
-    "field_human": _refuse("ShareGPT's role names (see type: sharegpt)"),
-    "field_model": _refuse("ShareGPT's role names (see type: sharegpt)"),
+    **{key: _drop("not a key of Axolotl's SFT dataset schema: Axolotl discards it (it belongs inside a user-defined "
+                  "type mapping, where ftclip's prompt formats read it too)") for key in ("field_system", "system_prompt")},
+    "conversation": _to("chat_template", "type: sharegpt's fastchat conversation → the chat template of the same format "
+                        "(chatml, llama3, llama-3, mistral, gemma); others, and none (vicuna_v1.1), refused"),
+    "field_human": _to("datasets[].roles.user", "type: sharegpt: the role name of the human turns"),
+    "field_model": _to("datasets[].roles.assistant", "type: sharegpt: the role name of the model's turns"),
     **{key: _to("—", f"{column}: dropped (alpaca's own column); another column: refused")
        for key, column in (("field_instruction", "instruction"), ("field_input", "input"), ("field_output", "output"))},
     "field_prompt": _refuse("Axolotl's completion format reads one text column (field) and discards field_prompt/"
                             "field_completion (preference-data keys): the prompt and completion columns are not read"),
     "field_completion": _refuse("see field_prompt: Axolotl's completion format reads one text column"),
     "prompt_style": _drop("not a key of Axolotl's dataset schema: Axolotl discards it, so it has no effect there"),
+    **{key: _drop("not a key of Axolotl's dataset schema: Axolotl discards it, so it has no effect there")
+       for key in ("overlap_len", "min_sample_len", "discard_portion", "dset_type")},
     "field_chosen": _refuse("preference pairs"), "field_rejected": _refuse("preference pairs"),
-    "shards": _refuse("trains on a shard"), "shards_idx": _refuse("trains on a shard"),
-    "preprocess_shards": _refuse("trains on a shard"), "train_on_split": _refuse("an extra split"),
+    "shards": _refuse("reads one shard of the dataset"), "shards_idx": _refuse("reads one shard of the dataset"),
+    "preprocess_shards": _refuse("reads one shard of the dataset"),
+    "train_on_split": _to("datasets[].split", "Axolotl's older key for the split"),
     "train_on_inputs": _refuse("per-dataset train_on_inputs; ftclip has one for the recipe"),
     "step_separator": _refuse("process-reward-model data"), "train_on_last_step_only": _refuse("process-reward-model data"),
     "max_completion_length": _refuse("preference/RL completions"),
 }
+
+
+# ---------------------------------------------------------------- preference training (rl, reward_model)
+# ftclip trains Axolotl's rl: dpo, ipo, orpo, simpo and kto, and reward_model, on its own loop (docs/preference.md).
+# Axolotl hands these keys to TRL's trainers (src/axolotl/core/builders/rl.py, core/trainers/dpo/__init__.py); a key
+# the chosen method's trainer does not read has no effect there, so it is dropped here.
+
+PREFERENCE_METHODS = ("dpo", "ipo", "orpo", "simpo", "kto")
+
+
+def _rl(value: Any, config: dict) -> Outcome:
+    if value not in PREFERENCE_METHODS:
+        return Refused(f"{show_value(value)}: online RL that generates as it trains (GRPO, GDPO, EBFT); ftclip trains "
+                       f"the offline preference methods {', '.join(PREFERENCE_METHODS)}")
+    if value == "simpo" and config.get("cpo_alpha") is None:
+        return Mapped({"rl": value, "cpo_alpha": 1.0}, "Axolotl leaves cpo_alpha at TRL's CPOConfig default 1.0 (the "
+                                                       "NLL of the chosen answer); ftclip's default is pure SimPO (0)")
+    return Mapped({"rl": value})
+
+
+def _beta_source(config: dict) -> str | None:
+    """Which key sets TRL's beta in Axolotl: trl.beta, else rl_beta (or its old name dpo_beta)."""
+    if isinstance(config.get("trl"), dict) and config["trl"].get("beta") is not None:
+        return "trl.beta"
+    for key in ("rl_beta", "dpo_beta"):
+        if config.get(key) is not None:
+            return key
+    return None
+
+
+def _beta(key: str) -> Converter:
+    def convert(value: Any, config: dict) -> Outcome:
+        source = _beta_source(config)
+        if source != key:
+            return Dropped(f"{source} sets TRL's beta in Axolotl, so this value is not read")
+        if config.get("rl") == "orpo":  # TRL's ORPO calls its odds-ratio weight λ beta
+            return Mapped({"orpo_alpha": float(value)}, "under rl: orpo, Axolotl passes it to TRL's ORPO as its weight λ")
+        return Mapped({"rl_beta": float(value)})
+    return convert
+
+
+def _trl(value: Any, config: dict) -> Outcome:
+    if not isinstance(value, dict):
+        raise TypeError("trl is a mapping")
+    settings = {key: setting for key, setting in value.items() if not is_off(setting)}
+    others = sorted(set(settings) - {"beta"})
+    if others:
+        return Refused(f"TRL trainer settings ftclip does not have: {', '.join(others)} (GRPO/vLLM generation)")
+    if "beta" not in settings:
+        return Dropped("no setting that is on")
+    return _beta("trl.beta")(settings["beta"], config)
+
+
+def _read_by(key: str, methods: tuple[str, ...], why: str = "") -> Converter:
+    """A method's own setting: the same key under those methods, dropped (not read by Axolotl's trainer) otherwise."""
+    def convert(value: Any, config: dict) -> Outcome:
+        method = config.get("rl") or ("reward_model" if config.get("reward_model") else None)
+        if method not in methods:
+            return Dropped(f"read under {' or '.join(methods)} only; {method or 'SFT'} does not read it")
+        return Mapped({key: value}, why)
+    return convert
+
+
+def _method_key(key: str, methods: tuple[str, ...], why: str = "") -> Rule:
+    return _to(key, f"read under {' or '.join(methods)} (dropped otherwise)", _read_by(key, methods, why))
+
+
+def _orpo_alpha(value: Any, config: dict) -> Outcome:
+    if config.get("rl") == "orpo" and _beta_source(config):
+        return Dropped(f"{_beta_source(config)} sets ORPO's weight in Axolotl, so orpo_alpha is not read")
+    return _read_by("orpo_alpha", ("orpo",))(value, config)
+
+
+def _label_smoothing(value: Any, config: dict) -> Outcome:
+    losses = config.get("dpo_loss_type") or ["sigmoid"]
+    losses = [losses] if isinstance(losses, str) else losses
+    if config.get("rl") != "dpo":
+        return Dropped("Axolotl passes it under rl: dpo only")
+    if not {"robust", "exo_pair"} & set(losses):
+        return Dropped(f"TRL's {', '.join(losses)} loss does not read it (only robust and exo_pair do): no effect")
+    return Mapped({"dpo_label_smoothing": value})
+
+
+def _num_labels(value: Any, config: dict) -> Outcome:
+    if config.get("reward_model") and value == 1:
+        return Dropped("a reward model has one output, as ftclip builds it")
+    return Refused(f"{show_value(value)} labels: classification heads other than a one-output reward model")
+
+
+def _precompute(value: Any, config: dict) -> Outcome:
+    if config.get("rl") in ("dpo", "ipo"):
+        return Mapped({"precompute_ref_log_probs": bool(value)})
+    return Dropped("Axolotl passes it to TRL's DPO trainer only (rl: dpo or ipo)")
+
+
+PREFERENCE_KEYS: dict[str, Rule] = {
+    "rl": _to("rl", "dpo, ipo, orpo, simpo, kto; simpo without cpo_alpha writes TRL's 1.0; grpo/gdpo/ebft refused", _rl),
+    "rl_beta": _to("rl_beta", "TRL's beta (under rl: orpo, orpo_alpha: Axolotl passes it as ORPO's weight)", _beta("rl_beta")),
+    "dpo_beta": _to("rl_beta", "Axolotl's old name for rl_beta", _beta("dpo_beta")),
+    "trl": _to("rl_beta", "beta → rl_beta; other TRL (GRPO/vLLM) settings refused", _trl),
+    "orpo_alpha": _to("orpo_alpha", "rl: orpo's weight λ, unless rl_beta or trl.beta sets it", _orpo_alpha),
+    "simpo_gamma": _method_key("simpo_gamma", ("simpo",)),
+    "cpo_alpha": _method_key("cpo_alpha", ("simpo",)),
+    "kto_desirable_weight": _method_key("kto_desirable_weight", ("kto",)),
+    "kto_undesirable_weight": _method_key("kto_undesirable_weight", ("kto",)),
+    "dpo_loss_type": _method_key("dpo_loss_type", ("dpo",)),
+    "dpo_loss_weights": _method_key("dpo_loss_weights", ("dpo",)),
+    "dpo_label_smoothing": _to("dpo_label_smoothing", "with the robust or exo_pair loss; dropped otherwise (no effect "
+                               "in TRL)", _label_smoothing),
+    "precompute_ref_log_probs": _to("precompute_ref_log_probs", "rl: dpo or ipo (dropped otherwise)", _precompute),
+    "max_prompt_len": _method_key("max_prompt_len", ("dpo", "ipo", "orpo", "simpo", "kto", "reward_model"),
+                                  "ftclip keeps the prompt's last max_prompt_len tokens"),
+    "reward_model": _same("a sequence-classification head with one output, the Bradley–Terry loss"),
+    "center_rewards_coefficient": _method_key("center_rewards_coefficient", ("reward_model",)),
+    "num_labels": _to("—", "1 with reward_model: dropped; refused otherwise", _num_labels),
+    "rl_adapter_ref_model": _drop("a second copy of the base as the reference; ftclip disables the adapter instead "
+                                  "(the same reference, no second copy)"),
+    "dpo_use_weighting": _refuse("WPO weighting of DPO pairs"),
+    "dpo_padding_free": _drop(_MEMORY), "dpo_use_liger_kernel": _drop(KERNEL_ONLY),
+    "remove_unused_columns": _drop("a Trainer setting on dataset columns"),
+}
+AXOLOTL_KEYS.update(PREFERENCE_KEYS)
+NUMERIC_KEYS.update({"rl_beta", "dpo_beta", "orpo_alpha", "simpo_gamma", "cpo_alpha", "kto_desirable_weight",
+                     "kto_undesirable_weight", "dpo_label_smoothing", "center_rewards_coefficient"})
+
+# Axolotl's preference dataset formats ftclip reads natively (ftclip/data/preference_records.py).
+PREFERENCE_DATASET_TYPES = {"chat_template.default", "chat_template.argilla", "chat_template.argilla_chat",
+                            "bradley_terry.chat_template", "chatml", "llama3"} | {
+    f"{family}.{name}" for family in ("chatml", "llama3")
+    for name in ("default", "argilla", "argilla_chat", "icr", "intel", "prompt_pairs", "ultra")}
+DATASET_KEYS.update({
+    "field_chosen": _same("chat_template.default / argilla_chat: the chosen answer's column"),
+    "field_rejected": _same("chat_template.default / argilla_chat: the rejected answer's column"),
+})
+
+
+def preference_dataset_type(value: Any, config: dict) -> Outcome | None:
+    """A dataset type under rl or reward_model (Axolotl then reads it from its dpo/, kto/, orpo/ or bradley_terry/
+    strategies), or None for an SFT config."""
+    if not (config.get("rl") or config.get("reward_model")):
+        return None
+    if value == "chat_template" and config.get("rl"):
+        value = "chat_template.default"
+    if isinstance(value, str) and value in PREFERENCE_DATASET_TYPES:
+        return Mapped({"type": value}, "Axolotl's preference format, read natively")
+    if isinstance(value, dict):
+        return Refused("a user-defined preference format (type as a mapping of format strings); ftclip reads TRL's "
+                       "layouts (type: preference / kto) and Axolotl's chatml.*, llama3.*, chat_template.* formats")
+    return Refused(f"{show_value(value)} is not a preference format ftclip reads: type preference ({{prompt, chosen, "
+                   "rejected}}), kto, or Axolotl's chatml.*, llama3.*, chat_template.default/argilla/argilla_chat, "
+                   "bradley_terry.chat_template")
 
 
 # ---------------------------------------------------------------- README table
@@ -848,8 +1112,8 @@ AXOLOTL_DATASET_TYPE_NAMES = frozenset({
 
 
 def is_axolotl_dataset_type(value) -> bool:
-    """True for a dataset type only Axolotl spells this way: a mapping (a user-defined prompt format) or a name
-    from AXOLOTL_DATASET_TYPE_NAMES (with its `.function` or `:variant`)."""
+    """True for a dataset type Axolotl spells this way: a mapping (a user-defined prompt format, which ftclip's
+    recipe takes too) or a name from AXOLOTL_DATASET_TYPE_NAMES (with its `.function` or `:variant`)."""
     if isinstance(value, dict):
         return True
     return isinstance(value, str) and value.split(":")[0].split(".")[0] in AXOLOTL_DATASET_TYPE_NAMES

@@ -102,20 +102,10 @@ class TokenizedExamples:
         return int(self.lengths.sum())
 
     def digest(self) -> str:
-        """SHA-256 of every table's input_ids and labels and of which rows are kept: equal on two machines that
-        tokenized the same data the same way, however datasets split the tables into files and chunks (each
-        column's lengths and values are hashed as two streams, so chunk boundaries do not enter)."""
-        whole = hashlib.sha256()
-        for table, rows in zip(self._tables, self._kept):
-            whole.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
-            for name in ("input_ids", "labels"):
-                lengths, values = hashlib.sha256(), hashlib.sha256()
-                for chunk in table.column(name).chunks:
-                    offsets = chunk.offsets.to_numpy()
-                    lengths.update(np.diff(offsets).astype(np.int64).tobytes())
-                    values.update(chunk.flatten().to_numpy(zero_copy_only=True).astype(np.int32, copy=False).tobytes())
-                whole.update(lengths.digest() + values.digest())
-        return whole.hexdigest()
+        """What ranks on several nodes compare (ftclip.data.prepared.tokens_digest)."""
+        from ftclip.data.prepared import tokens_digest
+
+        return tokens_digest(self._tables, self._kept)
 
 
 def split_indices(count: int, val_set_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -130,23 +120,25 @@ def split_indices(count: int, val_set_size: float, seed: int) -> tuple[np.ndarra
     return train, val
 
 
-def without_duplicates(examples: TokenizedExamples, train: np.ndarray, val: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def without_duplicates(examples: TokenizedExamples, train: np.ndarray, val: np.ndarray,
+                       held_out_examples: TokenizedExamples | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(train, val) without exact repeats: a training example whose input_ids and labels equal an earlier one's
     is dropped, and so is a held-out example that equals a training one or an earlier held-out one. Hashes of
-    the token bytes, one pass over the examples."""
-    def digest(index: int) -> bytes:
-        ids, labels = examples.input_ids(index), examples.labels(index)
+    the token bytes, one pass over the examples. held_out_examples: where `val` indexes (test_datasets' own
+    examples), when not in `examples`."""
+    def digest(source: TokenizedExamples, index: int) -> bytes:
+        ids, labels = source.input_ids(index), source.labels(index)
         return hashlib.blake2b(ids.tobytes() + b"|" + labels.tobytes(), digest_size=16).digest()
 
     seen: set[bytes] = set()
 
-    def first_seen(indices: np.ndarray) -> np.ndarray:
+    def first_seen(source: TokenizedExamples, indices: np.ndarray) -> np.ndarray:
         kept = []
         for index in indices.tolist():
-            key = digest(index)
+            key = digest(source, index)
             if key not in seen:
                 seen.add(key)
                 kept.append(index)
         return np.asarray(kept, dtype=np.int64)
 
-    return first_seen(train), first_seen(val)
+    return first_seen(examples, train), first_seen(held_out_examples if held_out_examples is not None else examples, val)

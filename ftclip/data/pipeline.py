@@ -10,7 +10,6 @@ import functools
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,57 +31,25 @@ from ftclip.data.cache import (
 from ftclip.data.chat import check_skipped
 from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices, without_duplicates
 from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
+from ftclip.data.prepared import NotBuilt, PreparedData, num_processes
+from ftclip.data.prepared import first_problem as _first_problem
+from ftclip.data.prepared import source_identity as _source_identity
 from ftclip.data.sources import Source, open_dataset, resolve_source
 from ftclip.data.tokenize import TokenizeSettings, check_chat_template, tokenize_batch
 from ftclip.errors import DataError
 from ftclip.nodes import cache_builders
 from ftclip.recipe import Recipe
 
-SMALL_DATASET = 5000  # below this many records, worker processes cost more than they save
 
-
-@dataclass
-class PreparedData:
-    examples: TokenizedExamples
-    train: Rows
-    val: Rows
-    packing: PackingStats | None
-    cache: Path
-    hit: bool
-    records: int  # records read (0 on a cache hit)
-    seconds: float  # time spent tokenizing (0 on a hit)
-    notes: list[str]  # e.g. chat records skipped because the template could not mask them
-    tokens_digest: str | None = None  # SHA-256 of the tokens (under torchrun, where ranks compare them)
-
-
-class _NotBuilt(DataError):
-    """A rank that waited for another to build the cache entry finds none under its own key."""
-
-    def __init__(self, message: str, key: str):
-        super().__init__(message)
-        self.key = key
-
-
-def num_processes(recipe: Recipe, records: int) -> int:
-    if records < SMALL_DATASET:
-        return 1
-    chosen = recipe.dataset_processes or min(os.cpu_count() or 1, 8)
-    return max(1, min(chosen, records // 1000))
-
-
-def _source_identity(source: Source, digests: FileDigests) -> str | None:
-    """The content's identity without loading it (local data); None for a hub dataset (known once opened)."""
-    if source.kind == "file":
-        return digests.of(Path(source.location))
-    if source.kind == "folder":
-        return digests.of_folder(Path(source.location))
-    return None
+def _spec_key(spec) -> dict:
+    """A dataset spec as the cache key reads it. `field` joined the spec later: it is left out while unset, so
+    cache entries made before it keep their keys."""
+    return spec.model_dump(mode="json", exclude={"path"} | ({"field"} if spec.field is None else set()))
 
 
 def _key(recipe: Recipe, sources: list[Source], identities: list[str], tokenizer) -> str:
     parts = {
-        "datasets": [(identity, source.spec.model_dump(mode="json", exclude={"path"}))
-                     for source, identity in zip(sources, identities)],
+        "datasets": [(identity, _spec_key(source.spec)) for source, identity in zip(sources, identities)],
         "tokenizer": tokenizer_digest(tokenizer),
         "sequence_len": recipe.sequence_len,
         "train_on_inputs": recipe.train_on_inputs,
@@ -90,18 +57,6 @@ def _key(recipe: Recipe, sources: list[Source], identities: list[str], tokenizer
     if vision.is_vision(recipe):  # the expanded image placeholders depend on the processor's settings
         parts["vision"] = vision.processor_fingerprint(tokenizer.ftclip_processor, vision.ImageSettings.from_recipe(recipe))
     return entry_key(parts)
-
-
-def _first_problem(mapped, source: Source) -> None:
-    import pyarrow.compute as pc
-
-    column = mapped.data.column("problem")
-    if column.null_count == len(column):
-        return
-    first = pc.index(pc.is_valid(column), True).as_py()
-    count = len(column) - column.null_count
-    more = f" ({count} records have problems)" if count > 1 else ""
-    raise DataError(f"{source.label}: record {first + 1}: {column[first].as_py()}{more}")
 
 
 def _skipped_note(mapped, source: Source, check=check_skipped) -> list[str]:
@@ -202,8 +157,7 @@ def tokenized_examples(recipe: Recipe, tokenizer, build: bool = True
         digests.save()
         return _open(entry, manifest), entry, manifest, True, 0, 0.0
     if not build:
-        raise _NotBuilt(f"no readable tokenized cache at {entry}: the rank that builds it for this node did not "
-                        "leave one", key)
+        raise NotBuilt(entry)
     started = time.perf_counter()
     opened = [dataset if dataset is not None else open_dataset(source, root / "sources")
               for source, dataset in zip(sources, opened)]
@@ -312,35 +266,52 @@ def _check_same_tokens(reports: list[tuple]) -> None:
 
 
 def _prepare(recipe: Recipe, tokenizer, build: bool, dist=None) -> PreparedData:
+    if recipe.rl or recipe.reward_model:  # preference pairs / KTO completions: their own rows (data/preference.py)
+        from ftclip.data.preference import prepare_preference
+
+        prepared = prepare_preference(recipe, tokenizer, build)
+        if dist is not None and dist.enabled:
+            prepared.tokens_digest = _tokens_digest(prepared.examples, prepared.cache, build)
+        return prepared
     examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, tokenizer, build)
-    digest = _tokens_digest(examples, entry, manifest, store=build) if dist is not None and dist.enabled else None
+    digest = _tokens_digest(examples, entry, store=build) if dist is not None and dist.enabled else None
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))
+    test = None
+    if recipe.test_datasets:  # evaluated on, never trained on: tokenized (and cached) as datasets are, on their own
+        test_recipe = recipe.model_copy(update={"datasets": recipe.test_datasets})
+        test, _, test_manifest, test_hit, test_records, test_seconds = tokenized_examples(test_recipe, tokenizer, build)
+        notes += [f"test_datasets: {note}" for note in test_manifest.get("notes", [])]
+        val = np.arange(len(test), dtype=np.int64)
+        hit, records, seconds = hit and test_hit, records + test_records, seconds + test_seconds
     if recipe.dataset_exact_deduplication:
-        unique_train, unique_val = without_duplicates(examples, train, val)
+        unique_train, unique_val = without_duplicates(examples, train, val, held_out_examples=test)
+        held_out = "test_datasets" if test is not None else "held-out"
         notes.append(f"dataset_exact_deduplication: dropped {len(train) - len(unique_train):,} repeated training and "
-                     f"{len(val) - len(unique_val):,} repeated held-out examples")
+                     f"{len(val) - len(unique_val):,} repeated {held_out} examples")
         train, val = unique_train, unique_val
     packing = None
     if recipe.sample_packing:
         train_rows, packing = _packing(recipe, examples, train, entry)
     else:
         train_rows = Rows.single(examples, train)
-    val_rows = Rows.single(examples, val)
+    val_rows = Rows.single(test if test is not None else examples, val)
     if vision.is_vision(recipe):  # rows that load their images per batch, in worker processes
         from ftclip.data.vision_batches import image_rows
 
         train_rows, val_rows = image_rows(recipe, tokenizer, train_rows, val_rows, dist)
         notes += vision.recipe_notes(recipe, tokenizer)
-    return PreparedData(examples, train_rows, val_rows, packing, entry, hit, records, seconds, notes, digest)
+    return PreparedData(examples, train_rows, val_rows, packing, entry, hit, records, seconds, notes, test=test,
+                        tokens_digest=digest)
 
 
-def _tokens_digest(examples: TokenizedExamples, entry: Path, manifest: dict, store: bool) -> str:
+def _tokens_digest(examples, entry: Path, store: bool) -> str:
     """The digest ranks compare, kept in the entry's manifest by the rank that builds (computed once per entry)."""
+    manifest = read_manifest(entry) or {}
     if "tokens_sha256" in manifest:
         return manifest["tokens_sha256"]
     digest = examples.digest()
-    if store:
+    if store and manifest:
         try:
             write_atomically(entry / MANIFEST, json.dumps({**manifest, "tokens_sha256": digest}, indent=1).encode())
         except OSError:

@@ -159,6 +159,11 @@ def check_source(spec: DatasetSpec, recipe: Recipe | None) -> str | None:
         if not any(path.iterdir()):
             raise DataError(f"{path}: the dataset folder is empty")
         return None
+    if spec.split != "train":
+        try:
+            _file_slices(spec.split, 1_000_000)  # the split's form; its size is known once the file is read
+        except DataError as error:
+            raise DataError(f"{path}: {error}") from None
     if path.suffix in (".parquet", ".arrow"):
         problem = missing_columns(_arrow_columns(path), spec)
         if problem:
@@ -176,14 +181,15 @@ def check_source(spec: DatasetSpec, recipe: Recipe | None) -> str | None:
 def check_datasets(recipe: Recipe) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """For `validate`: (key, problem) and (key, notice) pairs; reads local files, never the network."""
     problems, notices = [], []
-    for index, spec in enumerate(recipe.datasets):
-        try:
-            notice = check_source(spec, recipe)
-        except DataError as error:
-            problems.append((f"datasets.{index}.path", str(error)))
-            continue
-        if notice:
-            notices.append((f"datasets.{index}.path", notice))
+    for group in ("datasets", "test_datasets"):
+        for index, spec in enumerate(getattr(recipe, group) or []):
+            try:
+                notice = check_source(spec, recipe)
+            except DataError as error:
+                problems.append((f"{group}.{index}.path", str(error)))
+                continue
+            if notice:
+                notices.append((f"{group}.{index}.path", notice))
     return problems, notices
 
 
@@ -205,11 +211,11 @@ def open_dataset(source: Source, cache_dir: Path):
     try:
         if source.kind == "file":
             if path.suffix == ".arrow":
-                return datasets.Dataset.from_file(str(path))
+                return file_split(datasets.Dataset.from_file(str(path)), source)
             if path.suffix == ".json":  # a JSON list or {"data": [...]}: datasets needs to be told which
-                return datasets.Dataset.from_list(_read_json(path))
-            return datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train",
-                                         cache_dir=str(cache_dir))
+                return file_split(datasets.Dataset.from_list(_read_json(path)), source)
+            return file_split(datasets.load_dataset(FILE_TYPES[path.suffix], data_files=str(path), split="train",
+                                                    cache_dir=str(cache_dir)), source)
         if source.kind == "folder":
             if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
                 loaded = datasets.load_from_disk(str(path))
@@ -226,6 +232,30 @@ def open_dataset(source: Source, cache_dir: Path):
             # pyarrow's reader stops at the first bad line without saying which record: find it exactly.
             check_records(path, read_text_records(path), spec)
         raise _builder_error(source, error) from None
+
+
+def _file_slices(split: str, count: int) -> list[tuple[int, int]]:
+    """(start, end) ranges a split spec takes of a single file, the train split: train, train[:10%],
+    train[100:200]+train[-50:], read as `datasets` reads them (percent boundaries rounded to the closest)."""
+    import datasets
+
+    try:
+        parts = datasets.ReadInstruction.from_spec(split).to_absolute({"train": count})
+    except (ValueError, AssertionError) as error:
+        raise DataError(f"split {split!r}: a single file is one split, train; take part of it with a slice such as "
+                        f"train[:10%] or train[100:200] ({error})") from None
+    return [(part.from_, part.to) for part in parts]
+
+
+def file_split(dataset, source: Source):
+    """A single file's dataset, cut to the recipe's split (the whole file unless it names a slice)."""
+    if source.spec.split == "train":
+        return dataset
+    try:
+        slices = _file_slices(source.spec.split, len(dataset))
+    except DataError as error:
+        raise DataError(f"{source.label}: {error}") from None
+    return dataset.select([index for start, end in slices for index in range(start, end)])
 
 
 def _open_hub(source: Source):

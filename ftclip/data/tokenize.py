@@ -15,7 +15,7 @@ from typing import Any
 from ftclip.data.chat import Skip, conversation_from_record, tokenize_conversations
 from ftclip.data.mistral_chat import encode_texts, is_mistral_common
 from ftclip.data.mistral_chat import tokenize_conversations as tokenize_mistral_conversations
-from ftclip.data.records import IGNORE_INDEX, alpaca_prompt, record_problem
+from ftclip.data.records import IGNORE_INDEX, alpaca_prompt, completion_field, record_problem
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec
 
@@ -28,7 +28,7 @@ class TokenizeSettings:
 
     @property
     def kind(self) -> str:
-        return self.spec.type
+        return self.spec.kind
 
 
 def _rows(batch: dict[str, list]) -> list[dict[str, Any]]:
@@ -47,6 +47,8 @@ def tokenize_batch(batch: dict[str, list], tokenizer, settings: TokenizeSettings
     good = [record for record, problem in zip(records, problems) if problem is None]
     if settings.kind == "alpaca":
         pieces = _alpaca(good, tokenizer, settings)
+    elif settings.kind == "prompt_format":
+        pieces = _prompt_format(good, tokenizer, settings)
     elif settings.kind == "completion":
         pieces = _completion(good, tokenizer, settings)
     else:
@@ -88,15 +90,31 @@ def _eos(tokenizer) -> list[int]:
 def _alpaca(records: list[dict], tokenizer, settings: TokenizeSettings) -> list[tuple]:
     """The prompt (with the tokenizer's special tokens, e.g. BOS) is masked; the output and EOS are trained.
     Prompt and output are tokenized separately, in one batched call each."""
+    return _prompt_and_output(records, [alpaca_prompt(r) for r in records], [r["output"] for r in records], tokenizer,
+                              settings)
+
+
+def _prompt_format(records: list[dict], tokenizer, settings: TokenizeSettings) -> list[tuple]:
+    """A prompt format of the recipe's own (Axolotl's user-defined type), masked and trained as alpaca is: Axolotl
+    tokenizes the prompt with the special tokens, the output without its BOS, and appends EOS."""
+    prompt_format = settings.spec.type
+    prompts = [prompt_format.prompt(record) for record in records]
+    outputs = [record.get(prompt_format.field_output) or "" for record in records]
+    # An empty output is no text at all to Axolotl's tokenizer: not even the EOS is trained (nothing is).
+    return _prompt_and_output(records, prompts, outputs, tokenizer, settings, eos_after_empty=False)
+
+
+def _prompt_and_output(records: list[dict], prompt_texts: list[str], output_texts: list[str], tokenizer,
+                       settings: TokenizeSettings, eos_after_empty: bool = True) -> list[tuple]:
     if not records:
         return []
-    prompts = _encode(tokenizer, [alpaca_prompt(r) for r in records], add_special_tokens=True)
-    outputs = _encode(tokenizer, [r["output"] for r in records], add_special_tokens=False)
+    prompts = _encode(tokenizer, prompt_texts, add_special_tokens=True)
+    outputs = _encode(tokenizer, output_texts, add_special_tokens=False)
     eos = _eos(tokenizer)
     limit = settings.sequence_len
     pieces = []
     for prompt, output in zip(prompts, outputs):
-        ids = (prompt + output + eos)[:limit]
+        ids = (prompt + output + (eos if output or eos_after_empty else []))[:limit]
         if settings.train_on_inputs:
             pieces.append((ids, ids, len(ids) - 1))
             continue
@@ -110,7 +128,8 @@ def _alpaca(records: list[dict], tokenizer, settings: TokenizeSettings) -> list[
 def _completion(records: list[dict], tokenizer, settings: TokenizeSettings) -> list[tuple]:
     if not records:
         return []
-    texts = _encode(tokenizer, [r["text"] for r in records], add_special_tokens=True)
+    key = completion_field(settings.spec)
+    texts = _encode(tokenizer, [r[key] for r in records], add_special_tokens=True)
     eos = _eos(tokenizer)
     rows = [(ids + eos)[: settings.sequence_len] for ids in texts]
     return [(ids, ids, len(ids) - 1) for ids in rows]

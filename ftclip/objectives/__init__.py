@@ -11,13 +11,19 @@ every method unchanged. `objective_for(recipe)` picks the recipe's."""
 
 from __future__ import annotations
 
-from ftclip.objectives.base import MicroBatchLoss, Objective
+from ftclip.objectives.base import MicroBatchLoss, Objective, SetupContext
 from ftclip.objectives.sft import SupervisedObjective
 
 
 def objective_for(recipe) -> Objective:
-    """The recipe's training objective."""
+    """The recipe's training objective: SFT, a preference method (rl) or a reward model (reward_model)."""
+    if recipe.rl or recipe.reward_model:
+        from ftclip.objectives.preference import KTOObjective, PairObjective, RewardObjective
+
+        if recipe.reward_model:
+            return RewardObjective(recipe)
+        return KTOObjective(recipe) if recipe.rl == "kto" else PairObjective(recipe)
     return SupervisedObjective(recipe)
 
 
-__all__ = ["MicroBatchLoss", "Objective", "SupervisedObjective", "objective_for"]
+__all__ = ["MicroBatchLoss", "Objective", "SetupContext", "SupervisedObjective", "objective_for"]

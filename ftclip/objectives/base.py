@@ -38,3 +38,18 @@ class Objective(Protocol):
 
     def loss(self, model: torch.nn.Module, inputs: dict[str, Any], items: float) -> MicroBatchLoss:
         """This micro-batch's share of the step's mean over `items`."""
+
+    def prepare(self, model: torch.nn.Module, data: Any, context: SetupContext) -> str | None:
+        """Work before the first step, on the weights as loaded (before a resume puts trained weights back):
+        preference methods set up their reference model or precompute its log-probabilities (attached to
+        data.train and data.val). Returns a line for the person at the terminal, or None."""
+
+
+@dataclass(frozen=True)
+class SetupContext:
+    """What `Objective.prepare` may need besides the model and the data."""
+
+    recipe: Any
+    device: torch.device
+    dist: Any  # ftclip.distributed.Distributed
+    pad_token_id: int

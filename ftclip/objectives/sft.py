@@ -38,3 +38,6 @@ class SupervisedObjective:
         # and logged on its own.
         metrics = {"router_aux_loss": result.router_aux_loss} if result.router_aux_loss is not None else {}
         return MicroBatchLoss(result.loss, metrics)
+
+    def prepare(self, model, data, context) -> None:
+        return None
