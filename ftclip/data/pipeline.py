@@ -214,7 +214,7 @@ def prepare(recipe: Recipe, tokenizer, dist=None) -> PreparedData:
     if not builds:
         try:
             prepared = _prepare(recipe, tokenizer, build=False, dist=dist)
-        except DataError as error:
+        except Exception as error:  # reported to every rank below, as the builders' are
             failure = error
     key = prepared.cache.name if prepared else getattr(failure, "key", None)
     digest = prepared.tokens_digest if prepared else None
