@@ -121,7 +121,8 @@ def test_shared_folder_one_node_builds_and_the_run_equals_one_process(setup, sha
     _, _, reference = setup
     out, cache, done, _ = shared_run
     assert_ok(done)
-    assert len(builds(cache)) == 1  # the other node found the entry by its marker check and reused it
+    # One build, by node 0: node 1 saw node 0's marker in the folder, waited, and reused node 0's entry.
+    assert [build["node"] for build in builds(cache)] == [0]
     # The first step, from the same weights: later steps start from weights that already differ by rounding.
     assert per_step(out, "grad_norm")[0] == pytest.approx(per_step(reference, "grad_norm")[0], rel=NORM_RTOL, abs=0)
     assert per_step(out, "loss")[0] == pytest.approx(per_step(reference, "loss")[0], rel=LOSS_RTOL, abs=0)
