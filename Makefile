@@ -9,8 +9,10 @@ PIP_INSTALL = $(PIP) install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 install:
 	$(PIP_INSTALL) -e '.[dev]'
 
+# Two or more test processes (pytest-xdist, one per core): the suite's time is mostly process starts (each imports
+# torch, transformers and peft: ~8 s of CPU) and torchrun runs, which one process runs one after another.
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n auto --dist worksteal
 
 bench: install
 	$(PYTHON) bench/clip_bench.py

@@ -31,6 +31,8 @@ eager keeps transformers' dense mask: it is the reference implementation, not a 
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -122,14 +124,26 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     segments = None if attention_mask is not None else _segments(kwargs, query.shape[0], query.shape[2])
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    outputs = [
-        sdpa_attention_forward(module, query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
-                               value[row:row + 1, :, start:end], None, dropout, scaling, True)[0]
-        for row, start, end in segments
-    ]
+    with _per_example_backends(query):
+        outputs = [
+            sdpa_attention_forward(module, query[row:row + 1, :, start:end], key[row:row + 1, :, start:end],
+                                   value[row:row + 1, :, start:end], None, dropout, scaling, True)[0]
+            for row, start, end in segments
+        ]
     rows = [torch.cat([out for out, (row, _, _) in zip(outputs, segments) if row == index], dim=1)
             for index in range(query.shape[0])]
     return torch.cat(rows, dim=0), None
+
+
+def _per_example_backends(query: torch.Tensor):
+    """On CUDA, flash or memory-efficient attention for the per-example calls: cuDNN's attention builds a graph
+    for every new sequence length (every packed example has its own), which took ~20 ms of host time per call and
+    made a packed step 25× slower than HF's on an H200 (bench/gpu/profile_step.py, 2026-12-04)."""
+    if query.device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _varlen_sdpa_mask(*args, attention_mask=None, **kwargs):

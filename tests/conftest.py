@@ -4,8 +4,17 @@ them through the same `from_pretrained` path real users hit. Nothing is download
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Test workers share the machine's cores: one thread each (OpenMP threads spinning on cores another worker holds
+    # slow both many times over); the processes the tests start inherit it.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    # xdist gives its workers COLUMNS=80, which fixes the width of consoles made at import (ftclip.cli's): long
+    # temporary paths then wrap mid-line. Without it a worker behaves as a plain pytest run does.
+    os.environ.pop("COLUMNS", None)
 
 import pytest
 import yaml

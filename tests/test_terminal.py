@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from ftclip.cli import app
 from ftclip.terminal import make_console, user
 
-runner = CliRunner()
+runner = CliRunner(env={"COLUMNS": "1000"})  # long temporary paths must not wrap mid-assertion
 MARKUP = "[INST] ask [/INST] [bold]loud[/bold] [link=https://x]here[/link]"
 
 
