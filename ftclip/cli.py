@@ -21,7 +21,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from ftclip.errors import FtclipError, Problem, RecipeError, RunStopped, StorageError
+from ftclip.errors import FtclipError, PeerLost, Problem, RecipeError, RunStopped, StorageError
 from ftclip.recipe import Recipe
 from ftclip.recipe_files import read_recipe
 from ftclip.terminal import make_console, user
@@ -35,6 +35,7 @@ console = make_console()
 error_console = make_console(stderr=True)
 
 EXIT_FAILED = 1
+EXIT_PEER_LOST = EXIT_FAILED  # under torchrun: another process of the run died; this one stops too
 EXIT_BAD_INPUT = 2
 EXIT_STORAGE = 3
 EXIT_INTERRUPTED = 130
@@ -236,6 +237,12 @@ def _is_rank_zero() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def _several_nodes() -> bool:
+    """torchrun reads each of its options from a PET_<OPTION> variable when the command line lacks it, so --nproc
+    joins a run of several nodes when PET_NNODES, PET_NODE_RANK, PET_RDZV_BACKEND and PET_RDZV_ENDPOINT are set."""
+    return os.environ.get("PET_NNODES", "1") not in ("1", "1:1")
+
+
 def _exec_torchrun(nproc: int) -> None:
     """Replace this process with torchrun running the same command in N processes on this machine (torch's
     launcher; --standalone picks a free port, so two runs on one machine do not collide)."""
@@ -249,7 +256,9 @@ def _exec_torchrun(nproc: int) -> None:
         if value.startswith("--nproc="):
             del arguments[index]
             break
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    # Several machines take their rendezvous from torchrun's PET_* variables, which --standalone would override.
+    standalone = [] if _several_nodes() else ["--standalone"]
+    command = [sys.executable, "-m", "torch.distributed.run", *standalone, "--nproc_per_node", str(nproc),
                "-m", "ftclip", *arguments]
     os.execv(sys.executable, command)
 
@@ -263,7 +272,8 @@ def train(
         Path | None, typer.Option(help="Resume from this checkpoint folder (default: output_dir's latest).")
     ] = None,
     no_resume: Annotated[bool, typer.Option("--no-resume", help="Start over even if output_dir has checkpoints.")] = False,
-    nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun.")] = None,
+    nproc: Annotated[int | None, typer.Option(min=1, help="Run N processes on this machine via torchrun "
+                                                       "(several machines: set torchrun's PET_* variables).")] = None,
     overrides: SetOption = None,
     verify: Annotated[str, typer.Option(
         help="Checkpoint check before resuming: auto (SHA-256 of files up to 64 MiB, size of larger ones) or full "
@@ -273,7 +283,7 @@ def train(
 
     Continues automatically from the newest intact (verified) checkpoint in output_dir when there is one.
     Several processes: torchrun --nproc_per_node N -m ftclip train RECIPE, or --nproc N."""
-    if nproc and nproc > 1 and "LOCAL_RANK" not in os.environ:
+    if nproc and (nproc > 1 or _several_nodes()) and "LOCAL_RANK" not in os.environ:
         _exec_torchrun(nproc)
     if not _is_rank_zero():
         console.quiet = True  # rank 0 speaks for the run; errors still reach stderr from every rank
@@ -307,6 +317,12 @@ def train(
                             f"{user(error.strerror)}. Checkpoints written before are untouched; free space or fix the "
                             "folder's permissions, then run the same command again.", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_STORAGE)
+    except PeerLost as error:
+        # Every surviving rank says so (the one that speaks for the run may be the one that died), and leaves
+        # without finalization: its process group lost a member and cannot be torn down in order.
+        error_console.print(f"[bold red]error:[/] {user(error)}", highlight=False, soft_wrap=True)
+        _leave_worker(EXIT_PEER_LOST)
+        raise typer.Exit(EXIT_PEER_LOST)
     except FtclipError as error:
         _fail(error)
     except RunStopped as stopped:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -38,6 +40,8 @@ class Distributed:
     local_rank: int = 0
     strategy: str = "none"  # none | ddp | fsdp
     control_group: object = None  # gloo group for host-side flags (stop requests), whatever the backend
+    node_rank: int = 0  # torchrun's GROUP_RANK: which machine (node) of the rendezvous this process runs on
+    host: str = ""
 
     @property
     def enabled(self) -> bool:
@@ -47,8 +51,14 @@ class Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def node(self) -> str:
+        """This process's node, as messages name it: "node 1 (gpu-b07)"."""
+        return f"node {self.node_rank} ({self.host or socket.gethostname()})"
+
     @classmethod
-    def from_environment(cls, strategy: str) -> Distributed:
+    def from_environment(cls, strategy: str, timeout: float | None = None) -> Distributed:
+        """timeout: seconds a collective waits for the other processes before it fails (None: torch's default)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size <= 1:
             return cls()
@@ -58,10 +68,12 @@ class Distributed:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
+        limit = timedelta(seconds=timeout) if timeout else None
         if not dist.is_initialized():
-            dist.init_process_group(backend)
-        control = dist.new_group(backend="gloo") if backend != "gloo" else None
-        return cls(world_size, dist.get_rank(), local_rank, strategy, control)
+            dist.init_process_group(backend, timeout=limit)
+        control = dist.new_group(backend="gloo", timeout=limit) if backend != "gloo" else None
+        node_rank = int(os.environ.get("GROUP_RANK", "0"))  # torchrun's node rank, as its rendezvous assigned it
+        return cls(world_size, dist.get_rank(), local_rank, strategy, control, node_rank, socket.gethostname())
 
     def device(self, chosen: torch.device) -> torch.device:
         return torch.device("cuda", self.local_rank) if chosen.type == "cuda" and self.enabled else chosen
@@ -148,6 +160,22 @@ class Distributed:
         tensor = torch.tensor([value])
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.control_group)
         return int(tensor.item())
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (a small picklable host object), in rank order, on every rank."""
+        if not self.enabled:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value, group=self.control_group)
+        return gathered
+
+    def from_rank0(self, value):
+        """Rank 0's `value` (a small picklable host object) on every rank: one decision every rank follows."""
+        if not self.enabled:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.control_group)
+        return box[0]
 
     def barrier(self) -> None:
         if self.enabled:

@@ -52,6 +52,11 @@ class TrackerError(FtclipError):
     """A tracker the recipe names (W&B, MLflow) cannot start."""
 
 
+class PeerLost(FtclipError):
+    """Under torchrun, another process of the run died or became unreachable mid-run (a node killed, a network
+    failure): this one stops too. Not bad input: the CLI gives it exit 1; the last checkpoint is intact."""
+
+
 class RunStopped(Exception):
     """Training stopped early after saving a checkpoint: a signal (exit 130/143) or too many non-finite
     steps in a row (exit 1). Not an FtclipError: the input was fine."""

@@ -392,6 +392,12 @@ class DistributedSettings(BaseModel):
     strategy: Literal["ddp", "fsdp"] = Field(
         "ddp", description="ddp: replicate the model, all-reduce gradients; fsdp: FSDP2 fully_shard per decoder layer."
     )
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds a collective (a gradient all-reduce, a barrier) waits for the other processes "
+        "before the run stops with an error; bounds the wait when a node hangs or its network fails. Default: "
+        "torch's (30 min for gloo, 10 min for NCCL). Raise it if the first node's data preparation takes longer. "
+        "Axolotl: ddp_timeout."
+    )
 
 
 def _hf_name(value: Any, aliases: dict[str, str], foreign: dict[str, str]) -> Any:

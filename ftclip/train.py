@@ -29,6 +29,7 @@ from ftclip.checkpoint import (
     TrainingState,
     choose_checkpoint,
     is_complete,
+    latest_checkpoint,
     load_checkpoint,
     load_error,
     load_sharded_checkpoint,
@@ -48,10 +49,11 @@ from ftclip.clip import ClipOutcome, GradientClipper
 from ftclip.data.batches import Row, Rows, micro_batches
 from ftclip.data.pipeline import prepare
 from ftclip.distributed import Distributed, gather_objects
-from ftclip.errors import DataError, FtclipError, ModelError, ResumeError, RunStopped, StorageError
+from ftclip.errors import DataError, FtclipError, ModelError, PeerLost, ResumeError, RunStopped, StorageError
 from ftclip.interrupt import EXIT_CODES, StopRequests
 from ftclip.modeling import load_model, load_tokenizer, pick_device, weight_dtype
 from ftclip.monitor import ClipMonitor, StepStats
+from ftclip.nodes import check_shared_output_dir
 from ftclip.objectives import MicroBatchLoss, Objective, SetupContext, objective_for
 from ftclip.optim import build_optimizer, build_scheduler, optimizer_device_problem
 from ftclip.progress import MetricsLog, NullLog, TensorBoardLog, TrainingView, summary_table
@@ -312,6 +314,48 @@ def _find_resume_point(recipe: Recipe, output_dir: Path, resume: bool | str | Pa
     return checkpoint
 
 
+def _agreed_resume_point(recipe: Recipe, output_dir: Path, resume, console: Console, dist: Distributed,
+                         verify: str) -> Path | None:
+    """The checkpoint every rank resumes from, chosen by rank 0 and sent to the others (a collective): ranks that
+    listed output_dir themselves could see different folders (a save that finished between two listings, a
+    network filesystem's cached listing) and mix states."""
+    if not dist.enabled:
+        return _find_resume_point(recipe, output_dir, resume, console, verify=verify)
+    checkpoint, failure = None, None
+    if dist.is_main:
+        try:
+            checkpoint = _find_resume_point(recipe, output_dir, resume, console, verify=verify)
+        except Exception as error:  # whatever it is, the other ranks must hear of it, not wait
+            failure = error
+    checkpoint, message = dist.from_rank0((checkpoint, None if failure is None else str(failure) or repr(failure)))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ResumeError(message)
+    return checkpoint
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """A collective failed because another process of the run is gone or unreachable (gloo raises a plain
+    RuntimeError naming its transport; newer torch a DistError)."""
+    import torch.distributed as torch_dist
+
+    text = str(error)
+    return isinstance(error, getattr(torch_dist, "DistError", ())) or any(
+        sign in text for sign in ("gloo/transport", "Connection closed by peer", "Connection reset by peer"))
+
+
+def _peer_lost_message(dist: Distributed, error: RuntimeError, output_dir: Path) -> str:
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = cause.split("] ", 1)[-1].split(" This is typically", 1)[0].rstrip(".")  # gloo's file:line, its advice
+    latest = latest_checkpoint(output_dir)
+    resume = (f"the last checkpoint is {latest}: start the same command on every node to resume from it"
+              if latest else "no checkpoint was saved yet: start the same command on every node to begin again")
+    return (f"{dist.node}, rank {dist.rank}: lost contact with the other processes of this run ({cause}). A process "
+            f"on another node died, hung or was killed, or the network between the nodes failed; torchrun's log on "
+            f"each node says which. {resume[0].upper()}{resume[1:]}.")
+
+
 def _load_trainable_model(recipe: Recipe, device: torch.device, dist: Distributed, tokenizer=None, note=None):
     """The model, wrapped for data parallelism, with its trainable parameters (after wrapping: FSDP2
     replaces them with DTensor shards)."""
@@ -371,7 +415,7 @@ def train(recipe: Recipe, console: Console | None = None,
     """Run the recipe. resume: None/True = continue from output_dir's newest intact checkpoint if any,
     False = start over, a path = that checkpoint. verify: "auto" (hash files up to 64 MiB, size of larger
     ones) or "full" (hash every file). Under torchrun every rank calls this; rank 0 alone prints and writes."""
-    dist = Distributed.from_environment(recipe.distributed.strategy)
+    dist = Distributed.from_environment(recipe.distributed.strategy, recipe.distributed.timeout)
     every_rank_here = False
     try:
         result = _train(recipe, console or make_console(), resume, dist, verify)
@@ -379,6 +423,10 @@ def train(recipe: Recipe, console: Console | None = None,
         return result
     except RunStopped:
         every_rank_here = True  # the ranks agreed on the step to stop at
+        raise
+    except RuntimeError as error:
+        if dist.enabled and _lost_peer(error):
+            raise PeerLost(_peer_lost_message(dist, error, Path(recipe.output_dir))) from None
         raise
     finally:
         # Wait for the peers only when they are known to be here too: one rank's error must not hang the others.
@@ -389,8 +437,8 @@ def _train(recipe: Recipe, console: Console, resume, dist: Distributed, verify: 
     if not dist.is_main:
         console = Console(quiet=True)
     output_dir = prepare_output_dir(recipe.output_dir) if dist.is_main else Path(recipe.output_dir)
-    dist.barrier()
-    checkpoint = _find_resume_point(recipe, output_dir, resume, console, clean=dist.is_main, verify=verify)
+    check_shared_output_dir(dist, output_dir)  # several nodes: each must see the folder rank 0 writes checkpoints to
+    checkpoint = _agreed_resume_point(recipe, output_dir, resume, console, dist, verify)
     seed_everything(recipe.seed)
     device = dist.device(pick_device(recipe))
     if recipe.precision == "auto":  # the saved recipe records what auto meant here, so merge saves the same

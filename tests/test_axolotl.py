@@ -408,6 +408,13 @@ def test_recipe_takes_axolotl_distributed_keys(extra, strategy, tmp_path):
     assert read_recipe(path).distributed.strategy == strategy
 
 
+def test_ddp_timeout_becomes_the_distributed_timeout_beside_the_strategy(tmp_path):
+    config = tmp_path / "axolotl.yml"
+    config.write_text(BASE + "ddp_timeout: 7200\ndeepspeed: deepspeed_configs/zero3_bf16.json\n")
+    distributed = parse_recipe(import_config(config).text).distributed
+    assert (distributed.timeout, distributed.strategy) == (7200, "fsdp")
+
+
 def test_recipe_refuses_an_unreadable_deepspeed_setting(tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(BASE + "deepspeed: my_settings.json\n")

@@ -443,3 +443,42 @@ def _with_template(tokenizer, template):
     copied = copy.deepcopy(tokenizer)
     copied.chat_template = template
     return copied
+
+
+def test_token_digest_ignores_how_the_tables_are_chunked_and_sees_one_changed_token():
+    """Two nodes compare this digest (ftclip.data.pipeline): datasets may split the same tokens into other files
+    and chunks on a machine with another core count, and that must not read as other data."""
+    import pyarrow as pa
+
+    from ftclip.data.examples import TokenizedExamples
+
+    ids = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10]]
+    labels = [[-100, 2, 3], [-100, 5], [6], [-100, -100, 9, 10]]
+
+    def examples(ids, chunks):
+        table = pa.table({"input_ids": pa.array(ids, pa.list_(pa.int32())), "labels": pa.array(labels, pa.list_(pa.int32())),
+                          "trained": pa.array([2, 1, 1, 2], pa.int32())})
+        pieces = [table.slice(start, end - start) for start, end in zip(chunks, chunks[1:])]
+        return TokenizedExamples([pa.concat_tables(pieces)], [np.arange(4)])
+
+    whole = examples(ids, [0, 4])
+    assert whole.digest() == examples(ids, [0, 1, 3, 4]).digest()
+    assert whole.digest() != examples([[1, 2, 3], [4, 5], [6], [7, 8, 9, 11]], [0, 4]).digest()
+    assert whole.digest() != TokenizedExamples(whole._tables, [np.arange(3)]).digest()  # another kept row set
+
+
+def test_abandoned_staging_folders_are_cleared_only_for_this_host(tmp_path):
+    """On a shared cache folder another node's process id says nothing about this machine's processes."""
+    import socket
+
+    from ftclip.data.cache import staging_folder
+
+    dead = 2**22 + 12345  # above Linux's largest possible pid (2**22): no process has it here
+    mine, legacy, theirs = (tmp_path / f".k.tmp-{socket.gethostname()}-{dead}", tmp_path / f".k.tmp-{dead}",
+                            tmp_path / f".k.tmp-another-node-{dead}")
+    for folder in (mine, legacy, theirs):
+        folder.mkdir()
+    fresh = staging_folder(tmp_path, "new")
+    assert not mine.exists() and not legacy.exists()
+    assert theirs.exists()
+    assert fresh.name == f".new.tmp-{socket.gethostname()}-{os.getpid()}"

@@ -699,7 +699,8 @@ AXOLOTL_KEYS: dict[str, Rule] = {
     "context_parallel_size": _to("—", "refused above 1", _parallel_size),
     "expert_parallel_size": _to("—", "refused above 1", _parallel_size),
     "ddp": _drop("ftclip uses DDP whenever it runs under torchrun"),
-    "ddp_find_unused_parameters": _drop(_MEMORY), "ddp_timeout": _drop("a timeout"),
+    "ddp_find_unused_parameters": _drop(_MEMORY), "ddp_timeout": _to(
+        "distributed.timeout", "seconds, as Axolotl's", lambda value, config: Mapped({"distributed": {"timeout": value}})),
     "ddp_bucket_cap_mb": _drop(_MEMORY), "ddp_broadcast_buffers": _drop(_MEMORY),
     "torchdistx_path": _drop(_MEMORY), "local_rank": _drop("set by the launcher"),
     "use_ray": _refuse("Ray launching: ftclip runs under torchrun"), "ray_num_workers": _refuse("Ray launching"),

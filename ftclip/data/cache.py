@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 from ftclip.recipe import Recipe
@@ -85,9 +87,15 @@ class FileDigests:
                 pass  # only a speed-up: the next run hashes again
 
 
+def writer_id() -> str:
+    """This process, among all nodes that may share the cache folder: process ids repeat across machines (and
+    containers), so staging names carry the host too."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def write_atomically(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging = path.with_name(f".{path.name}.tmp-{writer_id()}")
     staging.write_bytes(data)
     os.replace(staging, path)
 
@@ -110,20 +118,25 @@ def read_manifest(entry: Path) -> dict | None:
 
 def staging_folder(root: Path, key: str) -> Path:
     _remove_abandoned_staging(root)
-    staging = root / f".{key}.tmp-{os.getpid()}"
+    staging = root / f".{key}.tmp-{writer_id()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     return staging
 
 
 def _remove_abandoned_staging(root: Path) -> None:
-    """Staging folders of processes that no longer run (a killed preprocess) are never used; clear them."""
+    """Staging folders of processes that no longer run (a killed preprocess) are never used; clear them. Only
+    this host's: on a shared filesystem another node's process id says nothing here."""
     if not root.is_dir():
         return
+    host = socket.gethostname()
     for folder in root.glob(".*.tmp-*"):
-        pid = folder.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
+        match = _STAGING.search(folder.name)
+        if match and match["host"] in (None, host) and not _alive(int(match["pid"])):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+_STAGING = re.compile(r"\.tmp-(?:(?P<host>.+)-)?(?P<pid>\d+)$")  # host absent: a folder an older ftclip left
 
 
 def _alive(pid: int) -> bool:
@@ -147,5 +160,6 @@ def publish(staging: Path, entry: Path, manifest: dict) -> Path:
     shutil.rmtree(entry, ignore_errors=True)  # a damaged entry under the same key
     os.rename(staging, entry)
     with open(entry.parent / BUILD_LOG, "a", encoding="utf-8") as log:
-        log.write(json.dumps({"key": entry.name, "pid": os.getpid(), "rank": int(os.environ.get("RANK", "0"))}) + "\n")
+        log.write(json.dumps({"key": entry.name, "pid": os.getpid(), "rank": int(os.environ.get("RANK", "0")),
+                              "node": int(os.environ.get("GROUP_RANK", "0")), "host": socket.gethostname()}) + "\n")
     return entry

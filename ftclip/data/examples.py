@@ -62,6 +62,7 @@ class TokenizedExamples:
 
     def __init__(self, tables: list, kept: list[np.ndarray]):
         self._tables = tables  # keep the memory maps alive
+        self._kept = kept
         self._ids, self._labels = _Column(), _Column()
         trained = []
         for table, rows in zip(tables, kept):
@@ -99,6 +100,12 @@ class TokenizedExamples:
     @property
     def tokens(self) -> int:
         return int(self.lengths.sum())
+
+    def digest(self) -> str:
+        """What ranks on several nodes compare (ftclip.data.prepared.tokens_digest)."""
+        from ftclip.data.prepared import tokens_digest
+
+        return tokens_digest(self._tables, self._kept)
 
 
 def split_indices(count: int, val_set_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,11 +1,13 @@
 """The data pipeline behind `ftclip.data.prepare`: `prepare(recipe)` runs
 load (sources) → tokenize (Dataset.map, batched, in parallel) → cache (memory-mapped Arrow) → split → pack
-→ batches, and returns training and held-out rows. Under torchrun rank 0 builds the cache while the other ranks wait;
-then every rank opens the same memory-mapped files."""
+→ batches, and returns training and held-out rows. Under torchrun the local rank 0 of each node builds the cache on
+that node's disk while the node's other ranks wait (a node whose cache folder another node shares waits for that
+node instead); then every rank opens the memory-mapped files and all ranks check they hold the same tokens."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from pathlib import Path
@@ -14,16 +16,28 @@ import numpy as np
 
 import ftclip.data.vision as vision
 from ftclip.data.batches import Rows
-from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_manifest, staging_folder, tokenizer_digest
+from ftclip.data.cache import (
+    MANIFEST,
+    FileDigests,
+    cache_dir,
+    entry_key,
+    publish,
+    read_manifest,
+    staging_folder,
+    tokenizer_digest,
+    write_atomically,
+    writer_id,
+)
 from ftclip.data.chat import check_skipped
 from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices, without_duplicates
 from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
-from ftclip.data.prepared import PreparedData, num_processes
+from ftclip.data.prepared import NotBuilt, PreparedData, num_processes
 from ftclip.data.prepared import first_problem as _first_problem
 from ftclip.data.prepared import source_identity as _source_identity
 from ftclip.data.sources import Source, open_dataset, resolve_source
 from ftclip.data.tokenize import TokenizeSettings, check_chat_template, tokenize_batch
 from ftclip.errors import DataError
+from ftclip.nodes import cache_builders
 from ftclip.recipe import Recipe
 
 
@@ -143,7 +157,7 @@ def tokenized_examples(recipe: Recipe, tokenizer, build: bool = True
         digests.save()
         return _open(entry, manifest), entry, manifest, True, 0, 0.0
     if not build:
-        raise DataError(f"rank 0 did not leave a readable tokenized cache at {entry}")
+        raise NotBuilt(entry)
     started = time.perf_counter()
     opened = [dataset if dataset is not None else open_dataset(source, root / "sources")
               for source, dataset in zip(sources, opened)]
@@ -170,7 +184,7 @@ def _packing(recipe: Recipe, examples: TokenizedExamples, train: np.ndarray, ent
     except (OSError, ValueError, KeyError):
         offsets, members = pack_best_fit(lengths, recipe.sequence_len)
         try:
-            staging = path.with_name(f".{name}.tmp-{os.getpid()}.npz")
+            staging = path.with_name(f".{name}.tmp-{writer_id()}.npz")
             np.savez(staging, offsets=offsets, members=members)
             os.replace(staging, path)
         except OSError:
@@ -180,27 +194,87 @@ def _packing(recipe: Recipe, examples: TokenizedExamples, train: np.ndarray, ent
 
 
 def prepare(recipe: Recipe, tokenizer, dist=None) -> PreparedData:
-    """Tokenized, split and (with sample_packing) packed data. Under torchrun rank 0 prepares while the other
-    ranks wait; an error on rank 0 stops every rank."""
-    if dist is not None and dist.enabled:
-        failure = None
-        if dist.is_main:
-            try:
-                prepared = _prepare(recipe, tokenizer, build=True, dist=dist)
-            except Exception as error:  # whatever it is, the waiting ranks must hear of it, not hang
-                failure = error
-        if dist.agree_max(int(failure is not None)):  # doubles as the barrier: rank 0 has finished
-            raise failure or DataError("rank 0 could not prepare the data (see its message)")
-        return prepared if dist.is_main else _prepare(recipe, tokenizer, build=False, dist=dist)
-    return _prepare(recipe, tokenizer, build=True)
+    """Tokenized, split and (with sample_packing) packed data. Under torchrun the local rank 0 of each node prepares
+    the cache while the node's other ranks wait, and where nodes share the cache folder the first of them builds
+    it for all (ftclip.nodes.cache_builders: a marker check, not a race); an error there stops every rank. Then
+    every rank opens the entry, and all ranks compare its key and a digest of its tokens: a node with other data
+    files (or another tokenizer) stops the run, named, before anything trains on it."""
+    if dist is None or not dist.enabled:
+        return _prepare(recipe, tokenizer, build=True)
+    builder = cache_builders(dist, cache_dir(recipe))[dist.node_rank]
+    builds = dist.local_rank == 0 and builder == dist.node_rank
+    prepared, failure = None, None
+    if builds:
+        try:
+            prepared = _prepare(recipe, tokenizer, build=True, dist=dist)
+        except Exception as error:  # whatever it is, the waiting ranks must hear of it, not hang
+            failure = error
+    # Doubles as the barrier: every node's builder has finished.
+    _stop_on_failure(dist, dist.gather((dist.node, dist.rank, _message(failure))), failure)
+    if not builds:
+        try:
+            prepared = _prepare(recipe, tokenizer, build=False, dist=dist)
+        except Exception as error:  # reported to every rank below, as the builders' are
+            failure = error
+    key = prepared.cache.name if prepared else getattr(failure, "key", None)
+    digest = prepared.tokens_digest if prepared else None
+    reports = dist.gather((dist.node, dist.rank, _message(failure), key, digest))
+    _check_same_tokens(reports)
+    _stop_on_failure(dist, [report[:3] for report in reports], failure)
+    return prepared
+
+
+def _message(failure: Exception | None) -> str | None:
+    return None if failure is None else str(failure) or type(failure).__name__
+
+
+def _stop_on_failure(dist, reports: list[tuple], own: Exception | None) -> None:
+    """Stop every rank where any failed: the failed rank with its own error, the others naming it."""
+    if own is not None:
+        raise own
+    failed = [(node, rank, message) for node, rank, message in reports if message is not None]
+    if failed:
+        node, rank, message = failed[0]
+        raise DataError(f"{node}, rank {rank}, could not prepare the data: {message}")
+
+
+def _check_same_tokens(reports: list[tuple]) -> None:
+    """Every rank must train on the same tokens: the same cache key (the data files' contents, the tokenizer and
+    the settings that shape tokens) and, within it, the same token digest."""
+    def nodes_by(index: int) -> dict[str, list[str]]:
+        grouped: dict[str, list[str]] = {}
+        for report in reports:
+            if report[index] is not None and report[0] not in grouped.setdefault(report[index], []):
+                grouped[report[index]].append(report[0])
+        return grouped
+
+    keys = nodes_by(3)
+    if len(keys) > 1:
+        listing = "; ".join(f"{', '.join(nodes)}: key {key}" for key, nodes in keys.items())
+        raise DataError(
+            f"the nodes would train on different data ({listing}). The key covers the dataset files' contents, the "
+            "tokenizer and the settings that shape the tokens: give every node the same data files and tokenizer "
+            "(a shared folder, or identical copies at the recipe's paths)."
+        )
+    digests = nodes_by(4)
+    if len(digests) > 1:
+        listing = "; ".join(f"{', '.join(nodes)}: {digest[:16]}" for digest, nodes in digests.items())
+        raise DataError(
+            f"the same data and tokenizer gave other tokens on other nodes (token digests: {listing}). Run the same "
+            "versions of ftclip, transformers and tokenizers on every node."
+        )
 
 
 def _prepare(recipe: Recipe, tokenizer, build: bool, dist=None) -> PreparedData:
     if recipe.rl or recipe.reward_model:  # preference pairs / KTO completions: their own rows (data/preference.py)
         from ftclip.data.preference import prepare_preference
 
-        return prepare_preference(recipe, tokenizer, build)
+        prepared = prepare_preference(recipe, tokenizer, build)
+        if dist is not None and dist.enabled:
+            prepared.tokens_digest = _tokens_digest(prepared.examples, prepared.cache, build)
+        return prepared
     examples, entry, manifest, hit, records, seconds = tokenized_examples(recipe, tokenizer, build)
+    digest = _tokens_digest(examples, entry, store=build) if dist is not None and dist.enabled else None
     train, val = split_indices(len(examples), recipe.val_set_size, recipe.seed)
     notes = list(manifest.get("notes", []))
     test = None
@@ -227,4 +301,19 @@ def _prepare(recipe: Recipe, tokenizer, build: bool, dist=None) -> PreparedData:
 
         train_rows, val_rows = image_rows(recipe, tokenizer, train_rows, val_rows, dist)
         notes += vision.recipe_notes(recipe, tokenizer)
-    return PreparedData(examples, train_rows, val_rows, packing, entry, hit, records, seconds, notes, test=test)
+    return PreparedData(examples, train_rows, val_rows, packing, entry, hit, records, seconds, notes, test=test,
+                        tokens_digest=digest)
+
+
+def _tokens_digest(examples, entry: Path, store: bool) -> str:
+    """The digest ranks compare, kept in the entry's manifest by the rank that builds (computed once per entry)."""
+    manifest = read_manifest(entry) or {}
+    if "tokens_sha256" in manifest:
+        return manifest["tokens_sha256"]
+    digest = examples.digest()
+    if store and manifest:
+        try:
+            write_atomically(entry / MANIFEST, json.dumps({**manifest, "tokens_sha256": digest}, indent=1).encode())
+        except OSError:
+            pass  # the next run computes it again
+    return digest

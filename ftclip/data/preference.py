@@ -32,7 +32,7 @@ from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_m
 from ftclip.data.chat import _RENDER_ERRORS
 from ftclip.data.examples import _Column, open_arrow, split_indices
 from ftclip.data.preference_records import Labelled, Pair, labelled_from_record, pair_from_record
-from ftclip.data.prepared import PreparedData, first_problem, num_processes, source_identity
+from ftclip.data.prepared import NotBuilt, PreparedData, first_problem, num_processes, source_identity, tokens_digest
 from ftclip.data.sources import Source, open_dataset, resolve_source
 from ftclip.data.tokenize import _encode, _rows
 from ftclip.errors import DataError
@@ -151,6 +151,7 @@ class PreferenceExamples:
     def __init__(self, tables: list, kept: list[np.ndarray], kind: str):
         self.kind = kind
         self._tables = tables  # keep the memory maps alive
+        self._kept = kept
         self.answers = ("completion",) if kind == "kto" else ("chosen", "rejected")
         self._columns = {name: _Column() for name in ("prompt", *self.answers)}
         labels = []
@@ -171,6 +172,10 @@ class PreferenceExamples:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def digest(self) -> str:
+        """What ranks on several nodes compare (ftclip.data.prepared.tokens_digest)."""
+        return tokens_digest(self._tables, self._kept)
 
     def ids(self, name: str, index: int) -> np.ndarray:
         return self._columns[name].get(index)
@@ -366,7 +371,7 @@ def tokenized_preferences(recipe: Recipe, tokenizer, build: bool = True):
         digests.save()
         return _open(entry, manifest), entry, manifest, True, 0, 0.0
     if not build:
-        raise DataError(f"rank 0 did not leave a readable tokenized cache at {entry}")
+        raise NotBuilt(entry)
     started = time.perf_counter()
     opened = [dataset if dataset is not None else open_dataset(source, root / "sources")
               for source, dataset in zip(sources, opened)]

@@ -31,11 +31,49 @@ class PreparedData:
     notes: list[str]  # e.g. chat records skipped because the template could not mask them
     detail: str = ""  # a word more for the data line (preference data: what truncation did)
     test: Any = None  # test_datasets' examples (the held-out rows `val` are over them)
+    tokens_digest: str | None = None  # SHA-256 of the tokens (under torchrun, where all ranks compare them)
 
     @property
     def held_out(self) -> str:
         """What `val` is, in words."""
         return "from test_datasets" if self.test is not None else "held out"
+
+
+class NotBuilt(DataError):
+    """A rank that waited for another to build the cache entry finds none under its own key (its key may differ:
+    other data files on its node, which the ranks' comparison of keys then reports)."""
+
+    def __init__(self, entry: Path):
+        super().__init__(f"no readable tokenized cache at {entry}: the rank that builds it for this node did not "
+                         "leave one")
+        self.key = entry.name
+
+
+def tokens_digest(tables: list, kept: list) -> str:
+    """SHA-256 of every integer column (token ids, labels, counts) of the tables and of which rows are kept: equal on
+    two machines that tokenized the same data the same way, however datasets split the tables into files and
+    chunks (a list column's lengths and values are hashed as two streams, so chunk boundaries do not enter)."""
+    import hashlib
+
+    import numpy as np
+    import pyarrow as pa
+
+    whole = hashlib.sha256()
+    for table, rows in zip(tables, kept):
+        whole.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+        for name in sorted(table.column_names):
+            column = table.column(name)
+            kind = column.type.value_type if pa.types.is_list(column.type) else column.type
+            if not (pa.types.is_integer(kind) or pa.types.is_boolean(kind)):
+                continue  # notes (strings), image references: not tokens
+            lengths, values = hashlib.sha256(), hashlib.sha256()
+            for chunk in column.chunks:
+                if pa.types.is_list(column.type):
+                    lengths.update(np.diff(chunk.offsets.to_numpy()).astype(np.int64).tobytes())
+                    chunk = chunk.flatten()
+                values.update(chunk.to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+            whole.update(name.encode() + lengths.digest() + values.digest())
+    return whole.hexdigest()
 
 
 def num_processes(recipe: Recipe, records: int) -> int:
