@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ import ftclip.data.vision as vision
 from ftclip.data.batches import Rows
 from ftclip.data.cache import (
     MANIFEST,
-    FileDigests,
     cache_dir,
     entry_key,
     publish,
@@ -31,10 +29,9 @@ from ftclip.data.cache import (
 from ftclip.data.chat import check_skipped
 from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices, without_duplicates
 from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
-from ftclip.data.prepared import NotBuilt, PreparedData, num_processes
+from ftclip.data.prepared import PreparedData, cached_tokens, num_processes
 from ftclip.data.prepared import first_problem as _first_problem
-from ftclip.data.prepared import source_identity as _source_identity
-from ftclip.data.sources import Source, open_dataset, resolve_source
+from ftclip.data.sources import Source
 from ftclip.data.tokenize import TokenizeSettings, check_chat_template, tokenize_batch
 from ftclip.errors import DataError
 from ftclip.nodes import cache_builders
@@ -141,34 +138,9 @@ def tokenized_examples(recipe: Recipe, tokenizer, build: bool = True
     """(examples, cache entry, its manifest, hit, records read, seconds) — from the cache, else tokenized now
     and stored.
     build=False (a rank other than 0) only opens an entry that rank 0 built."""
-    root = cache_dir(recipe)
-    sources = [resolve_source(spec, recipe) for spec in recipe.datasets]
-    digests = FileDigests(root)
-    identities = [_source_identity(source, digests) for source in sources]
-    opened = [None] * len(sources)
-    for index, source in enumerate(sources):
-        if identities[index] is None:  # a hub dataset: its fingerprint is known once it is opened
-            opened[index] = open_dataset(source, root / "sources")
-            identities[index] = opened[index]._fingerprint
-    key = _key(recipe, sources, identities, tokenizer)
-    entry = root / key
-    manifest = read_manifest(entry)
-    if manifest is not None:
-        digests.save()
-        return _open(entry, manifest), entry, manifest, True, 0, 0.0
-    if not build:
-        raise NotBuilt(entry)
-    started = time.perf_counter()
-    opened = [dataset if dataset is not None else open_dataset(source, root / "sources")
-              for source, dataset in zip(sources, opened)]
-    try:
-        entry, records = _build(recipe, sources, opened, tokenizer, root, key)
-    except OSError as error:
-        raise DataError(f"dataset_cache_dir: cannot write the tokenized cache under {root}: {error}") from None
-    digests.save()
-    seconds = time.perf_counter() - started
-    manifest = read_manifest(entry)
-    return _open(entry, manifest), entry, manifest, False, records, seconds
+    return cached_tokens(
+        recipe, build, lambda sources, identities: _key(recipe, sources, identities, tokenizer),
+        lambda sources, datasets, root, key: _build(recipe, sources, datasets, tokenizer, root, key), _open)
 
 
 def _packing(recipe: Recipe, examples: TokenizedExamples, train: np.ndarray, entry: Path) -> tuple[Rows, PackingStats]:

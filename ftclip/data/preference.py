@@ -21,19 +21,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ftclip.data.cache import FileDigests, cache_dir, entry_key, publish, read_manifest, staging_folder, tokenizer_digest
+from ftclip.data.cache import entry_key, publish, staging_folder, tokenizer_digest
 from ftclip.data.chat import _RENDER_ERRORS
 from ftclip.data.examples import _Column, open_arrow, split_indices
 from ftclip.data.preference_records import Labelled, Pair, labelled_from_record, pair_from_record
-from ftclip.data.prepared import NotBuilt, PreparedData, first_problem, num_processes, source_identity, tokens_digest
-from ftclip.data.sources import Source, open_dataset, resolve_source
+from ftclip.data.prepared import PreparedData, cached_tokens, first_problem, num_processes, tokens_digest
+from ftclip.data.sources import Source
 from ftclip.data.tokenize import _encode, _rows
 from ftclip.errors import DataError
 from ftclip.recipe import DatasetSpec, Recipe
@@ -349,39 +348,19 @@ def tokenized_preferences(recipe: Recipe, tokenizer, build: bool = True):
     """(examples, cache entry, manifest, hit, records read, seconds): from the cache, else tokenized now and stored.
     The key covers what decides the ids: the data, the tokenizer (and its chat template), sequence_len,
     max_prompt_len, the kind of record and ftclip's preference format."""
-    root = cache_dir(recipe)
     kind = preference_kind(recipe)
-    sources = [resolve_source(spec, recipe) for spec in recipe.datasets]
-    digests = FileDigests(root)
-    identities = [source_identity(source, digests) for source in sources]
-    opened = [None] * len(sources)
-    for index, source in enumerate(sources):
-        if identities[index] is None:  # a hub dataset: its fingerprint is known once it is opened
-            opened[index] = open_dataset(source, root / "sources")
-            identities[index] = opened[index]._fingerprint
-    key = entry_key({
-        "datasets": [(identity, source.spec.model_dump(mode="json", exclude={"path"}))
-                     for source, identity in zip(sources, identities)],
-        "tokenizer": tokenizer_digest(tokenizer), "sequence_len": recipe.sequence_len,
-        "max_prompt_len": recipe.max_prompt_len, "preference": kind, "preference_format": PREFERENCE_FORMAT,
-    })
-    entry = root / key
-    manifest = read_manifest(entry)
-    if manifest is not None:
-        digests.save()
-        return _open(entry, manifest), entry, manifest, True, 0, 0.0
-    if not build:
-        raise NotBuilt(entry)
-    started = time.perf_counter()
-    opened = [dataset if dataset is not None else open_dataset(source, root / "sources")
-              for source, dataset in zip(sources, opened)]
-    try:
-        entry, records = _build(recipe, sources, opened, tokenizer, root, key, kind)
-    except OSError as error:
-        raise DataError(f"dataset_cache_dir: cannot write the tokenized cache under {root}: {error}") from None
-    digests.save()
-    manifest = read_manifest(entry)
-    return _open(entry, manifest), entry, manifest, False, records, time.perf_counter() - started
+
+    def key_of(sources, identities) -> str:
+        return entry_key({
+            "datasets": [(identity, source.spec.model_dump(mode="json", exclude={"path"}))
+                         for source, identity in zip(sources, identities)],
+            "tokenizer": tokenizer_digest(tokenizer), "sequence_len": recipe.sequence_len,
+            "max_prompt_len": recipe.max_prompt_len, "preference": kind, "preference_format": PREFERENCE_FORMAT,
+        })
+
+    return cached_tokens(recipe, build, key_of,
+                         lambda sources, datasets, root, key: _build(recipe, sources, datasets, tokenizer, root, key, kind),
+                         _open)
 
 
 def truncation_summary(recipe: Recipe, counts: dict[str, int], total: int) -> str:

@@ -5,13 +5,14 @@ that the two stages import it and not each other."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ftclip.data.cache import FileDigests
+from ftclip.data.cache import FileDigests, cache_dir, read_manifest
 from ftclip.data.pack import PackingStats
-from ftclip.data.sources import Source
+from ftclip.data.sources import Source, open_dataset, resolve_source
 from ftclip.errors import DataError
 from ftclip.recipe import Recipe
 
@@ -103,3 +104,37 @@ def first_problem(mapped, source: Source) -> None:
     count = len(column) - column.null_count
     more = f" ({count} records have problems)" if count > 1 else ""
     raise DataError(f"{source.label}: record {first + 1}: {column[first].as_py()}{more}")
+
+
+def cached_tokens(recipe: Recipe, build: bool, key_of, build_entry, open_entry):
+    """(examples, cache entry, manifest, hit, records read, seconds) for recipe.datasets: the cached entry, else
+    tokenized now and stored. The stage says how: key_of(sources, identities) names the entry, build_entry(sources,
+    datasets, root, key) writes it and returns (entry, records), open_entry(entry, manifest) reads it.
+    build=False (a rank that waits for another to build) only opens an entry that is there."""
+    root = cache_dir(recipe)
+    sources = [resolve_source(spec, recipe) for spec in recipe.datasets]
+    digests = FileDigests(root)
+    identities = [source_identity(source, digests) for source in sources]
+    opened = [None] * len(sources)
+    for index, source in enumerate(sources):
+        if identities[index] is None:  # a hub dataset: its fingerprint is known once it is opened
+            opened[index] = open_dataset(source, root / "sources")
+            identities[index] = opened[index]._fingerprint
+    key = key_of(sources, identities)
+    entry = root / key
+    manifest = read_manifest(entry)
+    if manifest is not None:
+        digests.save()
+        return open_entry(entry, manifest), entry, manifest, True, 0, 0.0
+    if not build:
+        raise NotBuilt(entry)
+    started = time.perf_counter()
+    opened = [dataset if dataset is not None else open_dataset(source, root / "sources")
+              for source, dataset in zip(sources, opened)]
+    try:
+        entry, records = build_entry(sources, opened, root, key)
+    except OSError as error:
+        raise DataError(f"dataset_cache_dir: cannot write the tokenized cache under {root}: {error}") from None
+    digests.save()
+    manifest = read_manifest(entry)
+    return open_entry(entry, manifest), entry, manifest, False, records, time.perf_counter() - started
