@@ -432,3 +432,14 @@ def test_a_multimodal_config_imports_as_a_vision_language_recipe(tmp_path):
     assert recipe.processor_type == "AutoProcessor" and recipe.chat_template == "llama3_2_vision"
     assert recipe.lora_target_modules.startswith("language_model.model.layers")
     assert not recipe.sample_packing and recipe.datasets[0].type == "chat"
+
+
+def test_a_vision_model_type_is_dropped_with_processor_type_and_refused_without():
+    from ftclip.axolotl.importer import import_mapping
+
+    config = {"base_model": "org/vlm", "model_type": "AutoModelForImageTextToText",
+              "datasets": [{"path": "d.jsonl", "type": "chat_template"}]}
+    vision = import_mapping({**config, "processor_type": "AutoProcessor"})
+    assert vision.ok and "model_type" in dict(vision.dropped)
+    text_only = import_mapping(config)
+    assert not text_only.ok and "model_type" in dict(text_only.refused)

@@ -210,6 +210,10 @@ def _model_type(value: Any, config: dict) -> Outcome:
         return Dropped("reward_model: ftclip loads AutoModelForSequenceClassification with one output")
     if isinstance(value, str) and (value == "AutoModelForCausalLM" or value.endswith("ForCausalLM")):
         return Dropped("ftclip loads AutoModelForCausalLM, which picks this class from the checkpoint")
+    if config.get("processor_type") and isinstance(value, str) and (
+            value in ("AutoModelForImageTextToText", "AutoModelForVision2Seq") or value.endswith("ForConditionalGeneration")):
+        return Dropped("processor_type: ftclip loads vision-language models through AutoModelForImageTextToText, which "
+                       "picks this class from the checkpoint")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     if isinstance(value, str) and value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
