@@ -97,19 +97,29 @@ def _tools(record: dict) -> list[dict] | None | str:
     return tools or None
 
 
-def conversation_from_record(record: dict, spec: DatasetSpec) -> Conversation | str:
-    """The record's conversation, or a description of what is wrong with the record."""
+def record_turns(record: dict, spec: DatasetSpec, kind: str = "a chat record") -> tuple[str, list, dict[str, str]] | str:
+    """The field holding the record's turns, the list of turns and which turn keys hold the role and the content
+    (ShareGPT's from/value for a `conversations` list unless mapped), or what is wrong with the record."""
     key = _messages_field(record, spec)
     if key is None:
         if spec.field_messages:
             return f"the record has no {spec.field_messages!r} (field_messages)"
-        return "a chat record needs 'messages' (OpenAI style) or 'conversations' (ShareGPT style)"
+        return f"{kind} needs 'messages' (OpenAI style) or 'conversations' (ShareGPT style)"
     turns = record[key]
     if not isinstance(turns, list) or not turns:
         return f"{key} must be a non-empty list"
     sharegpt = key == "conversations" and spec.message_property_mappings is None
     mapping = {"role": "from", "content": "value"} if sharegpt else {"role": "role", "content": "content"}
     mapping.update(spec.message_property_mappings or {})
+    return key, turns, mapping
+
+
+def conversation_from_record(record: dict, spec: DatasetSpec) -> Conversation | str:
+    """The record's conversation, or a description of what is wrong with the record."""
+    found = record_turns(record, spec)
+    if isinstance(found, str):
+        return found
+    key, turns, mapping = found
     role_key, content_key = mapping["role"], mapping["content"]
     role_names = _role_names(spec)
     messages = []

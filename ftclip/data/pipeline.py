@@ -27,9 +27,9 @@ from ftclip.data.cache import (
     writer_id,
 )
 from ftclip.data.chat import check_skipped
-from ftclip.data.examples import TokenizedExamples, open_arrow, split_indices, without_duplicates
+from ftclip.data.examples import TokenizedExamples, split_indices, without_duplicates
 from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
-from ftclip.data.prepared import PreparedData, cached_tokens, num_processes
+from ftclip.data.prepared import PreparedData, cached_tokens, num_processes, open_shards
 from ftclip.data.prepared import first_problem as _first_problem
 from ftclip.data.sources import Source
 from ftclip.data.tokenize import TokenizeSettings, check_chat_template, tokenize_batch
@@ -123,13 +123,7 @@ def _build(recipe: Recipe, sources: list[Source], datasets_opened: list, tokeniz
 
 
 def _open(entry: Path, manifest: dict) -> TokenizedExamples:
-    import pyarrow as pa
-
-    tables, kept = [], []
-    for index, names in enumerate(manifest["shards"]):
-        parts = [open_arrow(entry / name) for name in names]
-        tables.append(pa.concat_tables(parts) if len(parts) > 1 else parts[0])
-        kept.append(np.load(entry / f"d{index}-kept.npy"))
+    tables, kept = open_shards(entry, manifest)
     return TokenizedExamples(tables, kept)
 
 

@@ -29,9 +29,9 @@ import numpy as np
 
 from ftclip.data.cache import entry_key, publish, staging_folder, tokenizer_digest
 from ftclip.data.chat import _RENDER_ERRORS
-from ftclip.data.examples import _Column, open_arrow, split_indices
+from ftclip.data.examples import _Column, split_indices
 from ftclip.data.preference_records import Labelled, Pair, labelled_from_record, pair_from_record
-from ftclip.data.prepared import PreparedData, cached_tokens, first_problem, num_processes, tokens_digest
+from ftclip.data.prepared import PreparedData, cached_tokens, first_problem, num_processes, open_shards, tokens_digest
 from ftclip.data.sources import Source
 from ftclip.data.tokenize import _encode, _rows
 from ftclip.errors import DataError
@@ -330,13 +330,7 @@ def _build(recipe: Recipe, sources: list[Source], opened: list, tokenizer, root:
 
 
 def _open(entry: Path, manifest: dict) -> PreferenceExamples:
-    import pyarrow as pa
-
-    tables, kept = [], []
-    for index, names in enumerate(manifest["shards"]):
-        parts = [open_arrow(entry / name) for name in names]
-        tables.append(pa.concat_tables(parts) if len(parts) > 1 else parts[0])
-        kept.append(np.load(entry / f"d{index}-kept.npy"))
+    tables, kept = open_shards(entry, manifest)
     return PreferenceExamples(tables, kept, manifest["preference"])
 
 

@@ -38,6 +38,7 @@ from ftclip.data.chat import (
     Conversation,
     Skip,
     _role_names,  # the chat records' role mapping, shared
+    record_turns,
     template_marks,
     trained_flags,
 )
@@ -217,16 +218,10 @@ def _parts(content: Any, where: str) -> list[dict] | str:
 
 def image_chat(record: dict, spec: DatasetSpec, base: Path) -> ImageChat | str:
     """The record's conversation and images, or what is wrong with the record."""
-    key = spec.field_messages or next((k for k in ("messages", "conversations") if record.get(k) is not None), None)
-    if key is None or record.get(key) is None:
-        return (f"the record has no {spec.field_messages!r} (field_messages)" if spec.field_messages
-                else "an image chat record needs 'messages' (OpenAI style) or 'conversations' (ShareGPT style)")
-    turns = record[key]
-    if not isinstance(turns, list) or not turns:
-        return f"{key} must be a non-empty list"
-    sharegpt = key == "conversations" and spec.message_property_mappings is None
-    mapping = {"role": "from", "content": "value"} if sharegpt else {"role": "role", "content": "content"}
-    mapping.update(spec.message_property_mappings or {})
+    found = record_turns(record, spec, "an image chat record")
+    if isinstance(found, str):
+        return found
+    key, turns, mapping = found
     names = _role_names(spec)
     column = _column_images(record, base)
     if isinstance(column, str):
