@@ -142,3 +142,15 @@ def without_duplicates(examples: TokenizedExamples, train: np.ndarray, val: np.n
         return np.asarray(kept, dtype=np.int64)
 
     return first_seen(examples, train), first_seen(held_out_examples if held_out_examples is not None else examples, val)
+
+
+def open_shards(entry: Path, manifest: dict) -> tuple[list, list]:
+    """A cache entry's token tables (memory-mapped Arrow, one per dataset) and each one's kept-example indices."""
+    import pyarrow as pa
+
+    tables, kept = [], []
+    for index, names in enumerate(manifest["shards"]):
+        parts = [open_arrow(entry / name) for name in names]
+        tables.append(pa.concat_tables(parts) if len(parts) > 1 else parts[0])
+        kept.append(np.load(entry / f"d{index}-kept.npy"))
+    return tables, kept

@@ -27,9 +27,9 @@ from ftclip.data.cache import (
     writer_id,
 )
 from ftclip.data.chat import check_skipped
-from ftclip.data.examples import TokenizedExamples, split_indices, without_duplicates
+from ftclip.data.examples import TokenizedExamples, open_shards, split_indices, without_duplicates
 from ftclip.data.pack import PACKING_VERSION, PackingStats, pack_best_fit
-from ftclip.data.prepared import PreparedData, cached_tokens, num_processes, open_shards
+from ftclip.data.prepared import PreparedData, cached_tokens, num_processes
 from ftclip.data.prepared import first_problem as _first_problem
 from ftclip.data.sources import Source
 from ftclip.data.tokenize import TokenizeSettings, check_chat_template, tokenize_batch

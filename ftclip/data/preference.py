@@ -29,9 +29,9 @@ import numpy as np
 
 from ftclip.data.cache import entry_key, publish, staging_folder, tokenizer_digest
 from ftclip.data.chat import _RENDER_ERRORS
-from ftclip.data.examples import _Column, split_indices
+from ftclip.data.examples import _Column, open_shards, split_indices
 from ftclip.data.preference_records import Labelled, Pair, labelled_from_record, pair_from_record
-from ftclip.data.prepared import PreparedData, cached_tokens, first_problem, num_processes, open_shards, tokens_digest
+from ftclip.data.prepared import PreparedData, cached_tokens, first_problem, num_processes, tokens_digest
 from ftclip.data.sources import Source
 from ftclip.data.tokenize import _encode, _rows
 from ftclip.errors import DataError

@@ -139,17 +139,3 @@ def cached_tokens(recipe: Recipe, build: bool, key_of, build_entry, open_entry):
     manifest = read_manifest(entry)
     return open_entry(entry, manifest), entry, manifest, False, records, time.perf_counter() - started
 
-
-def open_shards(entry: Path, manifest: dict) -> tuple[list, list]:
-    """A cache entry's token tables (memory-mapped Arrow, one per dataset) and each one's kept-example indices."""
-    import numpy as np
-    import pyarrow as pa
-
-    from ftclip.data.examples import open_arrow
-
-    tables, kept = [], []
-    for index, names in enumerate(manifest["shards"]):
-        parts = [open_arrow(entry / name) for name in names]
-        tables.append(pa.concat_tables(parts) if len(parts) > 1 else parts[0])
-        kept.append(np.load(entry / f"d{index}-kept.npy"))
-    return tables, kept
